@@ -1,0 +1,133 @@
+"""Command line interface: ``cartiq`` (also ``python -m pipeline``).
+
+The CLI parses arguments, sets up logging and progress, calls the stages and turns
+:class:`pipeline.errors.CartiqError` into one line on stderr with exit code 2.  Heavy
+imports happen inside the commands so that ``cartiq --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from pipeline.errors import CartiqError
+
+__all__ = ["app", "main"]
+
+log = logging.getLogger("pipeline")
+
+app = typer.Typer(
+    name="cartiq",
+    help="Knee MRI cartilage quantification: thickness, defects, bone-marrow lesions, "
+         "MOCART-like scoring and longitudinal change.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_INPUT = 2
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> None:
+    """Log to stderr (rich) and optionally to a file; called once by the CLI."""
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
+    root = logging.getLogger("pipeline")
+    root.setLevel(logging.DEBUG)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    console = RichHandler(show_time=False, show_path=False, markup=False,
+                          rich_tracebacks=False, level=level)
+    root.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.setLevel(logging.DEBUG)
+        root.addHandler(fh)
+    root.propagate = False
+
+
+@app.callback()
+def _root(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only."),
+) -> None:
+    setup_logging(verbose, quiet)
+
+
+@app.command()
+def version() -> None:
+    """Print the cartiq version."""
+    from pipeline import __version__
+
+    typer.echo(__version__)
+
+
+# ----------------------------------------------------------------------------- measure
+
+SideOpt = typer.Option(None, "--side", help="Knee side, left|right (else header or anatomy).")
+LabelsOpt = typer.Option(None, "--labels", help="Label convention of --seg: cartiq (default), "
+                         "oai_zib, spl_knee_atlas, pymskt_dess, or a mapping YAML file.")
+
+
+@app.command()
+def measure(
+    image: Path = typer.Argument(..., help="Knee MRI: NIfTI, NRRD, MHA/MHD or a DICOM folder."),
+    seg: Path = typer.Option(..., "--seg", help="Label map in the image's geometry."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
+    labels: Optional[str] = LabelsOpt,
+    side: Optional[str] = SideOpt,
+    config: Optional[Path] = typer.Option(None, "--config", help="Measurement config YAML."),
+    series: Optional[str] = typer.Option(None, "--series", help="DICOM series number or description."),
+    echo: Optional[int] = typer.Option(None, "--echo", help="DICOM echo number (default: first)."),
+) -> None:
+    """Measure thickness, defects and bone-marrow lesions from an image and its label map."""
+    from pipeline.measure import run_measure
+
+    _check_side(side)
+    result = run_measure(image, seg, out, labels=labels, side=side, config_path=config,
+                         series=series, echo=echo)
+    log.info("results in %s", result.out_dir)
+    typer.echo(str(result.out_dir))
+
+
+def _check_side(side: str | None) -> None:
+    if side is not None and side not in ("left", "right"):
+        raise click.BadParameter("must be 'left' or 'right'", param_hint="--side")
+
+
+# -- commands: segmentation (segment, run, train, models) --
+
+# -- commands: scoring (score) --
+
+# -- commands: longitudinal (compare) --
+
+# -- commands: batch (batch) --
+
+# -- commands: reports --
+
+# -- commands: sample data (phantom, fetch) --
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: exit 0 on success, 2 on bad input, 1 on an internal error."""
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except CartiqError as exc:
+        logging.getLogger("pipeline").debug("error detail", exc_info=True)
+        sys.stderr.write(f"cartiq: error: {exc}\n")
+        sys.exit(EXIT_INPUT)
+    except click.exceptions.Abort:
+        sys.stderr.write("cartiq: aborted\n")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_INPUT)
+    sys.exit(rv if isinstance(rv, int) else 0)

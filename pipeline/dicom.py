@@ -1,0 +1,179 @@
+"""DICOM series discovery and reading.
+
+A folder may hold several series and, for multi-echo sequences (qDESS, multi-echo spin
+echo), several echoes per series - stored either in one series (EchoNumbers differ) or as
+sibling series that share a SeriesNumber.  We group files by series, then by echo, and read
+one echo of one series as a 3D volume, slices sorted along the slice normal.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import InputError
+
+__all__ = ["SeriesInfo", "list_series", "read_dicom_series", "header_meta", "side_from_header"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SeriesInfo:
+    key: str  # SeriesNumber when present, else SeriesInstanceUID
+    number: str
+    description: str
+    uids: set[str] = field(default_factory=set)
+    echoes: dict[int, list[tuple[Path, Any]]] = field(default_factory=dict)
+
+    def label(self) -> str:
+        return f"{self.number or '?'} '{self.description}' ({len(self.echoes)} echo(es))"
+
+
+def _read_header(path: Path):
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception:  # not a DICOM file: skipped silently (folders hold other files)
+        return None
+    if "PixelData" not in ds and not hasattr(ds, "Rows"):
+        return None
+    return ds
+
+
+def list_series(folder: Path) -> list[SeriesInfo]:
+    """All image series below ``folder``, grouped by series then echo."""
+    groups: dict[str, SeriesInfo] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        ds = _read_header(path)
+        if ds is None or not hasattr(ds, "ImagePositionPatient"):
+            continue
+        number = str(getattr(ds, "SeriesNumber", "") or "")
+        uid = str(getattr(ds, "SeriesInstanceUID", ""))
+        key = number or uid
+        info = groups.setdefault(key, SeriesInfo(key=key, number=number,
+                                                 description=str(getattr(ds, "SeriesDescription", "") or "")))
+        info.uids.add(uid)
+        echo = int(getattr(ds, "EchoNumbers", 1) or 1)
+        info.echoes.setdefault(echo, []).append((path, ds))
+    return list(groups.values())
+
+
+def _select(series: list[SeriesInfo], folder: Path, wanted: str | None) -> SeriesInfo:
+    if not series:
+        raise InputError("no DICOM image files found in folder", folder)
+    if wanted is not None:
+        w = str(wanted).lower()
+        hits = [s for s in series if s.number == str(wanted) or str(wanted) in s.uids
+                or (w and w in s.description.lower())]
+        if not hits:
+            raise InputError(f"no series matches --series {wanted!r}; found: "
+                             + "; ".join(s.label() for s in series), folder)
+        series = hits
+    if len(series) > 1:
+        raise InputError("folder holds several series; choose one with --series NUMBER|"
+                         "DESCRIPTION: " + "; ".join(s.label() for s in series), folder)
+    return series[0]
+
+
+def _sorted_files(items: list[tuple[Path, Any]], folder: Path) -> list[Path]:
+    iop = np.asarray(items[0][1].ImageOrientationPatient, dtype=float)
+    normal = np.cross(iop[:3], iop[3:])
+    pos = np.array([np.dot(normal, np.asarray(ds.ImagePositionPatient, float)) for _, ds in items])
+    order = np.argsort(pos, kind="stable")
+    sorted_pos = pos[order]
+    if len(sorted_pos) > 1 and np.any(np.diff(sorted_pos) < 1e-4):
+        raise InputError("DICOM series has duplicate slice positions (mixed acquisitions or "
+                         "echoes without EchoNumbers?)", folder)
+    return [items[i][0] for i in order]
+
+
+def read_dicom_series(folder: Path, *, series: str | None = None,
+                      echo: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Read one echo of one series in ``folder`` as a SimpleITK image plus metadata."""
+    import SimpleITK as sitk
+
+    info = _select(list_series(folder), folder, series)
+    echoes = sorted(info.echoes)
+    chosen = echoes[0] if echo is None else int(echo)
+    if chosen not in info.echoes:
+        raise InputError(f"series {info.number} has echoes {echoes}; --echo {echo} not found",
+                         folder)
+    if echo is None and len(echoes) > 1:
+        log.info("%s: multi-echo series (%d echoes); using echo %d (choose with --echo)",
+                 folder, len(echoes), chosen)
+    items = info.echoes[chosen]
+    if len(items) < 2:
+        raise InputError(f"series {info.number} echo {chosen} has a single slice; a 3D image "
+                         "is needed", folder)
+    files = _sorted_files(items, folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM series ({str(exc).strip().splitlines()[-1][:160]})",
+                         folder) from None
+    meta = header_meta_from_dataset(items[0][1])
+    meta.update({"format": "dicom", "echo": chosen, "n_echoes": len(echoes),
+                 "n_slices": len(files), "files": [str(f) for f in files]})
+    return image, meta
+
+
+def header_meta_from_dataset(ds: Any) -> dict[str, Any]:
+    def get(name: str) -> Any:
+        value = getattr(ds, name, None)
+        if value is None or value == "":
+            return None
+        if isinstance(value, (int, float, str)):
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return str(value)
+
+    return {
+        "series_instance_uid": get("SeriesInstanceUID"),
+        "study_instance_uid": get("StudyInstanceUID"),
+        "series_number": get("SeriesNumber"),
+        "series_description": get("SeriesDescription"),
+        "manufacturer": get("Manufacturer"),
+        "model": get("ManufacturerModelName"),
+        "field_strength_t": get("MagneticFieldStrength"),
+        "sequence": get("SequenceName") or get("ScanningSequence"),
+        "echo_time_ms": get("EchoTime"),
+        "repetition_time_ms": get("RepetitionTime"),
+        "slice_thickness_mm": get("SliceThickness"),
+        "side": side_from_header(ds),
+    }
+
+
+def header_meta(path: Path) -> dict[str, Any]:
+    ds = _read_header(path)
+    return {} if ds is None else header_meta_from_dataset(ds)
+
+
+_SIDE_WORDS = (
+    (re.compile(r"\b(right|rt|r knee|knee r)\b", re.I), "right"),
+    (re.compile(r"\b(left|lt|l knee|knee l)\b", re.I), "left"),
+)
+
+
+def side_from_header(ds: Any) -> str | None:
+    """Knee side from (0020,0060) Laterality, (0020,0062) ImageLaterality or descriptions."""
+    for tag in ("Laterality", "ImageLaterality"):
+        value = str(getattr(ds, tag, "") or "").strip().upper()
+        if value in ("R", "L"):
+            return "right" if value == "R" else "left"
+    text = " ".join(str(getattr(ds, t, "") or "") for t in
+                    ("SeriesDescription", "StudyDescription", "ProtocolName", "BodyPartExamined"))
+    for pattern, side in _SIDE_WORDS:
+        if pattern.search(text):
+            return side
+    return None

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with everything cartiq needs, then run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+# torch first, pinned: the CPU wheel 2.13.0 (a looser request could pull a CUDA build)
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[test]"
+# public sample data: a local mirror (CI has ../shared/data) instead of downloading
+if [ -z "${CARTIQ_DATA_MIRROR:-}" ] && [ -d ../shared/data ]; then
+  export CARTIQ_DATA_MIRROR="$(cd ../shared/data && pwd)"
+fi
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi
+exit "$rc"
