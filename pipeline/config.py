@@ -31,6 +31,10 @@ class Strict(BaseModel):
 class ThicknessConfig(Strict):
     smoothing_sigma_mm: float = Field(0.35, ge=0, le=3,
         description="Gaussian smoothing of the masks before surface extraction")
+    min_sigma_voxels: float = Field(0.5, ge=0, le=2,
+        description="smoothing is at least this many voxels along each axis")
+    mesh_smoothing_iterations: int = Field(10, ge=0, le=100,
+        description="Taubin smoothing steps on the extracted surfaces")
     cover_fraction: float = Field(0.25, gt=0, lt=1,
         description="bone-surface point counts as covered where the interpolated cartilage "
                     "fraction reaches this value")
