@@ -1,0 +1,36 @@
+"""Tiny synthetic volumes with analytic truth, for unit tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def grid(extent_mm, spacing, offset=0.37):
+    """Voxel-centre coordinates (mm) of a grid centred on the origin."""
+    spacing = np.asarray(spacing, float)
+    n = np.round(np.asarray(extent_mm, float) / spacing).astype(int)
+    axes = [(np.arange(k) - k / 2 + offset) * s for k, s in zip(n, spacing)]
+    return np.meshgrid(*axes, indexing="ij")
+
+
+def shell(spacing, r_bone=15.0, thickness=2.5, extent=50.0):
+    """Bone ball with a concentric cartilage shell: thickness is exactly ``thickness``."""
+    X, Y, Z = grid((extent,) * 3, spacing)
+    R = np.sqrt(X ** 2 + Y ** 2 + Z ** 2)
+    return R < r_bone, (R >= r_bone) & (R < r_bone + thickness)
+
+
+def slab_with_hole(spacing, thickness=2.0, hole_radius=4.0, extent=(40.0, 40.0, 20.0),
+                   plate_radius=15.0):
+    """Flat bone block, a disk-shaped cartilage slab on top with a round hole in the middle."""
+    X, Y, Z = grid(extent, spacing)
+    bone = Z < 0
+    rho = np.sqrt(X ** 2 + Y ** 2)
+    cart = (Z >= 0) & (Z < thickness) & (rho < plate_radius) & (rho >= hole_radius)
+    return bone, cart
+
+
+def ellipsoid(spacing, semi_axes=(5.0, 4.0, 3.0), extent=30.0, centre=(0.0, 0.0, 0.0)):
+    X, Y, Z = grid((extent,) * 3, spacing)
+    a, b, c = semi_axes
+    return ((X - centre[0]) / a) ** 2 + ((Y - centre[1]) / b) ** 2 + ((Z - centre[2]) / c) ** 2 <= 1
