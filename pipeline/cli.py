@@ -116,6 +116,32 @@ def _check_side(side: str | None) -> None:
 # -- commands: sample data (phantom, fetch) --
 
 
+@app.command()
+def fetch(
+    names: Optional[list[str]] = typer.Argument(
+        None, help="Samples to fetch ('all' for every one); none: list the samples."),
+    mirror: Optional[Path] = typer.Option(
+        None, "--mirror", envvar="CARTIQ_DATA_MIRROR",
+        help="Local folder laid out like shared/data to copy from instead of downloading "
+             "(default: $CARTIQ_DATA_MIRROR)."),
+    cache: Optional[Path] = typer.Option(
+        None, "--cache", help="Sample cache folder (default ~/.cache/cartiq/samples)."),
+) -> None:
+    """List the public knee-MRI samples, or fetch them and print their local paths."""
+    from pipeline.fetch import fetch_sample, list_samples, sample_info
+
+    if not names:
+        for name in list_samples():
+            s = sample_info(name)
+            typer.echo(f"{name}\t{s.kind}, {len(s.files)} file(s)\t{s.license}")
+        return
+    wanted = list_samples() if "all" in names else names
+    for name in wanted:
+        sample_info(name)  # unknown names fail before anything is fetched
+    for name in wanted:
+        typer.echo(str(fetch_sample(name, mirror=mirror, cache_dir=cache)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: exit 0 on success, 2 on bad input, 1 on an internal error."""
     try:
