@@ -300,7 +300,8 @@ def write_volume(path: str | Path, array: np.ndarray, geometry: Geometry,
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     geometry.apply_to_sitk(image)
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), compress)
+        # level 1: several times faster than the default with files only ~10% larger
+        sitk.WriteImage(image, str(tmp), compress, 1 if compress else -1)
     return path
 
 
