@@ -35,6 +35,7 @@ EXIT_INPUT = 2
 
 def setup_logging(verbose: int = 0, quiet: bool = False, log_file: Path | None = None) -> None:
     """Log to stderr (rich) and optionally to a file; called once by the CLI."""
+    from rich.console import Console
     from rich.logging import RichHandler
 
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
@@ -42,8 +43,8 @@ def setup_logging(verbose: int = 0, quiet: bool = False, log_file: Path | None =
     root.setLevel(logging.DEBUG)
     for h in list(root.handlers):
         root.removeHandler(h)
-    console = RichHandler(show_time=False, show_path=False, markup=False,
-                          rich_tracebacks=False, level=level)
+    console = RichHandler(console=Console(stderr=True), show_time=False, show_path=False,
+                          markup=False, rich_tracebacks=False, level=level)
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,38 @@ def _check_side(side: str | None) -> None:
 # -- commands: longitudinal (compare) --
 
 # -- commands: batch (batch) --
+
+
+@app.command()
+def batch(
+    manifest: Path = typer.Argument(..., help="Manifest CSV: subject_id,timepoint,image[,seg,"
+                                    "side,arm,kl_grade,visit_order,sites,labels]."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder of the batch."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Local worker processes (default: CPU count)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler",
+                                            help="Existing Dask scheduler, e.g. tcp://host:8786."),
+    device: str = typer.Option("auto", "--device", help="Segmentation device: auto|cpu|cuda|cuda:N."),
+    model: Optional[str] = typer.Option(None, "--model", help="Segmentation model name or path."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Measurement config YAML."),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid",
+                                      help="Run the valid rows; list the bad ones in failures.csv."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> int:
+    """Process a trial: every scan, every follow-up against its baseline, cohort tables.
+
+    Exit code 0 when every scan succeeded, 3 when any failed (see OUT/failures.csv),
+    2 for a bad manifest.  Re-running skips scans whose outputs are up to date.
+    """
+    from pipeline.batch import BatchOptions, RichProgress, run_batch
+
+    opts = BatchOptions(out=out, workers=workers, scheduler=scheduler, device=device,
+                        model=model, measure_config=config, skip_invalid=skip_invalid)
+    result = run_batch(manifest, opts, progress=None if no_progress else RichProgress())
+    log.info("%d done, %d skipped (up to date), %d failed -> %s", result.count("done"),
+             result.count("skipped"), result.count("failed"), out)
+    return result.exit_code
+
 
 # -- commands: reports --
 

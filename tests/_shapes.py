@@ -34,3 +34,20 @@ def ellipsoid(spacing, semi_axes=(5.0, 4.0, 3.0), extent=30.0, centre=(0.0, 0.0,
     X, Y, Z = grid((extent,) * 3, spacing)
     a, b, c = semi_axes
     return ((X - centre[0]) / a) ** 2 + ((Y - centre[1]) / b) ** 2 + ((Z - centre[2]) / c) ** 2 <= 1
+
+
+def mini_knee(spacing=(0.8, 0.8, 0.8), shape=(50, 40, 50)):
+    """A crude right knee in the cartiq scheme, no patella: femur over two tibial plates.
+
+    Index axes are aligned with LPS world axes (x: left, y: posterior, z: superior).
+    Returns (labels uint8, spacing).
+    """
+    lab = np.zeros(shape, np.uint8)
+    nx, ny, nz = shape
+    z0 = nz // 2
+    lab[:, 5:-5, z0 + 3:] = 1  # femur
+    lab[5:-5, 8:-8, z0 + 1:z0 + 3] = 4  # femoral cartilage
+    lab[:, 5:-5, : z0 - 3] = 2  # tibia
+    lab[nx // 2 + 3: -6, 10:-10, z0 - 3: z0 - 1] = 5  # medial (patient left, +x) for a right knee
+    lab[6: nx // 2 - 3, 10:-10, z0 - 3: z0 - 1] = 6  # lateral
+    return lab, spacing

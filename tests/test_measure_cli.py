@@ -1,0 +1,114 @@
+"""`cartiq measure` as a user runs it: outputs, and one clear line + exit 2 on bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.io import Geometry, write_volume
+
+from _shapes import mini_knee
+
+
+def _geometry(shape, spacing):
+    return Geometry(tuple(shape), tuple(spacing), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+def _cartiq(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scan")
+    lab, sp = mini_knee()
+    g = _geometry(lab.shape, sp)
+    rng = np.random.default_rng(0)
+    write_volume(d / "image.nii.gz", (100 + 10 * rng.standard_normal(lab.shape)).astype(np.float32), g)
+    write_volume(d / "seg.nii.gz", lab, g)
+    return d
+
+
+def test_measure_writes_the_contract_and_warns_about_missing_plate(scan, tmp_path):
+    out = tmp_path / "out"
+    res = _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o", out)
+    assert res.returncode == 0, res.stderr
+    for name in ("measurements.csv", "defects.csv", "lesions.csv", "thickness.nii.gz",
+                 "segmentation.nii.gz", "config.yaml", "manifest.json",
+                 "meshes/femoral_cartilage.vtk"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["side"] == "right" and manifest["side_source"] == "tibial labels"
+    assert any("patellar_cartilage" in w for w in manifest["warnings"])
+    assert "patellar_cartilage" in res.stderr  # the warning is logged too
+    assert len(manifest["inputs"]["image"]["sha256"]) == 64
+    header = (out / "measurements.csv").read_text().splitlines()[0]
+    assert header == "structure,region,metric,value,unit"
+    rows = [l.split(",") for l in (out / "measurements.csv").read_text().splitlines()[1:]]
+    fem = {r[2]: r[3] for r in rows if r[0] == "femoral_cartilage" and r[1] == "all"}
+    assert abs(float(fem["thickness_median"]) - 1.6) < 0.08  # 2 voxels of 0.8 mm
+    assert float(fem["thickness_mean"]) < float(fem["thickness_median"])  # thinner at the rim
+    pat = {r[2]: r[3] for r in rows if r[0] == "patellar_cartilage" and r[1] == "all"}
+    assert pat["volume"] == "0" and pat["thickness_mean"] == ""
+
+
+def _one_line_error(res, *needles):
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1, res.stderr
+    for n in needles:
+        assert str(n) in lines[0], lines[0]
+
+
+def test_geometry_mismatch(scan, tmp_path):
+    lab, sp = mini_knee()
+    write_volume(tmp_path / "seg2.nii.gz", lab, _geometry(lab.shape, (0.8, 0.8, 0.9)))
+    out = tmp_path / "out"
+    res = _cartiq("measure", scan / "image.nii.gz", "--seg", tmp_path / "seg2.nii.gz", "-o", out)
+    _one_line_error(res, "seg2.nii.gz", "spacing")
+    assert not out.exists()
+
+
+def test_unknown_labels(scan, tmp_path):
+    lab, sp = mini_knee()
+    lab[0, 0, 0] = 42
+    write_volume(tmp_path / "seg3.nii.gz", lab, _geometry(lab.shape, sp))
+    res = _cartiq("measure", scan / "image.nii.gz", "--seg", tmp_path / "seg3.nii.gz", "-o", tmp_path / "o")
+    _one_line_error(res, "seg3.nii.gz", "unknown label values [42]")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unwritable_output(scan, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    res = _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o", blocker / "out")
+    _one_line_error(res, "file.txt", "not a folder")
+
+
+def test_missing_and_corrupt_inputs(scan, tmp_path):
+    res = _cartiq("measure", tmp_path / "nope.nii.gz", "--seg", scan / "seg.nii.gz", "-o", tmp_path / "o")
+    _one_line_error(res, "nope.nii.gz", "does not exist")
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(np.random.default_rng(1).bytes(5000))
+    res = _cartiq("measure", bad, "--seg", scan / "seg.nii.gz", "-o", tmp_path / "o")
+    _one_line_error(res, "bad.nii.gz")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_config_value(scan, tmp_path):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("defects:\n  partial_fraction: 2.0\n")
+    res = _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o",
+                  tmp_path / "o", "--config", cfg)
+    _one_line_error(res, "m.yaml", "defects.partial_fraction")
+
+
+def test_rerun_replaces_a_complete_folder(scan, tmp_path):
+    out = tmp_path / "out"
+    assert _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o", out).returncode == 0
+    first = json.loads((out / "manifest.json").read_text())["created"]
+    assert _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o", out).returncode == 0
+    assert (out / "manifest.json").is_file() and first
