@@ -34,7 +34,7 @@ from typing import Any
 
 from pipeline.errors import InputError
 
-__all__ = ["ScanRow", "Manifest", "read_manifest_csv", "timepoint_sort_key", "is_baseline_name",
+__all__ = ["ScanRow", "InvalidRow", "Manifest", "read_manifest_csv", "timepoint_sort_key", "is_baseline_name",
            "stage_group", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS"]
 
 REQUIRED_COLUMNS = ("subject_id", "timepoint", "image")
@@ -71,13 +71,26 @@ class ScanRow:
         return stage_group(self.kl_grade)
 
 
+@dataclass(frozen=True)
+class InvalidRow:
+    """A manifest row that was not run, with every problem found in it."""
+
+    line: int
+    subject_id: str
+    timepoint: str
+    problems: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"line {self.line}: " + "; ".join(self.problems)
+
+
 @dataclass
 class Manifest:
     """A checked manifest: valid rows grouped by subject, visits in order."""
 
     path: Path
     rows: list[ScanRow]
-    invalid: list[str] = field(default_factory=list)
+    invalid: list[InvalidRow] = field(default_factory=list)
     unknown_columns: list[str] = field(default_factory=list)
 
     def subjects(self) -> dict[str, list[ScanRow]]:
@@ -245,7 +258,10 @@ def read_manifest_csv(path: str | Path, *, skip_invalid: bool = False,
     columns = set(header)
     problems: dict[int, list[str]] = {}
     rows: list[ScanRow] = []
-    for i, raw in enumerate(reader, start=2):
+    ids: dict[int, tuple[str, str]] = {}
+    for raw in reader:
+        i = reader.line_num
+        ids[i] = ((raw.get("subject_id") or "").strip(), (raw.get("timepoint") or "").strip())
         if not any((v or "").strip() for k, v in raw.items() if k is not None):
             continue  # blank line
         if raw.get(None):
@@ -274,11 +290,14 @@ def read_manifest_csv(path: str | Path, *, skip_invalid: bool = False,
                 problems.setdefault(r.line, []).append(
                     f"subject {sid} has different arms ({', '.join(arms)})")
         bases = [r for r in rs if r.is_baseline]
+        bad_bases = [ln for ln, (s_, t_) in ids.items() if s_ == sid and ln in problems
+                     and is_baseline_name(t_)]
         if not bases:
+            why = (f"the baseline row of subject {sid} (line {bad_bases[0]}) is invalid"
+                   if bad_bases else f"subject {sid} has no baseline visit (timepoint "
+                   "baseline/bl/m0 or visit_order 0)")
             for r in rs:
-                problems.setdefault(r.line, []).append(
-                    f"subject {sid} has no baseline visit (timepoint baseline/bl/m0 "
-                    "or visit_order 0)")
+                problems.setdefault(r.line, []).append(why)
         elif len(bases) > 1:
             for r in bases:
                 problems.setdefault(r.line, []).append(
@@ -290,9 +309,10 @@ def read_manifest_csv(path: str | Path, *, skip_invalid: bool = False,
                 if r.visit_order is not None and orders.count(r.visit_order) > 1:
                     problems.setdefault(r.line, []).append(
                         f"visit_order {r.visit_order} repeated for subject {sid}")
-    invalid = [f"line {ln}: " + "; ".join(ps) for ln, ps in sorted(problems.items())]
+    invalid = [InvalidRow(ln, *ids.get(ln, ("", "")), tuple(ps))
+               for ln, ps in sorted(problems.items())]
     if invalid and not skip_invalid:
-        shown = invalid[:MAX_LISTED]
+        shown = [str(b) for b in invalid[:MAX_LISTED]]
         more = len(invalid) - len(shown)
         raise InputError(f"{len(invalid)} bad row(s) (nothing was processed; fix them or use "
                          "--skip-invalid):\n  " + "\n  ".join(shown)
@@ -302,10 +322,12 @@ def read_manifest_csv(path: str | Path, *, skip_invalid: bool = False,
     keep_subjects = {r.subject_id for r in good if r.is_baseline}
     for r in good:
         if r.subject_id not in keep_subjects:
-            invalid.append(f"line {r.line}: subject {r.subject_id} has no valid baseline row")
+            invalid.append(InvalidRow(r.line, r.subject_id, r.timepoint,
+                                      (f"subject {r.subject_id} has no valid baseline row",)))
     good = [r for r in good if r.subject_id in keep_subjects]
     if not good and not invalid:
         raise InputError("manifest lists no scans", path)
     if not good:
-        raise InputError("no valid rows left:\n  " + "\n  ".join(invalid[:MAX_LISTED]), path)
+        raise InputError("no valid rows left:\n  "
+                         + "\n  ".join(str(b) for b in invalid[:MAX_LISTED]), path)
     return Manifest(path=path, rows=good, invalid=invalid, unknown_columns=unknown)
