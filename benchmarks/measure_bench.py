@@ -1,0 +1,61 @@
+"""Benchmark: `cartiq measure` on the pymskt DESS label map (384 x 384 x 160).
+
+Target (issue 2): at most 10 s wall on 2 CPU cores, peak memory under 2 GB.
+Runs the real command in a subprocess N times and reports the median wall time and the
+peak resident memory of each run (from os.wait4).  Not a test: run it by hand,
+
+    python benchmarks/measure_bench.py [--runs 5] [--mirror ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--mirror", type=Path, default=Path(os.environ.get("CARTIQ_DATA_MIRROR", "../shared/data")))
+    ap.add_argument("--no-qc-note", action="store_true")
+    args = ap.parse_args()
+
+    from pipeline.fetch import fetch_sample
+    from pipeline.io import read_volume, write_volume
+
+    seg = fetch_sample("pymskt_dess_labels", mirror=args.mirror)
+    work = Path(tempfile.mkdtemp(prefix="cartiq-bench-"))
+    vol = read_volume(seg, kind="labels")
+    rng = np.random.default_rng(0)
+    tissue = rng.uniform(50, 250, size=int(vol.array.max()) + 1)
+    image = (tissue[vol.array] + rng.normal(0, 10, vol.array.shape)).astype(np.float32)
+    write_volume(work / "image.nii.gz", image, vol.geometry)
+
+    walls, peaks = [], []
+    for i in range(args.runs):
+        out = work / f"out{i}"
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", "measure",
+                                 str(work / "image.nii.gz"), "--seg", str(seg),
+                                 "--labels", "pymskt_dess", "-o", str(out)],
+                                stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        walls.append(time.perf_counter() - t0)
+        peaks.append(usage.ru_maxrss / 1024.0)  # KiB -> MiB on Linux
+        if status != 0:
+            raise SystemExit(f"run {i} failed with status {status}")
+    print(f"runs: {args.runs}; cpu cores: {os.cpu_count()}")
+    print(f"wall s: median {statistics.median(walls):.2f} (min {min(walls):.2f}, max {max(walls):.2f})")
+    print(f"peak RSS MiB: median {statistics.median(peaks):.0f} (max {max(peaks):.0f})")
+
+
+if __name__ == "__main__":
+    main()
