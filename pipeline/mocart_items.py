@@ -1,0 +1,422 @@
+"""Measured quantities behind the MOCART-like items, from columns cast through a repair site.
+
+Method
+------
+Around each site a local frame is set up: origin ``c`` near the site's centroid, ``n`` the
+normal of the subchondral bone surface (pointing from the bone into the plate's cartilage)
+and ``e1``, ``e2`` spanning the tangent plane.  A square grid of columns ``grid_mm`` apart
+covers a disc of radius ``R`` in the tangent plane; along each column the label indicators
+and the image are sampled every ``step_mm`` from ``bone_depth_mm`` below to
+``max_height_mm`` above ``c`` (trilinear interpolation for the masks and the image, nearest
+neighbour for site masks and lesion components).  All sampling happens at world (LPS mm)
+positions, so the results do not depend on how a file orders or flips its axes.
+
+Per column (heights along ``n``, in mm):
+
+* ``b`` bone surface: the topmost 0.5 crossing of the bone indicator (bone or BML label);
+* ``t`` cartilage thickness: integral of the plate's cartilage indicator above
+  ``b - bone_margin``; ``tc = t * cos(theta)`` where ``theta`` is the tilt of the fitted bone
+  surface against ``n`` (corrects oblique columns on curved plates);
+* ``a`` articular surface: the topmost 0.5 crossing of the cartilage indicator.
+
+The site footprint is the set of columns that meet the site mask (closed and hole-filled in
+the tangent plane); the native reference ring is the columns ``ring_gap_mm`` to
+``ring_gap_mm + ring_width_mm`` outside the footprint that carry cartilage of the same plate.
+Every function here is pure: arrays in, numbers out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["LocalFrame", "Columns", "make_frame", "sample_columns", "column_profiles",
+           "quad_fit", "feret_diameter_mm", "site_measures"]
+
+
+@dataclass(frozen=True)
+class LocalFrame:
+    """Origin (LPS mm) and orthonormal axes of a site's tangent frame."""
+
+    center: np.ndarray
+    normal: np.ndarray
+    e1: np.ndarray
+    e2: np.ndarray
+
+
+def make_frame(center: np.ndarray, normal: np.ndarray) -> LocalFrame:
+    """Tangent frame from a normal; ``e1`` is chosen deterministically from world axes."""
+    n = np.asarray(normal, float)
+    n = n / np.linalg.norm(n)
+    helper = np.eye(3)[int(np.argmin(np.abs(n)))]
+    e1 = np.cross(n, helper)
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(n, e1)
+    return LocalFrame(np.asarray(center, float), n, e1, e2)
+
+
+@dataclass
+class Columns:
+    """Samples on a grid of columns: 2D grid shape ``(m, m)``, ``k`` samples per column."""
+
+    frame: LocalFrame
+    grid_mm: float
+    step_mm: float
+    u: np.ndarray            # (m, m) tangent coordinate along e1, mm
+    v: np.ndarray            # (m, m) along e2, mm
+    w: np.ndarray            # (k,) height along n, mm
+    inside: np.ndarray       # (m, m) bool: within the disc of radius R
+    samples: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (m, m, k)
+
+
+def sample_columns(frame: LocalFrame, radius_mm: float, w_range_mm: tuple[float, float],
+                   grid_mm: float, step_mm: float, world_to_index: Callable[[np.ndarray], np.ndarray],
+                   shape: tuple[int, int, int],
+                   arrays: dict[str, tuple[Callable[[tuple[slice, ...]], np.ndarray], int]]
+                   ) -> Columns:
+    """Sample volumes along the columns of a tangent grid.
+
+    Parameters
+    ----------
+    frame : the site's local frame.
+    radius_mm : radius of the disc of columns.
+    w_range_mm : (low, high) heights along the normal, mm.
+    grid_mm, step_mm : column spacing and sample step, mm.
+    world_to_index : maps (N, 3) LPS mm to continuous voxel indices.
+    shape : the volume shape (indices outside read as 0).
+    arrays : name -> (crop function returning the array for a tuple of slices, spline order).
+        Taking a crop function lets callers build float indicators only for the crop.
+    """
+    m = 2 * int(math.ceil(radius_mm / grid_mm)) + 1
+    ax = (np.arange(m) - m // 2) * grid_mm
+    u, v = np.meshgrid(ax, ax, indexing="ij")
+    w = np.arange(w_range_mm[0], w_range_mm[1] + 0.5 * step_mm, step_mm)
+    pts = (frame.center[None, None, None, :] + u[..., None, None] * frame.e1
+           + v[..., None, None] * frame.e2 + w[None, None, :, None] * frame.normal)
+    idx = world_to_index(pts.reshape(-1, 3))
+    lo = np.clip(np.floor(idx.min(0)).astype(int) - 1, 0, np.asarray(shape) - 1)
+    hi = np.clip(np.ceil(idx.max(0)).astype(int) + 2, 1, np.asarray(shape))
+    cols = Columns(frame, grid_mm, step_mm, u, v, w, (u ** 2 + v ** 2) <= radius_mm ** 2)
+    if np.any(hi <= lo):
+        for name in arrays:
+            cols.samples[name] = np.zeros((m, m, w.size), np.float32)
+        return cols
+    crop = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    local = (idx - lo).T
+    for name, (getter, order) in arrays.items():
+        sub = getter(crop)
+        vals = ndimage.map_coordinates(sub, local, order=order, mode="constant", cval=0.0,
+                                       prefilter=False)
+        cols.samples[name] = vals.reshape(m, m, w.size).astype(np.float32)
+    return cols
+
+
+def _top_crossing(frac: np.ndarray, w: np.ndarray, valid_from: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """Height of the topmost 0.5 crossing of an indicator along each column (NaN: none)."""
+    above = frac >= 0.5
+    if valid_from is not None:
+        above &= w[None, None, :] >= valid_from[..., None]
+    anyv = above.any(-1)
+    k = frac.shape[-1]
+    top = k - 1 - np.argmax(above[..., ::-1], axis=-1)
+    out = np.full(frac.shape[:-1], np.nan)
+    step = w[1] - w[0] if w.size > 1 else 1.0
+    ii = np.nonzero(anyv)
+    t = top[ii]
+    f0 = frac[ii + (t,)]
+    nxt = np.minimum(t + 1, k - 1)
+    f1 = np.where(t + 1 < k, frac[ii + (nxt,)], 0.0)
+    denom = np.where(np.abs(f0 - f1) > 1e-6, f0 - f1, 1.0)
+    frac_step = np.clip((f0 - 0.5) / denom, 0.0, 1.0)
+    out[ii] = w[t] + frac_step * step
+    return out
+
+
+def column_profiles(cols: Columns, *, bone_margin_mm: float, max_cart_height_mm: float
+                    ) -> dict[str, np.ndarray]:
+    """Bone surface ``b``, cartilage thickness ``t`` and articular surface ``a`` per column."""
+    w = cols.w
+    b = _top_crossing(cols.samples["bone"], w)
+    b[~cols.inside] = np.nan
+    lo = np.where(np.isnan(b), np.inf, b - bone_margin_mm)
+    hi = np.where(np.isnan(b), -np.inf, b + max_cart_height_mm)
+    band = (w[None, None, :] >= lo[..., None]) & (w[None, None, :] <= hi[..., None])
+    cart = cols.samples["cart"] * band
+    t = cart.sum(-1) * cols.step_mm
+    t[np.isnan(b)] = np.nan
+    a = _top_crossing(cart, w)
+    # internal gap: non-cartilage run between the bone surface and the articular surface
+    solid = (cart >= 0.5) & (w[None, None, :] >= (b + 0.5 * cols.step_mm)[..., None])
+    below_a = w[None, None, :] <= np.nan_to_num(a, nan=-np.inf)[..., None]
+    gap = (~solid) & below_a & (w[None, None, :] > b[..., None])
+    gap_mm = gap.sum(-1) * cols.step_mm
+    return {"b": b, "t": t, "a": a, "gap_mm": gap_mm.astype(float)}
+
+
+def quad_fit(u: np.ndarray, v: np.ndarray, z: np.ndarray, *, trim_mm: float = 0.5,
+             iterations: int = 3) -> tuple[np.ndarray, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+    """Robust least-squares quadratic surface ``z(u, v)``; returns (coefficients, predictor).
+
+    Points farther than ``max(trim_mm, 3 * robust SD)`` from the fit are dropped and the fit
+    repeated.  Falls back to a plane (< 12 points) or a constant (< 4 points).
+    """
+    u, v, z = (np.asarray(x, float).ravel() for x in (u, v, z))
+    ok = np.isfinite(z)
+    n = int(ok.sum())
+    if n == 0:
+        return np.zeros(6), lambda uu, vv: np.full(np.shape(uu), np.nan)
+    ncoef = 6 if n >= 12 else (3 if n >= 4 else 1)
+
+    def design(uu: np.ndarray, vv: np.ndarray) -> np.ndarray:
+        cols = [np.ones_like(uu), uu, vv, uu * uu, uu * vv, vv * vv]
+        return np.stack(cols[:ncoef], -1)
+
+    keep = ok.copy()
+    coef = np.zeros(ncoef)
+    for _ in range(iterations):
+        coef, *_ = np.linalg.lstsq(design(u[keep], v[keep]), z[keep], rcond=None)
+        res = z - design(u, v) @ coef
+        mad = 1.4826 * np.median(np.abs(res[keep]))
+        new = ok & (np.abs(res) <= max(trim_mm, 3 * mad))
+        if new.sum() < ncoef or np.array_equal(new, keep):
+            break
+        keep = new
+    full = np.zeros(6)
+    full[:ncoef] = coef
+
+    def predict(uu: np.ndarray, vv: np.ndarray) -> np.ndarray:
+        uu = np.asarray(uu, float)
+        vv = np.asarray(vv, float)
+        return (full[0] + full[1] * uu + full[2] * vv + full[3] * uu * uu + full[4] * uu * vv
+                + full[5] * vv * vv)
+
+    return full, predict
+
+
+def feret_diameter_mm(points: np.ndarray, extent_mm: float = 0.0) -> float:
+    """Largest distance between points (N, d) in mm, plus ``extent_mm`` (a cell or voxel size)."""
+    pts = np.asarray(points, float)
+    if len(pts) == 0:
+        return 0.0
+    if len(pts) == 1:
+        return float(extent_mm)
+    if len(pts) > 400:
+        from scipy.spatial import ConvexHull, QhullError
+
+        try:
+            pts = pts[ConvexHull(pts).vertices]
+        except (QhullError, ValueError):
+            pass
+    if len(pts) > 3000:
+        pts = pts[:: int(math.ceil(len(pts) / 3000))]
+    d = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1))
+    return float(d.max()) + float(extent_mm)
+
+
+def _robust_sd(x: np.ndarray) -> float:
+    if x.size < 2:
+        return float("nan")
+    return float(1.4826 * np.median(np.abs(x - np.median(x))))
+
+
+def _cells_mm(cols: Columns, mask: np.ndarray) -> np.ndarray:
+    return np.stack([cols.u[mask], cols.v[mask]], -1)
+
+
+def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndarray,
+                  p: Any, *, has_image: bool, diameters: dict[str, dict[int, float]],
+                  voxel_volume_mm3: float) -> tuple[dict[str, float], dict[str, Any]]:
+    """All measured quantities of one site.
+
+    Parameters
+    ----------
+    cols, prof : sampled columns and their profiles (:func:`column_profiles`).
+    footprint : (m, m) bool, the site's columns.
+    p : the measurement settings (``pipeline.scoring.MeasurementConfig``).
+    has_image : whether the intensity samples ``"image"`` are meaningful.
+    diameters : ``{"bml": {component id: max diameter mm}, "cyst": {...}}``; components are
+        sampled as ``"bml_cc"`` / ``"cyst_cc"``.
+    voxel_volume_mm3 : to convert sampled volumes to voxel counts.
+
+    Returns
+    -------
+    measures : name -> value (NaN when not measurable); the names are what the scoring
+        config's category conditions refer to.
+    evidence : ROI sizes, reference values, fitted surfaces' summaries, confidence inputs.
+    """
+    g = cols.grid_mm
+    cell_area = g * g
+    b, t, a = prof["b"], prof["t"], prof["a"]
+    valid = np.isfinite(b) & cols.inside
+    site = footprint & cols.inside
+    site_valid = site & valid
+    # native ring: columns near the footprint, with cartilage
+    d_out = ndimage.distance_transform_edt(~site) * g
+    d_in = ndimage.distance_transform_edt(site) * g
+    ring = (~site) & valid & (d_out > p.ring_gap_mm) & (d_out <= p.ring_gap_mm + p.ring_width_mm)
+    ring &= t >= p.min_native_thickness_mm
+    outer = (~site) & valid & (d_out > p.ring_gap_mm)
+    ev: dict[str, Any] = {
+        "site_columns": int(site.sum()), "site_columns_with_bone": int(site_valid.sum()),
+        "site_area_mm2": round(float(site.sum() * cell_area), 3),
+        "ring_columns": int(ring.sum()),
+        "ring_area_mm2": round(float(ring.sum() * cell_area), 3),
+    }
+    m: dict[str, float] = {}
+    nan = float("nan")
+    # bone surface fit from the surroundings, tilt correction
+    _, bfit = quad_fit(cols.u[outer], cols.v[outer], b[outer], trim_mm=p.fit_trim_mm)
+    du = (bfit(cols.u + 0.5 * g, cols.v) - bfit(cols.u - 0.5 * g, cols.v)) / g
+    dv = (bfit(cols.u, cols.v + 0.5 * g) - bfit(cols.u, cols.v - 0.5 * g)) / g
+    cos = 1.0 / np.sqrt(1.0 + du ** 2 + dv ** 2)
+    cos = np.where(np.isfinite(cos), cos, 1.0)
+    tc = t * cos
+    native = tc[ring]
+    exp_t = float(np.median(native)) if native.size else nan
+    ev["native_thickness_median_mm"] = round(exp_t, 4) if np.isfinite(exp_t) else None
+    ev["native_thickness_mean_mm"] = round(float(native.mean()), 4) if native.size else None
+    repair_diam = feret_diameter_mm(_cells_mm(cols, site), g) if site.any() else 0.0
+    m["repair_diameter_mm"] = repair_diam
+    m["site_area_mm2"] = float(site.sum() * cell_area)
+    m["native_thickness_mm"] = exp_t
+    rep_t = tc[site_valid]
+    m["repair_thickness_mm"] = float(rep_t.mean()) if rep_t.size else nan
+    # 1 volume fill: repair thickness over the space between the actual bone surface and the
+    # native articular surface expected from the ring (so bony overgrowth or defects under
+    # the site change the defect's depth, not the fill)
+    nat_top = ring & np.isfinite(a)
+    _, natfit = quad_fit(cols.u[nat_top], cols.v[nat_top], a[nat_top], trim_mm=p.fit_trim_mm)
+    depth_exp = np.clip(natfit(cols.u, cols.v) - b, 0.0, None) * cos
+    exp_site = depth_exp[site_valid]
+    ev["expected_defect_depth_mm"] = round(float(exp_site.mean()), 4) if exp_site.size else None
+    fill = (100.0 * float(rep_t.sum() / exp_site.sum())
+            if exp_site.size and np.isfinite(exp_site.sum()) and exp_site.sum() > 0 else nan)
+    m["fill_pct"] = fill
+    m["denuded_pct"] = (100.0 * float((rep_t < 0.1 * exp_t).mean())
+                        if rep_t.size and exp_t > 0 else nan)
+    # intensity samples
+    cart = cols.samples["cart"]
+    base = (cols.w[None, None, :] > (b - p.bone_margin_mm)[..., None])
+    interior = (cart >= p.interior_fraction) & base
+    img = cols.samples.get("image")
+    rep_i = img[site_valid[..., None] & interior] if (has_image and img is not None) else np.array([])
+    nat_i = img[ring[..., None] & interior] if (has_image and img is not None) else np.array([])
+    vox_per_sample = cell_area * cols.step_mm / voxel_volume_mm3
+    ev["repair_voxels"] = round(float(rep_i.size * vox_per_sample), 1)
+    ev["native_voxels"] = round(float(nat_i.size * vox_per_sample), 1)
+    med_rep = float(np.median(rep_i)) if rep_i.size else nan
+    med_nat = float(np.median(nat_i)) if nat_i.size else nan
+    ev["repair_intensity_median"] = med_rep if rep_i.size else None
+    ev["native_intensity_median"] = med_nat if nat_i.size else None
+    # 5 signal intensity
+    m["signal_ratio"] = med_rep / med_nat if (rep_i.size and med_nat > 0) else nan
+    # 4 structure: heterogeneity (robust SD ratio) and internal clefts
+    sd_rep, sd_nat = _robust_sd(rep_i), _robust_sd(nat_i)
+    ev["repair_intensity_sd"] = sd_rep if np.isfinite(sd_rep) else None
+    ev["native_intensity_sd"] = sd_nat if np.isfinite(sd_nat) else None
+    m["heterogeneity_ratio"] = sd_rep / sd_nat if (np.isfinite(sd_rep) and sd_nat > 0) else nan
+    filled = site_valid & (tc >= p.min_native_thickness_mm) & (d_in > p.border_band_mm)
+    if not filled.any():
+        filled = site_valid & (tc >= p.min_native_thickness_mm)
+    clefted = filled & (prof["gap_mm"] >= p.cleft_min_mm)
+    m["internal_cleft_pct"] = 100.0 * float(clefted.sum() / filled.sum()) if filled.any() else nan
+    # 2 integration: clefts in a band along the footprint border
+    sd = np.where(site, -d_in, d_out)
+    band = valid & (np.abs(sd) <= p.border_band_mm)
+    interior_site = site_valid & (sd < -p.border_band_mm)
+    rep_level = float(np.median(tc[interior_site])) if interior_site.any() else (
+        float(np.median(rep_t)) if rep_t.size else nan)
+    level = min(exp_t, rep_level) if np.isfinite(exp_t) and np.isfinite(rep_level) else nan
+    eff_t = tc.copy()
+    if p.fluid_bright_ratio is not None and has_image and img is not None and np.isfinite(med_nat):
+        ref = max(med_nat, med_rep if np.isfinite(med_rep) else med_nat)
+        bright = (cart >= 0.5) & base & (img > p.fluid_bright_ratio * ref)
+        eff_t = eff_t - (bright * cart).sum(-1) * cols.step_mm * cos
+    gapc = band & (eff_t < (1.0 - p.cleft_depth_fraction) * level) if np.isfinite(level) else band & False
+    cu, cv = _cells_mm(cols, site).mean(0) if site.any() else (0.0, 0.0)
+    ang = np.arctan2(cols.v - cv, cols.u - cu)
+    rad = np.hypot(cols.u - cu, cols.v - cv)
+    sector = ((ang + np.pi) / (2 * np.pi) * p.border_sectors).astype(int) % p.border_sectors
+    affected, widths, present = 0, [], 0
+    for s in range(p.border_sectors):
+        in_s = band & (sector == s)
+        if not in_s.any():
+            continue
+        present += 1
+        gs = gapc & in_s
+        if gs.sum() < max(1, p.cleft_min_sector_fraction * in_s.sum()):
+            continue
+        width = float(rad[gs].max() - rad[gs].min() + g)
+        if width >= p.cleft_min_mm:
+            affected += 1
+            widths.append(width)
+    m["cleft_border_pct"] = 100.0 * affected / present if present else nan
+    m["cleft_width_mm"] = max(widths) if widths else 0.0
+    ev["border_sectors_assessed"] = present
+    ev["repair_level_mm"] = rep_level if np.isfinite(rep_level) else None
+    # 3 surface: irregularity of the repair surface against its own smooth fit
+    core = site_valid & (d_in > p.surface_edge_margin_mm) & np.isfinite(a) & (tc > 0)
+    thr = max(p.irregular_min_mm, p.irregular_fraction * exp_t) if np.isfinite(exp_t) else p.irregular_min_mm
+    ev["surface_threshold_mm"] = round(thr, 4)
+    if core.sum() >= 4:
+        _, afit = quad_fit(cols.u[core], cols.v[core], a[core], trim_mm=thr)
+        res = np.where(core, a - afit(cols.u, cols.v), 0.0)
+        irr = core & (np.abs(res) > thr)
+        thin = site_valid & (d_in > p.surface_edge_margin_mm) & (tc < 0.25 * level) \
+            if np.isfinite(level) and level > 0 else irr & False
+        irr |= thin
+        lab, nlab = ndimage.label(irr, structure=np.ones((3, 3)))
+        if nlab:
+            sizes = ndimage.sum(irr, lab, index=np.arange(1, nlab + 1)) * cell_area
+            keep = np.isin(lab, 1 + np.flatnonzero(sizes >= p.irregular_min_area_mm2))
+        else:
+            keep = irr
+        ext = feret_diameter_mm(_cells_mm(cols, keep), g) if keep.any() else 0.0
+        m["irregular_extent_pct"] = 100.0 * ext / repair_diam if repair_diam > 0 else nan
+        depth = float(np.abs(res[keep]).max()) if keep.any() else 0.0
+        m["irregular_depth_pct"] = 100.0 * depth / rep_level if rep_level > 0 else nan
+        ev["surface_columns"] = int(core.sum())
+    else:
+        m["irregular_extent_pct"] = nan
+        m["irregular_depth_pct"] = nan
+        ev["surface_columns"] = int(core.sum())
+    # 6 bony defect / overgrowth: bone surface under the site against the surroundings' fit
+    dev = (b - bfit(cols.u, cols.v))[site_valid]
+    if dev.size:
+        depth = max(0.0, -float(np.percentile(dev, 100 - p.bone_percentile)))
+        over = max(0.0, float(np.percentile(dev, p.bone_percentile)))
+    else:
+        depth = over = nan
+    m["bone_defect_mm"] = depth
+    m["bone_overgrowth_mm"] = over
+    m["bone_deviation_mm"] = (over if over >= depth else -depth) if dev.size else nan
+    m["bone_defect_ratio"] = depth / exp_t if exp_t > 0 else nan
+    m["bone_overgrowth_ratio"] = over / exp_t if exp_t > 0 else nan
+    ev["bone_fit_columns"] = int(outer.sum())
+    # 7 subchondral changes: BML components reached under (or next to) the site
+    zone = valid & (np.where(site, -d_in, d_out) <= p.bml_margin_mm)
+    below = (cols.w[None, None, :] <= b[..., None]) & \
+        (cols.w[None, None, :] >= (b - p.subchondral_depth_mm)[..., None])
+    comp = cols.samples.get("bml_cc")
+    ids: set[int] = set()
+    if comp is not None:
+        hit = comp[zone[..., None] & below]
+        ids = {int(i) for i in np.unique(hit) if i > 0}
+    bml = max((diameters.get("bml", {}).get(i, 0.0) for i in ids), default=0.0)
+    m["bml_diameter_mm"] = bml
+    m["bml_diameter_pct"] = 100.0 * bml / repair_diam if repair_diam > 0 else nan
+    ev["bml_components"] = sorted(ids)
+    cyst = cols.samples.get("cyst_cc")
+    if cyst is not None:
+        hit = cyst[zone[..., None] & below]
+        cids = {int(i) for i in np.unique(hit) if i > 0}
+        m["cyst_diameter_mm"] = max((diameters.get("cyst", {}).get(i, 0.0) for i in cids),
+                                    default=0.0)
+    else:
+        m["cyst_diameter_mm"] = nan
+    return m, ev

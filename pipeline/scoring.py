@@ -1,0 +1,655 @@
+"""MOCART-like scoring of cartilage repair sites (stage ``score``).
+
+A *site* is one cartilage repair (or defect) region.  For every site the seven MOCART 2.0
+knee items (Schreiner et al., Cartilage 2021) are computed from measured quantities (see
+:mod:`pipeline.mocart_items` for the method), mapped to categories and points by a plain
+YAML config (``configs/mocart2.yaml``; ``configs/mocart1.yaml`` for the original MOCART),
+and written as ``mocart.csv`` (one row per item per site plus a ``total`` row) and
+``mocart.json`` (the same plus every measured quantity, confidence flags and evidence).
+
+Python API (used by the longitudinal stage)::
+
+    result = score_sites(image, labels, sites, config=load_scoring_config(None))
+    result.rows()          # the mocart.csv rows
+    result.to_json()       # the mocart.json document
+
+``sites`` is an integer array in the image's grid (0 = none, k = site k), a list of boolean
+masks, or a list of :class:`SiteSpec` (bone-surface points or a centre + radius in LPS mm,
+e.g. baseline defects carried onto a follow-up through a registration).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import yaml
+from pydantic import Field, model_validator
+
+from pipeline.config import Strict, config_hash, load_config, resolved
+from pipeline.errors import InputError
+from pipeline.io import Geometry, Volume, atomic_write_text, check_same_geometry, read_volume
+from pipeline.labels import default_scheme
+from pipeline.mocart_items import (column_profiles, feret_diameter_mm, make_frame,
+                                   sample_columns, site_measures)
+
+__all__ = ["ScoringConfig", "MeasurementConfig", "SiteSpec", "ItemScore", "SiteScore",
+           "ScoreResult", "ScoreRun", "score_sites", "run_score", "load_scoring_config",
+           "sites_from_defects_csv", "CSV_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = ["site_id", "item", "measure", "value", "unit", "category", "points",
+               "max_points", "automation"]
+NAN = float("nan")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+class Condition(Strict):
+    """``measure`` compared with bounds; all given bounds must hold (NaN never holds)."""
+
+    measure: str
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "Condition":
+        if all(x is None for x in (self.gt, self.ge, self.lt, self.le)):
+            raise ValueError(f"condition on {self.measure!r} needs gt, ge, lt or le")
+        return self
+
+    def holds(self, measures: dict[str, float]) -> bool:
+        x = measures.get(self.measure, NAN)
+        if x is None or not math.isfinite(x):
+            return False
+        return ((self.gt is None or x > self.gt) and (self.ge is None or x >= self.ge)
+                and (self.lt is None or x < self.lt) and (self.le is None or x <= self.le))
+
+
+class Category(Strict):
+    name: str
+    points: float = Field(ge=0)
+    when: list[Condition] = Field(default_factory=list,
+        description="all must hold; empty = fallback (must be last)")
+    verified: bool = Field(False, description="checked against the cited publication")
+    note: str = ""
+
+
+class ItemConfig(Strict):
+    title: str
+    measure: str = Field(description="the measured quantity shown in the CSV value column")
+    unit: str
+    automation: Literal["auto", "semi", "not_assessed"]
+    max_points: float = Field(ge=0)
+    source: str
+    categories: list[Category] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ItemConfig":
+        if self.automation == "not_assessed":
+            return self
+        if not self.categories or self.categories[-1].when:
+            raise ValueError(f"{self.title}: the last category must be a fallback (no 'when')")
+        if any(not c.when for c in self.categories[:-1]):
+            raise ValueError(f"{self.title}: only the last category may have no 'when'")
+        if max(c.points for c in self.categories) != self.max_points:
+            raise ValueError(f"{self.title}: max_points differs from the best category")
+        return self
+
+
+class MeasurementConfig(Strict):
+    """How the quantities are measured (cartiq's own settings, not from the publications)."""
+
+    grid_mm: float = Field(0.5, gt=0, le=2, description="column spacing in the tangent plane")
+    step_mm: float = Field(0.2, gt=0, le=1, description="sample step along a column")
+    max_height_mm: float = Field(10.0, gt=0, description="columns reach this far above the site centre")
+    bone_depth_mm: float = Field(14.0, gt=0, description="and this far below it")
+    max_cart_height_mm: float = Field(8.0, gt=0, description="cartilage counted up to this above the bone")
+    bone_margin_mm: float = Field(1.0, ge=0, description="cartilage counted from this below the bone surface")
+    plate_search_mm: float = Field(3.0, ge=0, description="a site belongs to the plate with most cartilage within this distance")
+    max_site_radius_mm: float = Field(25.0, gt=0)
+    closing_mm: float = Field(1.5, ge=0, description="closing of the site footprint (gaps between painted slices)")
+    ring_gap_mm: float = Field(1.0, ge=0, description="native reference ring starts this far outside the site")
+    ring_width_mm: float = Field(4.0, gt=0)
+    min_native_thickness_mm: float = Field(0.3, ge=0, description="ring columns thinner than this are not native reference")
+    interior_fraction: float = Field(0.9, gt=0, le=1, description="intensity samples need this cartilage fraction (no partial volume)")
+    fit_trim_mm: float = Field(0.5, gt=0)
+    fill_tolerance_pct: float = Field(5.0, ge=0, le=20, description="measured fill within this below 100% counts as level (for categories: fill_level_pct)")
+    border_band_mm: float = Field(2.5, gt=0, description="integration: band on both sides of the site border")
+    border_sectors: int = Field(36, ge=4, le=360)
+    cleft_depth_fraction: float = Field(0.5, gt=0, lt=1, description="a border column is a cleft when this share of the local cartilage level is missing")
+    cleft_min_mm: float = Field(0.5, gt=0, description="smaller clefts / internal gaps are ignored")
+    cleft_min_sector_fraction: float = Field(0.1, ge=0, lt=1, description="a border sector counts as clefted when this share of its band columns are clefts")
+    fluid_bright_ratio: float | None = Field(2.0, gt=1, description="cartilage-labelled samples brighter than this times max(native, repair) count as fluid in clefts; null disables")
+    surface_edge_margin_mm: float = Field(1.0, ge=0)
+    irregular_min_mm: float = Field(0.5, gt=0, description="surface deviation counted as irregular: max(this, irregular_fraction x native thickness)")
+    irregular_fraction: float = Field(0.25, gt=0)
+    irregular_min_area_mm2: float = Field(1.0, ge=0)
+    bone_percentile: float = Field(95.0, gt=50, le=100, description="bony defect/overgrowth: this percentile of the deviation")
+    bml_margin_mm: float = Field(2.0, ge=0, description="BML counted when within this of the site footprint")
+    subchondral_depth_mm: float = Field(10.0, gt=0)
+    cyst_intensity_ratio: float | None = Field(None, gt=1, description="cyst candidates: bone voxels brighter than this times the median bone intensity; null = cysts not assessed")
+    cyst_min_voxels: int = Field(5, ge=1)
+    min_site_area_mm2: float = Field(10.0, ge=0, description="confidence: smaller sites are flagged")
+    min_ring_area_mm2: float = Field(20.0, ge=0)
+    min_native_voxels: float = Field(30.0, ge=0)
+    min_repair_voxels: float = Field(10.0, ge=0)
+    min_bone_column_fraction: float = Field(0.8, ge=0, le=1)
+
+
+class ScoringConfig(Strict):
+    name: str
+    reference: str
+    max_total_points: float
+    measurement: MeasurementConfig = MeasurementConfig()
+    items: dict[str, ItemConfig]
+
+    @model_validator(mode="after")
+    def _total(self) -> "ScoringConfig":
+        s = sum(i.max_points for i in self.items.values())
+        if abs(s - self.max_total_points) > 1e-9:
+            raise ValueError(f"items' max_points add up to {s}, not {self.max_total_points}")
+        return self
+
+
+def load_scoring_config(path: str | Path | None) -> ScoringConfig:
+    """Validate a scoring YAML (default ``configs/mocart2.yaml``)."""
+    return load_config(path, ScoringConfig, default_name="mocart2.yaml")
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A site given by LPS points (bone-surface vertices or one centre) and a radius in mm.
+
+    The footprint is every column within ``radius_mm`` (in the tangent plane) of a point.
+    ``plate`` (a cartilage plate name) skips the plate search when known.
+    """
+
+    site_id: int
+    points_world: np.ndarray
+    radius_mm: float
+    plate: str | None = None
+    source: str = "points"
+
+
+@dataclass
+class ItemScore:
+    item: str
+    measure: str
+    value: float
+    unit: str
+    category: str
+    points: float
+    max_points: float
+    automation: str
+    confidence: str = "high"
+    confidence_reasons: list[str] = field(default_factory=list)
+
+    def row(self, site_id: int) -> dict[str, Any]:
+        return {"site_id": site_id, "item": self.item, "measure": self.measure,
+                "value": self.value, "unit": self.unit, "category": self.category,
+                "points": self.points, "max_points": self.max_points,
+                "automation": self.automation}
+
+
+@dataclass
+class SiteScore:
+    site_id: int
+    plate: str | None
+    source: str
+    items: list[ItemScore]
+    total: float
+    max_total: float
+    measures: dict[str, float] = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ScoreResult:
+    config: ScoringConfig
+    sites: list[SiteScore]
+    notes: list[str] = field(default_factory=list)
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = []
+        for s in self.sites:
+            out += [it.row(s.site_id) for it in s.items]
+            auto = {it.automation for it in s.items if it.automation != "not_assessed"}
+            out.append({"site_id": s.site_id, "item": "total", "measure": "score",
+                        "value": s.total, "unit": "points", "category": "",
+                        "points": s.total, "max_points": s.max_total,
+                        "automation": auto.pop() if len(auto) == 1 else "semi"})
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "score": self.config.name, "reference": self.config.reference,
+            "config_hash": config_hash(self.config), "columns": CSV_COLUMNS,
+            "notes": self.notes,
+            "sites": [{
+                "site_id": s.site_id, "plate": s.plate, "source": s.source,
+                "total": _clean(s.total), "max_total": s.max_total, "notes": s.notes,
+                "items": [{**{k: _clean(v) for k, v in it.row(s.site_id).items()},
+                           "confidence": it.confidence,
+                           "confidence_reasons": it.confidence_reasons} for it in s.items],
+                "measures": {k: _clean(v) for k, v in s.measures.items()},
+                "evidence": _clean(s.evidence),
+            } for s in self.sites],
+        }
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None, floats rounded, numpy scalars to Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return round(float(x), 4) if math.isfinite(x) else None
+    return x
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _categorize(item: ItemConfig, measures: dict[str, float]) -> tuple[str, float]:
+    if item.automation == "not_assessed":
+        return "not assessed (not visible in the images)", NAN
+    for cat in item.categories[:-1]:
+        if all(c.holds(measures) for c in cat.when):
+            return cat.name, cat.points
+    if not math.isfinite(measures.get(item.measure, NAN)):
+        return "not measurable", NAN
+    return item.categories[-1].name, item.categories[-1].points
+
+
+_INTENSITY = {"signal_ratio", "heterogeneity_ratio"}
+
+
+def _confidence(name: str, item: ItemConfig, m: dict[str, float], ev: dict[str, Any],
+                p: MeasurementConfig) -> list[str]:
+    why = []
+    if m.get("site_area_mm2", 0) < p.min_site_area_mm2:
+        why.append(f"site small ({m.get('site_area_mm2', 0):.1f} mm2 < {p.min_site_area_mm2})")
+    cols = max(ev.get("site_columns", 0), 1)
+    if ev.get("site_columns_with_bone", 0) / cols < p.min_bone_column_fraction:
+        why.append("bone surface found under only "
+                   f"{100 * ev.get('site_columns_with_bone', 0) / cols:.0f}% of the site")
+    if ev.get("ring_area_mm2", 0) < p.min_ring_area_mm2:
+        why.append(f"native reference ring small ({ev.get('ring_area_mm2', 0):.1f} mm2)")
+    if item.measure in _INTENSITY:
+        if ev.get("native_voxels", 0) < p.min_native_voxels:
+            why.append(f"few native reference voxels ({ev.get('native_voxels', 0):.0f})")
+        if ev.get("repair_voxels", 0) < p.min_repair_voxels and m.get("fill_pct", 0) >= 10:
+            why.append(f"few repair voxels ({ev.get('repair_voxels', 0):.0f})")
+    return why
+
+
+def _score_items(cfg: ScoringConfig, m: dict[str, float], ev: dict[str, Any]) -> list[ItemScore]:
+    out = []
+    for name, item in cfg.items.items():
+        cat, pts = _categorize(item, m)
+        why = _confidence(name, item, m, ev, cfg.measurement) if item.automation != "not_assessed" else []
+        out.append(ItemScore(name, item.measure, float(m.get(item.measure, NAN)), item.unit, cat,
+                             pts, item.max_points, item.automation,
+                             "low" if why or not math.isfinite(pts) else "high", why))
+    return out
+
+
+def _total(items: list[ItemScore]) -> tuple[float, float]:
+    scored = [i for i in items if i.automation != "not_assessed"]
+    mx = float(sum(i.max_points for i in scored))
+    if any(not math.isfinite(i.points) for i in scored):
+        return NAN, mx
+    return float(sum(i.points for i in scored)), mx
+
+
+def _unscorable(cfg: ScoringConfig, site_id: int, plate: str | None, source: str,
+                note: str) -> SiteScore:
+    items = [ItemScore(n, it.measure, NAN, it.unit, note if it.automation != "not_assessed"
+                       else "not assessed (not visible in the images)", NAN, it.max_points,
+                       it.automation, "low", [note]) for n, it in cfg.items.items()]
+    _, mx = _total(items)
+    return SiteScore(site_id, plate, source, items, NAN, mx, notes=[note])
+
+
+class _LazyDiameters:
+    """Component id -> maximum diameter (mm), computed on first use."""
+
+    def __init__(self, cc: np.ndarray, geometry: Geometry) -> None:
+        from scipy import ndimage
+
+        self.cc, self.geometry = cc, geometry
+        self.boxes = ndimage.find_objects(cc)
+        self.cache: dict[int, float] = {}
+
+    def get(self, i: int, default: float = 0.0) -> float:
+        if i in self.cache:
+            return self.cache[i]
+        if i < 1 or i > len(self.boxes) or self.boxes[i - 1] is None:
+            return default
+        box = self.boxes[i - 1]
+        idx = np.argwhere(self.cc[box] == i) + np.array([s.start for s in box])
+        pts = self.geometry.index_to_world(idx)
+        self.cache[i] = feret_diameter_mm(pts, float(np.mean(self.geometry.spacing)))
+        return self.cache[i]
+
+
+def _site_specs(sites: Any, shape: tuple[int, ...]) -> list[tuple[int, Any]]:
+    """Normalise the accepted site inputs to (site_id, index array (N,3) | SiteSpec)."""
+    if sites is None:
+        return []
+    if isinstance(sites, np.ndarray):
+        if tuple(sites.shape) != tuple(shape):
+            raise InputError(f"site array shape {sites.shape} differs from the scan {shape}")
+        ids = [int(i) for i in np.unique(sites) if i > 0]
+        return [(i, np.argwhere(sites == i)) for i in ids]
+    out: list[tuple[int, Any]] = []
+    for k, s in enumerate(sites, start=1):
+        if isinstance(s, SiteSpec):
+            out.append((s.site_id, s))
+        else:
+            arr = np.asarray(s)
+            if tuple(arr.shape) != tuple(shape):
+                raise InputError(f"site mask {k} shape {arr.shape} differs from the scan {shape}")
+            out.append((k, np.argwhere(arr > 0)))
+    return out
+
+
+def _plate_near(labels: np.ndarray, geom: Geometry, idx: np.ndarray, search_mm: float
+                ) -> str | None:
+    from scipy import ndimage
+
+    scheme = default_scheme()
+    margin = np.ceil(search_mm / np.asarray(geom.spacing)).astype(int) + 1
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, labels.shape)
+    sub = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    mask = np.zeros(sub.shape, bool)
+    mask[tuple((idx - lo).T)] = True
+    near = ndimage.distance_transform_edt(~mask, sampling=geom.spacing) <= search_mm
+    counts = {p: int(((sub == scheme[p]) & near).sum()) for p in scheme.plates}
+    best = max(counts, key=counts.get)
+    return best if counts[best] > 0 else None
+
+
+def _normal(labels: np.ndarray, geom: Geometry, c: np.ndarray, radius: float,
+            bone_vals: list[int], plate_val: int) -> np.ndarray | None:
+    ci = geom.world_to_index(c)[0]
+    r = np.ceil(radius / np.asarray(geom.spacing)).astype(int) + 1
+    lo = np.maximum(np.floor(ci).astype(int) - r, 0)
+    hi = np.minimum(np.ceil(ci).astype(int) + r + 1, labels.shape)
+    if np.any(hi <= lo):
+        return None
+    sub = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    world = geom.index_to_world(grid.reshape(-1, 3)).reshape(grid.shape)
+    ball = ((world - c) ** 2).sum(-1) <= radius ** 2
+    bone = ball & np.isin(sub, bone_vals)
+    cart = ball & (sub == plate_val)
+    if bone.sum() < 3 or cart.sum() < 3:
+        return None
+    n = world[cart].mean(0) - world[bone].mean(0)
+    nn = np.linalg.norm(n)
+    return n / nn if nn > 0 else None
+
+
+def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: int, spec: Any,
+               cfg: ScoringConfig, comps: dict[str, tuple[np.ndarray, _LazyDiameters]]
+               ) -> SiteScore:
+    from scipy import ndimage
+
+    p = cfg.measurement
+    scheme = default_scheme()
+    is_points = isinstance(spec, SiteSpec)
+    source = spec.source if is_points else "mask"
+    if is_points:
+        pts = np.atleast_2d(np.asarray(spec.points_world, float))
+        idx = np.unique(np.clip(np.round(geom.world_to_index(pts)).astype(int), 0,
+                                np.asarray(labels.shape) - 1), axis=0)
+        center = pts.mean(0)
+        r_site = float(np.sqrt(((pts - center) ** 2).sum(-1)).max()) + spec.radius_mm
+        plate = spec.plate or _plate_near(labels, geom, idx, p.plate_search_mm + spec.radius_mm)
+    else:
+        idx = spec
+        if len(idx) == 0:
+            return _unscorable(cfg, sid, None, source, "site mask is empty")
+        world = geom.index_to_world(idx)
+        center = world.mean(0)
+        r_site = float(np.sqrt(((world - center) ** 2).sum(-1)).max())
+        plate = _plate_near(labels, geom, idx, p.plate_search_mm)
+    if plate is None or plate not in scheme.plates:
+        return _unscorable(cfg, sid, None, source, "site outside any cartilage plate")
+    bone_vals = [scheme[scheme.plates[plate]], scheme["bone_marrow_lesion"]]
+    plate_val = scheme[plate]
+    if r_site > p.max_site_radius_mm:
+        return _unscorable(cfg, sid, plate, source,
+                           f"site radius {r_site:.1f} mm > max_site_radius_mm {p.max_site_radius_mm}")
+    R = r_site + p.ring_gap_mm + p.ring_width_mm + 2 * p.grid_mm
+    normal = _normal(labels, geom, center, R, bone_vals, plate_val)
+    if normal is None:
+        return _unscorable(cfg, sid, plate, source, "no bone surface with cartilage near the site")
+    frame = make_frame(center, normal)
+
+    def indicator(values: list[int]):
+        return lambda sl: np.isin(labels[sl], values).astype(np.float32)
+
+    arrays: dict[str, Any] = {"bone": (indicator(bone_vals), 1), "cart": (indicator([plate_val]), 1)}
+    if image is not None:
+        arrays["image"] = (lambda sl: image.array[sl].astype(np.float32), 1)
+    if not is_points:
+        def site_crop(sl: tuple[slice, ...]) -> np.ndarray:
+            sub = np.zeros(tuple(s.stop - s.start for s in sl), np.float32)
+            lo = np.array([s.start for s in sl])
+            loc = idx - lo
+            ok = np.all((loc >= 0) & (loc < sub.shape), axis=1)
+            sub[tuple(loc[ok].T)] = 1.0
+            return sub
+        arrays["site"] = (site_crop, 0)
+    for name, (cc, _) in comps.items():
+        arrays[f"{name}_cc"] = ((lambda a: lambda sl: a[sl].astype(np.float64))(cc), 0)
+    cols = sample_columns(frame, R, (-p.bone_depth_mm, p.max_height_mm), p.grid_mm, p.step_mm,
+                          geom.world_to_index, labels.shape, arrays)
+    prof = column_profiles(cols, bone_margin_mm=p.bone_margin_mm,
+                           max_cart_height_mm=p.max_cart_height_mm)
+    if is_points:
+        rel = pts - center
+        pu, pv = rel @ frame.e1, rel @ frame.e2
+        d2 = (cols.u[..., None] - pu) ** 2 + (cols.v[..., None] - pv) ** 2
+        foot = (d2.min(-1) <= spec.radius_mm ** 2) & cols.inside
+    else:
+        foot = (cols.samples["site"] > 0.5).any(-1) & cols.inside
+        if p.closing_mm > 0:
+            k = int(round(p.closing_mm / p.grid_mm))
+            yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
+            disk = (xx ** 2 + yy ** 2) <= k * k
+            foot = ndimage.binary_closing(np.pad(foot, k + 1), disk)[k + 1:-k - 1, k + 1:-k - 1] | foot
+        foot = ndimage.binary_fill_holes(foot) & cols.inside
+    if not foot.any():
+        return _unscorable(cfg, sid, plate, source, "site footprint is empty")
+    m, ev = site_measures(cols, prof, foot, p, has_image=image is not None,
+                          diameters={k: v[1] for k, v in comps.items()},
+                          voxel_volume_mm3=geom.voxel_volume_mm3)
+    # published categories: fill level within measurement tolerance counts as 100%
+    f = m["fill_pct"]
+    m["fill_level_pct"] = 100.0 if (math.isfinite(f) and 100 - p.fill_tolerance_pct <= f < 100) else f
+    ev.update({"frame_center_lps_mm": [round(float(x), 3) for x in center],
+               "frame_normal_lps": [round(float(x), 5) for x in normal],
+               "column_radius_mm": round(R, 3)})
+    items = _score_items(cfg, m, ev)
+    total, mx = _total(items)
+    notes = []
+    if not math.isfinite(m.get("cyst_diameter_mm", NAN)):
+        notes.append("subchondral cysts not assessed (measurement.cyst_intensity_ratio unset)")
+    return SiteScore(sid, plate, source, items, total, mx, m, ev, notes)
+
+
+def score_sites(image: Volume | None, labels: np.ndarray, sites: Any, *,
+                config: ScoringConfig | None = None, scan_result: Any = None,
+                geometry: Geometry | None = None) -> ScoreResult:
+    """Score every repair site.
+
+    Parameters
+    ----------
+    image : the scan (intensity items need it; ``None`` leaves them "not measurable").
+    labels : cartiq-scheme label map in the image's grid (ITK index order).
+    sites : integer array (0 none, k site k) in that grid, a list of boolean masks, or a list
+        of :class:`SiteSpec`; ``None`` takes the defects of ``scan_result``.
+    config : scoring config (default ``configs/mocart2.yaml``).
+    scan_result : a :class:`pipeline.measure.ScanResult` whose defects (per-vertex
+        ``defect_id``) become sites when ``sites`` is ``None``.
+    geometry : the grid, when ``image`` is ``None``.
+    """
+    cfg = config or load_scoring_config(None)
+    geom = image.geometry if image is not None else geometry
+    if geom is None:
+        raise InputError("score_sites needs an image or a geometry")
+    if tuple(labels.shape) != tuple(geom.shape):
+        raise InputError(f"label map shape {labels.shape} differs from the image {geom.shape}")
+    if sites is None and scan_result is not None:
+        sites = sites_from_scan_result(scan_result)
+    specs = _site_specs(sites, labels.shape)
+    notes = [] if specs else ["no repair sites given or found; nothing scored"]
+    comps: dict[str, tuple[np.ndarray, _LazyDiameters]] = {}
+    if specs:
+        import cc3d
+
+        scheme = default_scheme()
+        bml = labels == scheme["bone_marrow_lesion"]
+        if bml.any():
+            cc = cc3d.connected_components(bml, connectivity=26).astype(np.int32)
+            comps["bml"] = (cc, _LazyDiameters(cc, geom))
+        ratio = cfg.measurement.cyst_intensity_ratio
+        if ratio is not None and image is not None:
+            bones = np.isin(labels, [scheme[b] for b in scheme.bones])
+            if bones.any():
+                ref = float(np.median(image.array[bones]))
+                cand = bones & (image.array > ratio * ref)
+                cc = cc3d.connected_components(cand, connectivity=26).astype(np.int32)
+                cc = cc3d.dust(cc, threshold=cfg.measurement.cyst_min_voxels, connectivity=26)
+                comps["cyst"] = (cc, _LazyDiameters(cc, geom))
+    out = [_score_one(image, labels, geom, sid, spec, cfg, comps) for sid, spec in specs]
+    return ScoreResult(cfg, out, notes)
+
+
+def sites_from_scan_result(scan_result: Any, radius_mm: float = 1.0) -> list[SiteSpec]:
+    """One :class:`SiteSpec` per defect, from the plates' per-vertex ``defect_id``."""
+    specs = []
+    for d in getattr(scan_result, "defects", []):
+        pr = scan_result.plates.get(d.plate)
+        if pr is None:
+            continue
+        sel = np.asarray(pr.defect_id) == d.id
+        if sel.any():
+            specs.append(SiteSpec(int(d.id), np.asarray(pr.points_world)[sel], radius_mm,
+                                  plate=d.plate, source="defect"))
+    return specs
+
+
+def sites_from_defects_csv(path: Path) -> list[SiteSpec]:
+    """One :class:`SiteSpec` per row of a ``defects.csv``: a disc of the defect's area."""
+    try:
+        rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
+        return [SiteSpec(int(r["defect_id"]),
+                         np.array([[float(r["centroid_x_mm"]), float(r["centroid_y_mm"]),
+                                    float(r["centroid_z_mm"])]]),
+                         math.sqrt(max(float(r["area_mm2"]), 0.0) / math.pi),
+                         plate=r.get("plate") or None, source="defect") for r in rows]
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"malformed defects table ({exc})", path) from None
+
+
+# ----------------------------------------------------------------------------- files
+
+
+@dataclass
+class ScoreRun:
+    out_dir: Path
+    result: ScoreResult
+
+
+def _fmt(x: Any) -> Any:
+    if isinstance(x, float):
+        return "NaN" if not math.isfinite(x) else f"{x:.4g}" if abs(x) < 1e4 else f"{x:.1f}"
+    return x
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    buf = _io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _fmt(r[k]) for k in CSV_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def run_score(scan_dir: str | Path, out_dir: str | Path, *, sites_path: str | Path | None = None,
+              config_path: str | Path | None = None) -> ScoreRun:
+    """Score the repair sites of a finished ``cartiq measure``/``run`` folder into ``out_dir``."""
+    from pipeline import __version__
+
+    scan_dir, out_dir = Path(scan_dir), Path(out_dir)
+    manifest_path = scan_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise InputError("not a finished cartiq measure/run folder (no manifest.json)", scan_dir)
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        img_info = manifest["inputs"]["image"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"manifest has no inputs.image ({exc})", manifest_path) from None
+    cfg = load_scoring_config(config_path)
+    seg_path = scan_dir / "segmentation.nii.gz"
+    seg = read_volume(seg_path, kind="labels")
+    image = None
+    img_path = Path(str(img_info.get("path", "")))
+    if not img_path.is_absolute() and not img_path.exists():
+        img_path = scan_dir / img_path
+    if img_path.exists():
+        image = read_volume(img_path, series=img_info.get("series"), echo=img_info.get("echo"))
+        check_same_geometry(image.geometry, seg.geometry, img_path, seg_path)
+    else:
+        log.warning("%s: image not found; intensity items are not measurable", img_path)
+    if sites_path is not None:
+        sv = read_volume(sites_path, kind="labels")
+        check_same_geometry(seg.geometry, sv.geometry, seg_path, Path(sites_path))
+        sites: Any = sv.array
+        site_source = str(sites_path)
+    else:
+        dcsv = scan_dir / "defects.csv"
+        sites = sites_from_defects_csv(dcsv) if dcsv.is_file() else []
+        site_source = str(dcsv)
+    result = score_sites(image, seg.array, sites, config=cfg, geometry=seg.geometry)
+    if not result.sites:
+        log.warning("no repair sites in %s: writing an empty table", site_source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = result.to_json()
+    doc.update({"cartiq_version": __version__, "scan_dir": str(scan_dir),
+                "sites_from": site_source})
+    write_csv(out_dir / "mocart.csv", result.rows())
+    atomic_write_text(out_dir / "mocart.json", json.dumps(doc, indent=1, allow_nan=False))
+    atomic_write_text(out_dir / "mocart_config.yaml",
+                      yaml.safe_dump(resolved(cfg), sort_keys=False))
+    if out_dir.resolve() != scan_dir.resolve():
+        atomic_write_text(out_dir / "manifest.json", json.dumps({
+            "cartiq_version": __version__, "stage": "score",
+            "inputs": {"scan_dir": str(scan_dir), "sites": site_source},
+            "config": resolved(cfg), "config_hash": config_hash(cfg),
+            "outputs": ["mocart.csv", "mocart.json", "mocart_config.yaml"]}, indent=1))
+    return ScoreRun(out_dir, result)
