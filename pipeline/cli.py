@@ -108,6 +108,25 @@ def _check_side(side: str | None) -> None:
 
 # -- commands: scoring (score) --
 
+
+@app.command()
+def score(
+    scan_dir: Path = typer.Argument(..., help="Finished `cartiq measure`/`run` output folder."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (mocart.csv, mocart.json)."),
+    sites: Optional[Path] = typer.Option(None, "--sites", help="Site mask in the scan's "
+                                         "geometry, one integer label per repair site "
+                                         "(default: the scan's detected defects)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Scoring config YAML "
+                                          "(default configs/mocart2.yaml; configs/mocart1.yaml "
+                                          "for the original MOCART)."),
+) -> None:
+    """MOCART 2.0-like score of every cartilage repair site, each item from a measurement."""
+    from pipeline.scoring import run_score
+
+    run = run_score(scan_dir, out, sites_path=sites, config_path=config)
+    log.info("%d site(s) scored; results in %s", len(run.result.sites), run.out_dir)
+    typer.echo(str(run.out_dir))
+
 # -- commands: longitudinal (compare) --
 
 # -- commands: batch (batch) --
