@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.labels import PLATES
-from pipeline.manifest import Manifest
+from pipeline.manifest import Manifest, timepoint_sort_key
 
 __all__ = ["write_cohort_tables", "summarize_change", "FAILURE_COLUMNS", "SUMMARY_COLUMNS"]
 
@@ -166,8 +166,9 @@ def summarize_change(values: pd.DataFrame, subjects: dict[str, dict[str, Any]]) 
     df = pd.DataFrame(out, columns=SUMMARY_COLUMNS)
     df["_a"] = (df["arm"] == "all").astype(int)
     df["_g"] = df["stage_group"].map(lambda s: GROUP_ORDER.get(s, 9))
-    return (df.sort_values(["_a", "arm", "_g", "timepoint", "measure", "structure"], kind="stable")
-              .drop(columns=["_a", "_g"]).reset_index(drop=True))
+    df["_t"] = df["timepoint"].map(lambda t: timepoint_sort_key(str(t)))
+    return (df.sort_values(["_a", "arm", "_g", "_t", "measure", "structure"], kind="stable")
+              .drop(columns=["_a", "_g", "_t"]).reset_index(drop=True))
 
 
 def write_cohort_tables(out: Path, manifest: Manifest, scans: list[Any], compares: list[Any],
