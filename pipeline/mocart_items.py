@@ -28,14 +28,65 @@ Every function here is pure: arrays in, numbers out.
 from __future__ import annotations
 
 import math
+import csv
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from pydantic import Field
 from scipy import ndimage
 
-__all__ = ["LocalFrame", "Columns", "make_frame", "sample_columns", "column_profiles",
+from pipeline.config import Strict
+from pipeline.errors import InputError
+from pipeline.io import Geometry
+from pipeline.labels import default_scheme
+
+__all__ = ["MeasurementConfig", "LazyDiameters", "plate_near", "bone_normal", "LocalFrame",
+           "Columns", "make_frame", "sample_columns", "column_profiles", "index_crop_getter",
+           "footprint_from_samples", "footprint_from_points", "SiteSpec", "site_inputs",
+           "sites_from_scan_result", "sites_from_defects_csv",
            "quad_fit", "feret_diameter_mm", "site_measures"]
+
+
+class MeasurementConfig(Strict):
+    """How the quantities are measured (cartiq's own settings, not from the publications)."""
+
+    grid_mm: float = Field(0.5, gt=0, le=2, description="column spacing in the tangent plane")
+    step_mm: float = Field(0.2, gt=0, le=1, description="sample step along a column")
+    max_height_mm: float = Field(10.0, gt=0, description="columns reach this far above the site centre")
+    bone_depth_mm: float = Field(14.0, gt=0, description="and this far below it")
+    max_cart_height_mm: float = Field(8.0, gt=0, description="cartilage counted up to this above the bone")
+    bone_margin_mm: float = Field(1.0, ge=0, description="cartilage counted from this below the bone surface")
+    plate_search_mm: float = Field(3.0, ge=0, description="a site belongs to the plate with most cartilage within this distance")
+    max_site_radius_mm: float = Field(25.0, gt=0)
+    closing_mm: float = Field(1.5, ge=0, description="closing of the site footprint (gaps between painted slices)")
+    ring_gap_mm: float = Field(1.0, ge=0, description="native reference ring starts this far outside the site")
+    ring_width_mm: float = Field(4.0, gt=0)
+    min_native_thickness_mm: float = Field(0.3, ge=0, description="ring columns thinner than this are not native reference")
+    interior_fraction: float = Field(0.9, gt=0, le=1, description="intensity samples need this cartilage fraction (no partial volume)")
+    fit_trim_mm: float = Field(0.5, gt=0)
+    fill_tolerance_pct: float = Field(5.0, ge=0, le=20, description="measured fill within this below 100% counts as level (for categories: fill_level_pct)")
+    border_band_mm: float = Field(2.5, gt=0, description="integration: band on both sides of the site border")
+    border_sectors: int = Field(36, ge=4, le=360)
+    cleft_depth_fraction: float = Field(0.5, gt=0, lt=1, description="a border column is a cleft when this share of the local cartilage level is missing")
+    cleft_min_mm: float = Field(0.5, gt=0, description="smaller clefts / internal gaps are ignored")
+    cleft_min_sector_fraction: float = Field(0.1, ge=0, lt=1, description="a border sector counts as clefted when this share of its band columns are clefts")
+    fluid_bright_ratio: float | None = Field(2.0, gt=1, description="cartilage-labelled samples brighter than this times max(native, repair) count as fluid in clefts; null disables")
+    surface_edge_margin_mm: float = Field(1.0, ge=0)
+    irregular_min_mm: float = Field(0.5, gt=0, description="surface deviation counted as irregular: max(this, irregular_fraction x native thickness)")
+    irregular_fraction: float = Field(0.25, gt=0)
+    irregular_min_area_mm2: float = Field(1.0, ge=0)
+    bone_percentile: float = Field(95.0, gt=50, le=100, description="bony defect/overgrowth: this percentile of the deviation")
+    bml_margin_mm: float = Field(2.0, ge=0, description="BML counted when within this of the site footprint")
+    subchondral_depth_mm: float = Field(10.0, gt=0)
+    cyst_intensity_ratio: float | None = Field(None, gt=1, description="cyst candidates: bone voxels brighter than this times the median bone intensity; null = cysts not assessed")
+    cyst_min_voxels: int = Field(5, ge=1)
+    min_site_area_mm2: float = Field(10.0, ge=0, description="confidence: smaller sites are flagged")
+    min_ring_area_mm2: float = Field(20.0, ge=0)
+    min_native_voxels: float = Field(30.0, ge=0)
+    min_repair_voxels: float = Field(10.0, ge=0)
+    min_bone_column_fraction: float = Field(0.8, ge=0, le=1)
 
 
 @dataclass(frozen=True)
@@ -297,6 +348,9 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     fill = (100.0 * float(rep_t.sum() / exp_site.sum())
             if exp_site.size and np.isfinite(exp_site.sum()) and exp_site.sum() > 0 else nan)
     m["fill_pct"] = fill
+    # for the published categories a fill level within the measurement tolerance counts as 100%
+    m["fill_level_pct"] = (100.0 if np.isfinite(fill) and 100 - p.fill_tolerance_pct <= fill < 100
+                           else fill)
     m["denuded_pct"] = (100.0 * float((rep_t < 0.1 * exp_t).mean())
                         if rep_t.size and exp_t > 0 else nan)
     # intensity samples
@@ -420,3 +474,155 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     else:
         m["cyst_diameter_mm"] = nan
     return m, ev
+
+
+class LazyDiameters:
+    """Component id -> maximum diameter (mm), computed on first use."""
+
+    def __init__(self, cc: np.ndarray, geometry: Geometry) -> None:
+        self.cc, self.geometry = cc, geometry
+        self.boxes = ndimage.find_objects(cc)
+        self.cache: dict[int, float] = {}
+
+    def get(self, i: int, default: float = 0.0) -> float:
+        if i in self.cache:
+            return self.cache[i]
+        if i < 1 or i > len(self.boxes) or self.boxes[i - 1] is None:
+            return default
+        box = self.boxes[i - 1]
+        idx = np.argwhere(self.cc[box] == i) + np.array([s.start for s in box])
+        pts = self.geometry.index_to_world(idx)
+        self.cache[i] = feret_diameter_mm(pts, float(np.mean(self.geometry.spacing)))
+        return self.cache[i]
+
+
+def plate_near(labels: np.ndarray, geom: Geometry, idx: np.ndarray, search_mm: float
+                ) -> str | None:
+    scheme = default_scheme()
+    margin = np.ceil(search_mm / np.asarray(geom.spacing)).astype(int) + 1
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, labels.shape)
+    sub = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    mask = np.zeros(sub.shape, bool)
+    mask[tuple((idx - lo).T)] = True
+    near = ndimage.distance_transform_edt(~mask, sampling=geom.spacing) <= search_mm
+    counts = {p: int(((sub == scheme[p]) & near).sum()) for p in scheme.plates}
+    best = max(counts, key=counts.get)
+    return best if counts[best] > 0 else None
+
+
+def bone_normal(labels: np.ndarray, geom: Geometry, c: np.ndarray, radius: float,
+            bone_vals: list[int], plate_val: int) -> np.ndarray | None:
+    ci = geom.world_to_index(c)[0]
+    r = np.ceil(radius / np.asarray(geom.spacing)).astype(int) + 1
+    lo = np.maximum(np.floor(ci).astype(int) - r, 0)
+    hi = np.minimum(np.ceil(ci).astype(int) + r + 1, labels.shape)
+    if np.any(hi <= lo):
+        return None
+    sub = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    world = geom.index_to_world(grid.reshape(-1, 3)).reshape(grid.shape)
+    ball = ((world - c) ** 2).sum(-1) <= radius ** 2
+    bone = ball & np.isin(sub, bone_vals)
+    cart = ball & (sub == plate_val)
+    if bone.sum() < 3 or cart.sum() < 3:
+        return None
+    n = world[cart].mean(0) - world[bone].mean(0)
+    nn = np.linalg.norm(n)
+    return n / nn if nn > 0 else None
+
+
+def index_crop_getter(idx: np.ndarray) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    """Crop function for :func:`sample_columns` from voxel indices (N, 3) of a mask."""
+    def crop(sl: tuple[slice, ...]) -> np.ndarray:
+        sub = np.zeros(tuple(s.stop - s.start for s in sl), np.float32)
+        loc = idx - np.array([s.start for s in sl])
+        ok = np.all((loc >= 0) & (loc < sub.shape), axis=1)
+        sub[tuple(loc[ok].T)] = 1.0
+        return sub
+    return crop
+
+
+def footprint_from_samples(cols: Columns, closing_mm: float) -> np.ndarray:
+    """Columns meeting the sampled site mask, closed by a disc and hole-filled."""
+    foot = (cols.samples["site"] > 0.5).any(-1) & cols.inside
+    if closing_mm > 0:
+        k = int(round(closing_mm / cols.grid_mm))
+        yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
+        closed = ndimage.binary_closing(np.pad(foot, k + 1), (xx ** 2 + yy ** 2) <= k * k)
+        foot |= closed[k + 1:-k - 1, k + 1:-k - 1]
+    return ndimage.binary_fill_holes(foot) & cols.inside
+
+
+def footprint_from_points(cols: Columns, pts_world: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Columns within ``radius_mm`` (tangent plane) of any of the points."""
+    rel = np.atleast_2d(pts_world) - cols.frame.center
+    pu, pv = rel @ cols.frame.e1, rel @ cols.frame.e2
+    d2 = (cols.u[..., None] - pu) ** 2 + (cols.v[..., None] - pv) ** 2
+    return (d2.min(-1) <= radius_mm ** 2) & cols.inside
+
+
+# ----------------------------------------------------------------------------- sites
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """A site given by LPS points (bone-surface vertices or one centre) and a radius in mm.
+
+    The footprint is every column within ``radius_mm`` (in the tangent plane) of a point.
+    ``plate`` (a cartilage plate name) skips the plate search when known.
+    """
+
+    site_id: int
+    points_world: np.ndarray
+    radius_mm: float
+    plate: str | None = None
+    source: str = "points"
+
+
+def site_inputs(sites: Any, shape: tuple[int, ...]) -> list[tuple[int, Any]]:
+    """Normalise the accepted site inputs to (site_id, index array (N,3) | SiteSpec)."""
+    if sites is None:
+        return []
+    if isinstance(sites, np.ndarray):
+        if tuple(sites.shape) != tuple(shape):
+            raise InputError(f"site array shape {sites.shape} differs from the scan {shape}")
+        ids = [int(i) for i in np.unique(sites) if i > 0]
+        return [(i, np.argwhere(sites == i)) for i in ids]
+    out: list[tuple[int, Any]] = []
+    for k, s in enumerate(sites, start=1):
+        if isinstance(s, SiteSpec):
+            out.append((s.site_id, s))
+        else:
+            arr = np.asarray(s)
+            if tuple(arr.shape) != tuple(shape):
+                raise InputError(f"site mask {k} shape {arr.shape} differs from the scan {shape}")
+            out.append((k, np.argwhere(arr > 0)))
+    return out
+
+
+def sites_from_scan_result(scan_result: Any, radius_mm: float = 1.0) -> list[SiteSpec]:
+    """One :class:`SiteSpec` per defect, from the plates' per-vertex ``defect_id``."""
+    specs = []
+    for d in getattr(scan_result, "defects", []):
+        pr = scan_result.plates.get(d.plate)
+        if pr is None:
+            continue
+        sel = np.asarray(pr.defect_id) == d.id
+        if sel.any():
+            specs.append(SiteSpec(int(d.id), np.asarray(pr.points_world)[sel], radius_mm,
+                                  plate=d.plate, source="defect"))
+    return specs
+
+
+def sites_from_defects_csv(path: Path) -> list[SiteSpec]:
+    """One :class:`SiteSpec` per row of a ``defects.csv``: a disc of the defect's area."""
+    try:
+        rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
+        return [SiteSpec(int(r["defect_id"]),
+                         np.array([[float(r["centroid_x_mm"]), float(r["centroid_y_mm"]),
+                                    float(r["centroid_z_mm"])]]),
+                         math.sqrt(max(float(r["area_mm2"]), 0.0) / math.pi),
+                         plate=r.get("plate") or None, source="defect") for r in rows]
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"malformed defects table ({exc})", path) from None

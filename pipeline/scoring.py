@@ -37,8 +37,11 @@ from pipeline.config import Strict, config_hash, load_config, resolved
 from pipeline.errors import InputError
 from pipeline.io import Geometry, Volume, atomic_write_text, check_same_geometry, read_volume
 from pipeline.labels import default_scheme
-from pipeline.mocart_items import (column_profiles, feret_diameter_mm, make_frame,
-                                   sample_columns, site_measures)
+from pipeline.mocart_items import (LazyDiameters, MeasurementConfig, SiteSpec, bone_normal,
+                                   column_profiles, footprint_from_points,
+                                   footprint_from_samples, index_crop_getter, make_frame,
+                                   plate_near, sample_columns, site_inputs, site_measures,
+                                   sites_from_defects_csv, sites_from_scan_result)
 
 __all__ = ["ScoringConfig", "MeasurementConfig", "SiteSpec", "ItemScore", "SiteScore",
            "ScoreResult", "ScoreRun", "score_sites", "run_score", "load_scoring_config",
@@ -108,46 +111,6 @@ class ItemConfig(Strict):
         return self
 
 
-class MeasurementConfig(Strict):
-    """How the quantities are measured (cartiq's own settings, not from the publications)."""
-
-    grid_mm: float = Field(0.5, gt=0, le=2, description="column spacing in the tangent plane")
-    step_mm: float = Field(0.2, gt=0, le=1, description="sample step along a column")
-    max_height_mm: float = Field(10.0, gt=0, description="columns reach this far above the site centre")
-    bone_depth_mm: float = Field(14.0, gt=0, description="and this far below it")
-    max_cart_height_mm: float = Field(8.0, gt=0, description="cartilage counted up to this above the bone")
-    bone_margin_mm: float = Field(1.0, ge=0, description="cartilage counted from this below the bone surface")
-    plate_search_mm: float = Field(3.0, ge=0, description="a site belongs to the plate with most cartilage within this distance")
-    max_site_radius_mm: float = Field(25.0, gt=0)
-    closing_mm: float = Field(1.5, ge=0, description="closing of the site footprint (gaps between painted slices)")
-    ring_gap_mm: float = Field(1.0, ge=0, description="native reference ring starts this far outside the site")
-    ring_width_mm: float = Field(4.0, gt=0)
-    min_native_thickness_mm: float = Field(0.3, ge=0, description="ring columns thinner than this are not native reference")
-    interior_fraction: float = Field(0.9, gt=0, le=1, description="intensity samples need this cartilage fraction (no partial volume)")
-    fit_trim_mm: float = Field(0.5, gt=0)
-    fill_tolerance_pct: float = Field(5.0, ge=0, le=20, description="measured fill within this below 100% counts as level (for categories: fill_level_pct)")
-    border_band_mm: float = Field(2.5, gt=0, description="integration: band on both sides of the site border")
-    border_sectors: int = Field(36, ge=4, le=360)
-    cleft_depth_fraction: float = Field(0.5, gt=0, lt=1, description="a border column is a cleft when this share of the local cartilage level is missing")
-    cleft_min_mm: float = Field(0.5, gt=0, description="smaller clefts / internal gaps are ignored")
-    cleft_min_sector_fraction: float = Field(0.1, ge=0, lt=1, description="a border sector counts as clefted when this share of its band columns are clefts")
-    fluid_bright_ratio: float | None = Field(2.0, gt=1, description="cartilage-labelled samples brighter than this times max(native, repair) count as fluid in clefts; null disables")
-    surface_edge_margin_mm: float = Field(1.0, ge=0)
-    irregular_min_mm: float = Field(0.5, gt=0, description="surface deviation counted as irregular: max(this, irregular_fraction x native thickness)")
-    irregular_fraction: float = Field(0.25, gt=0)
-    irregular_min_area_mm2: float = Field(1.0, ge=0)
-    bone_percentile: float = Field(95.0, gt=50, le=100, description="bony defect/overgrowth: this percentile of the deviation")
-    bml_margin_mm: float = Field(2.0, ge=0, description="BML counted when within this of the site footprint")
-    subchondral_depth_mm: float = Field(10.0, gt=0)
-    cyst_intensity_ratio: float | None = Field(None, gt=1, description="cyst candidates: bone voxels brighter than this times the median bone intensity; null = cysts not assessed")
-    cyst_min_voxels: int = Field(5, ge=1)
-    min_site_area_mm2: float = Field(10.0, ge=0, description="confidence: smaller sites are flagged")
-    min_ring_area_mm2: float = Field(20.0, ge=0)
-    min_native_voxels: float = Field(30.0, ge=0)
-    min_repair_voxels: float = Field(10.0, ge=0)
-    min_bone_column_fraction: float = Field(0.8, ge=0, le=1)
-
-
 class ScoringConfig(Strict):
     name: str
     reference: str
@@ -169,21 +132,6 @@ def load_scoring_config(path: str | Path | None) -> ScoringConfig:
 
 
 # ----------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class SiteSpec:
-    """A site given by LPS points (bone-surface vertices or one centre) and a radius in mm.
-
-    The footprint is every column within ``radius_mm`` (in the tangent plane) of a point.
-    ``plate`` (a cartilage plate name) skips the plate search when known.
-    """
-
-    site_id: int
-    points_world: np.ndarray
-    radius_mm: float
-    plate: str | None = None
-    source: str = "points"
 
 
 @dataclass
@@ -306,7 +254,8 @@ def _score_items(cfg: ScoringConfig, m: dict[str, float], ev: dict[str, Any]) ->
     out = []
     for name, item in cfg.items.items():
         cat, pts = _categorize(item, m)
-        why = _confidence(name, item, m, ev, cfg.measurement) if item.automation != "not_assessed" else []
+        why = ([] if item.automation == "not_assessed"
+               else _confidence(name, item, m, ev, cfg.measurement))
         out.append(ItemScore(name, item.measure, float(m.get(item.measure, NAN)), item.unit, cat,
                              pts, item.max_points, item.automation,
                              "low" if why or not math.isfinite(pts) else "high", why))
@@ -330,92 +279,9 @@ def _unscorable(cfg: ScoringConfig, site_id: int, plate: str | None, source: str
     return SiteScore(site_id, plate, source, items, NAN, mx, notes=[note])
 
 
-class _LazyDiameters:
-    """Component id -> maximum diameter (mm), computed on first use."""
-
-    def __init__(self, cc: np.ndarray, geometry: Geometry) -> None:
-        from scipy import ndimage
-
-        self.cc, self.geometry = cc, geometry
-        self.boxes = ndimage.find_objects(cc)
-        self.cache: dict[int, float] = {}
-
-    def get(self, i: int, default: float = 0.0) -> float:
-        if i in self.cache:
-            return self.cache[i]
-        if i < 1 or i > len(self.boxes) or self.boxes[i - 1] is None:
-            return default
-        box = self.boxes[i - 1]
-        idx = np.argwhere(self.cc[box] == i) + np.array([s.start for s in box])
-        pts = self.geometry.index_to_world(idx)
-        self.cache[i] = feret_diameter_mm(pts, float(np.mean(self.geometry.spacing)))
-        return self.cache[i]
-
-
-def _site_specs(sites: Any, shape: tuple[int, ...]) -> list[tuple[int, Any]]:
-    """Normalise the accepted site inputs to (site_id, index array (N,3) | SiteSpec)."""
-    if sites is None:
-        return []
-    if isinstance(sites, np.ndarray):
-        if tuple(sites.shape) != tuple(shape):
-            raise InputError(f"site array shape {sites.shape} differs from the scan {shape}")
-        ids = [int(i) for i in np.unique(sites) if i > 0]
-        return [(i, np.argwhere(sites == i)) for i in ids]
-    out: list[tuple[int, Any]] = []
-    for k, s in enumerate(sites, start=1):
-        if isinstance(s, SiteSpec):
-            out.append((s.site_id, s))
-        else:
-            arr = np.asarray(s)
-            if tuple(arr.shape) != tuple(shape):
-                raise InputError(f"site mask {k} shape {arr.shape} differs from the scan {shape}")
-            out.append((k, np.argwhere(arr > 0)))
-    return out
-
-
-def _plate_near(labels: np.ndarray, geom: Geometry, idx: np.ndarray, search_mm: float
-                ) -> str | None:
-    from scipy import ndimage
-
-    scheme = default_scheme()
-    margin = np.ceil(search_mm / np.asarray(geom.spacing)).astype(int) + 1
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + margin + 1, labels.shape)
-    sub = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    mask = np.zeros(sub.shape, bool)
-    mask[tuple((idx - lo).T)] = True
-    near = ndimage.distance_transform_edt(~mask, sampling=geom.spacing) <= search_mm
-    counts = {p: int(((sub == scheme[p]) & near).sum()) for p in scheme.plates}
-    best = max(counts, key=counts.get)
-    return best if counts[best] > 0 else None
-
-
-def _normal(labels: np.ndarray, geom: Geometry, c: np.ndarray, radius: float,
-            bone_vals: list[int], plate_val: int) -> np.ndarray | None:
-    ci = geom.world_to_index(c)[0]
-    r = np.ceil(radius / np.asarray(geom.spacing)).astype(int) + 1
-    lo = np.maximum(np.floor(ci).astype(int) - r, 0)
-    hi = np.minimum(np.ceil(ci).astype(int) + r + 1, labels.shape)
-    if np.any(hi <= lo):
-        return None
-    sub = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
-    world = geom.index_to_world(grid.reshape(-1, 3)).reshape(grid.shape)
-    ball = ((world - c) ** 2).sum(-1) <= radius ** 2
-    bone = ball & np.isin(sub, bone_vals)
-    cart = ball & (sub == plate_val)
-    if bone.sum() < 3 or cart.sum() < 3:
-        return None
-    n = world[cart].mean(0) - world[bone].mean(0)
-    nn = np.linalg.norm(n)
-    return n / nn if nn > 0 else None
-
-
 def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: int, spec: Any,
-               cfg: ScoringConfig, comps: dict[str, tuple[np.ndarray, _LazyDiameters]]
+               cfg: ScoringConfig, comps: dict[str, tuple[np.ndarray, LazyDiameters]]
                ) -> SiteScore:
-    from scipy import ndimage
-
     p = cfg.measurement
     scheme = default_scheme()
     is_points = isinstance(spec, SiteSpec)
@@ -426,7 +292,7 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
                                 np.asarray(labels.shape) - 1), axis=0)
         center = pts.mean(0)
         r_site = float(np.sqrt(((pts - center) ** 2).sum(-1)).max()) + spec.radius_mm
-        plate = spec.plate or _plate_near(labels, geom, idx, p.plate_search_mm + spec.radius_mm)
+        plate = spec.plate or plate_near(labels, geom, idx, p.plate_search_mm + spec.radius_mm)
     else:
         idx = spec
         if len(idx) == 0:
@@ -434,16 +300,16 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
         world = geom.index_to_world(idx)
         center = world.mean(0)
         r_site = float(np.sqrt(((world - center) ** 2).sum(-1)).max())
-        plate = _plate_near(labels, geom, idx, p.plate_search_mm)
+        plate = plate_near(labels, geom, idx, p.plate_search_mm)
     if plate is None or plate not in scheme.plates:
         return _unscorable(cfg, sid, None, source, "site outside any cartilage plate")
     bone_vals = [scheme[scheme.plates[plate]], scheme["bone_marrow_lesion"]]
     plate_val = scheme[plate]
     if r_site > p.max_site_radius_mm:
-        return _unscorable(cfg, sid, plate, source,
-                           f"site radius {r_site:.1f} mm > max_site_radius_mm {p.max_site_radius_mm}")
+        return _unscorable(cfg, sid, plate, source, f"site radius {r_site:.1f} mm > "
+                           f"max_site_radius_mm {p.max_site_radius_mm}")
     R = r_site + p.ring_gap_mm + p.ring_width_mm + 2 * p.grid_mm
-    normal = _normal(labels, geom, center, R, bone_vals, plate_val)
+    normal = bone_normal(labels, geom, center, R, bone_vals, plate_val)
     if normal is None:
         return _unscorable(cfg, sid, plate, source, "no bone surface with cartilage near the site")
     frame = make_frame(center, normal)
@@ -451,45 +317,25 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
     def indicator(values: list[int]):
         return lambda sl: np.isin(labels[sl], values).astype(np.float32)
 
-    arrays: dict[str, Any] = {"bone": (indicator(bone_vals), 1), "cart": (indicator([plate_val]), 1)}
+    arrays: dict[str, Any] = {"bone": (indicator(bone_vals), 1),
+                              "cart": (indicator([plate_val]), 1)}
     if image is not None:
         arrays["image"] = (lambda sl: image.array[sl].astype(np.float32), 1)
     if not is_points:
-        def site_crop(sl: tuple[slice, ...]) -> np.ndarray:
-            sub = np.zeros(tuple(s.stop - s.start for s in sl), np.float32)
-            lo = np.array([s.start for s in sl])
-            loc = idx - lo
-            ok = np.all((loc >= 0) & (loc < sub.shape), axis=1)
-            sub[tuple(loc[ok].T)] = 1.0
-            return sub
-        arrays["site"] = (site_crop, 0)
+        arrays["site"] = (index_crop_getter(idx), 0)
     for name, (cc, _) in comps.items():
         arrays[f"{name}_cc"] = ((lambda a: lambda sl: a[sl].astype(np.float64))(cc), 0)
     cols = sample_columns(frame, R, (-p.bone_depth_mm, p.max_height_mm), p.grid_mm, p.step_mm,
                           geom.world_to_index, labels.shape, arrays)
     prof = column_profiles(cols, bone_margin_mm=p.bone_margin_mm,
                            max_cart_height_mm=p.max_cart_height_mm)
-    if is_points:
-        rel = pts - center
-        pu, pv = rel @ frame.e1, rel @ frame.e2
-        d2 = (cols.u[..., None] - pu) ** 2 + (cols.v[..., None] - pv) ** 2
-        foot = (d2.min(-1) <= spec.radius_mm ** 2) & cols.inside
-    else:
-        foot = (cols.samples["site"] > 0.5).any(-1) & cols.inside
-        if p.closing_mm > 0:
-            k = int(round(p.closing_mm / p.grid_mm))
-            yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
-            disk = (xx ** 2 + yy ** 2) <= k * k
-            foot = ndimage.binary_closing(np.pad(foot, k + 1), disk)[k + 1:-k - 1, k + 1:-k - 1] | foot
-        foot = ndimage.binary_fill_holes(foot) & cols.inside
+    foot = (footprint_from_points(cols, pts, spec.radius_mm) if is_points
+            else footprint_from_samples(cols, p.closing_mm))
     if not foot.any():
         return _unscorable(cfg, sid, plate, source, "site footprint is empty")
     m, ev = site_measures(cols, prof, foot, p, has_image=image is not None,
                           diameters={k: v[1] for k, v in comps.items()},
                           voxel_volume_mm3=geom.voxel_volume_mm3)
-    # published categories: fill level within measurement tolerance counts as 100%
-    f = m["fill_pct"]
-    m["fill_level_pct"] = 100.0 if (math.isfinite(f) and 100 - p.fill_tolerance_pct <= f < 100) else f
     ev.update({"frame_center_lps_mm": [round(float(x), 3) for x in center],
                "frame_normal_lps": [round(float(x), 5) for x in normal],
                "column_radius_mm": round(R, 3)})
@@ -525,9 +371,9 @@ def score_sites(image: Volume | None, labels: np.ndarray, sites: Any, *,
         raise InputError(f"label map shape {labels.shape} differs from the image {geom.shape}")
     if sites is None and scan_result is not None:
         sites = sites_from_scan_result(scan_result)
-    specs = _site_specs(sites, labels.shape)
+    specs = site_inputs(sites, labels.shape)
     notes = [] if specs else ["no repair sites given or found; nothing scored"]
-    comps: dict[str, tuple[np.ndarray, _LazyDiameters]] = {}
+    comps: dict[str, tuple[np.ndarray, LazyDiameters]] = {}
     if specs:
         import cc3d
 
@@ -535,7 +381,7 @@ def score_sites(image: Volume | None, labels: np.ndarray, sites: Any, *,
         bml = labels == scheme["bone_marrow_lesion"]
         if bml.any():
             cc = cc3d.connected_components(bml, connectivity=26).astype(np.int32)
-            comps["bml"] = (cc, _LazyDiameters(cc, geom))
+            comps["bml"] = (cc, LazyDiameters(cc, geom))
         ratio = cfg.measurement.cyst_intensity_ratio
         if ratio is not None and image is not None:
             bones = np.isin(labels, [scheme[b] for b in scheme.bones])
@@ -544,36 +390,9 @@ def score_sites(image: Volume | None, labels: np.ndarray, sites: Any, *,
                 cand = bones & (image.array > ratio * ref)
                 cc = cc3d.connected_components(cand, connectivity=26).astype(np.int32)
                 cc = cc3d.dust(cc, threshold=cfg.measurement.cyst_min_voxels, connectivity=26)
-                comps["cyst"] = (cc, _LazyDiameters(cc, geom))
+                comps["cyst"] = (cc, LazyDiameters(cc, geom))
     out = [_score_one(image, labels, geom, sid, spec, cfg, comps) for sid, spec in specs]
     return ScoreResult(cfg, out, notes)
-
-
-def sites_from_scan_result(scan_result: Any, radius_mm: float = 1.0) -> list[SiteSpec]:
-    """One :class:`SiteSpec` per defect, from the plates' per-vertex ``defect_id``."""
-    specs = []
-    for d in getattr(scan_result, "defects", []):
-        pr = scan_result.plates.get(d.plate)
-        if pr is None:
-            continue
-        sel = np.asarray(pr.defect_id) == d.id
-        if sel.any():
-            specs.append(SiteSpec(int(d.id), np.asarray(pr.points_world)[sel], radius_mm,
-                                  plate=d.plate, source="defect"))
-    return specs
-
-
-def sites_from_defects_csv(path: Path) -> list[SiteSpec]:
-    """One :class:`SiteSpec` per row of a ``defects.csv``: a disc of the defect's area."""
-    try:
-        rows = list(csv.DictReader(path.read_text(encoding="utf-8").splitlines()))
-        return [SiteSpec(int(r["defect_id"]),
-                         np.array([[float(r["centroid_x_mm"]), float(r["centroid_y_mm"]),
-                                    float(r["centroid_z_mm"])]]),
-                         math.sqrt(max(float(r["area_mm2"]), 0.0) / math.pi),
-                         plate=r.get("plate") or None, source="defect") for r in rows]
-    except (KeyError, ValueError) as exc:
-        raise InputError(f"malformed defects table ({exc})", path) from None
 
 
 # ----------------------------------------------------------------------------- files
@@ -622,7 +441,8 @@ def run_score(scan_dir: str | Path, out_dir: str | Path, *, sites_path: str | Pa
     if not img_path.is_absolute() and not img_path.exists():
         img_path = scan_dir / img_path
     if img_path.exists():
-        image = read_volume(img_path, series=img_info.get("series"), echo=img_info.get("echo"))
+        image = read_volume(img_path, series=img_info.get("series_instance_uid"),
+                            echo=img_info.get("echo"))
         check_same_geometry(image.geometry, seg.geometry, img_path, seg_path)
     else:
         log.warning("%s: image not found; intensity items are not measurable", img_path)
