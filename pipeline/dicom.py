@@ -18,7 +18,8 @@ import numpy as np
 
 from pipeline.errors import InputError
 
-__all__ = ["SeriesInfo", "list_series", "read_dicom_series", "header_meta", "side_from_header"]
+__all__ = ["SeriesInfo", "list_series", "read_dicom_series", "read_dicom_file_series",
+           "header_meta", "side_from_header"]
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,11 @@ def _read_header(path: Path):
     return ds
 
 
-def list_series(folder: Path) -> list[SeriesInfo]:
-    """All image series below ``folder``, grouped by series then echo."""
+def list_series(folder: Path, *, recursive: bool = True) -> list[SeriesInfo]:
+    """All image series in (or below) ``folder``, grouped by series then echo."""
     groups: dict[str, SeriesInfo] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    for path in sorted(p for p in candidates if p.is_file()):
         ds = _read_header(path)
         if ds is None or not hasattr(ds, "ImagePositionPatient"):
             continue
@@ -69,9 +71,11 @@ def _select(series: list[SeriesInfo], folder: Path, wanted: str | None) -> Serie
     if not series:
         raise InputError("no DICOM image files found in folder", folder)
     if wanted is not None:
-        w = str(wanted).lower()
-        hits = [s for s in series if s.number == str(wanted) or str(wanted) in s.uids
-                or (w and w in s.description.lower())]
+        w = str(wanted).strip()
+        # an exact series number or UID wins over a description substring ("5" must not
+        # also pick a series described "thk1p5")
+        hits = ([s for s in series if s.number == w] or [s for s in series if w in s.uids]
+                or [s for s in series if w and w.lower() in s.description.lower()])
         if not hits:
             raise InputError(f"no series matches --series {wanted!r}; found: "
                              + "; ".join(s.label() for s in series), folder)
@@ -87,19 +91,43 @@ def _sorted_files(items: list[tuple[Path, Any]], folder: Path) -> list[Path]:
     normal = np.cross(iop[:3], iop[3:])
     pos = np.array([np.dot(normal, np.asarray(ds.ImagePositionPatient, float)) for _, ds in items])
     order = np.argsort(pos, kind="stable")
-    sorted_pos = pos[order]
-    if len(sorted_pos) > 1 and np.any(np.diff(sorted_pos) < 1e-4):
+    gaps = np.diff(pos[order])
+    if len(gaps) and np.any(gaps < 1e-4):
         raise InputError("DICOM series has duplicate slice positions (mixed acquisitions or "
                          "echoes without EchoNumbers?)", folder)
+    # ITK would silently assume a uniform spacing: missing slices would shift the geometry
+    if len(gaps) > 1 and gaps.max() - gaps.min() > max(0.01, 0.01 * float(np.median(gaps))):
+        raise InputError(f"DICOM slice spacing is not uniform ({gaps.min():.3f} to "
+                         f"{gaps.max():.3f} mm): missing slices?", folder)
     return [items[i][0] for i in order]
 
 
 def read_dicom_series(folder: Path, *, series: str | None = None,
                       echo: int | None = None) -> tuple[Any, dict[str, Any]]:
     """Read one echo of one series in ``folder`` as a SimpleITK image plus metadata."""
+    info = _select(list_series(folder), folder, series)
+    return _read_echo(info, folder, echo)
+
+
+def read_dicom_file_series(path: Path, *, echo: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """Read the series (and echo) that one DICOM file belongs to, from the file's folder.
+
+    A lone 2D slice gives an :class:`InputError` saying so.
+    """
+    ds = _read_header(path)
+    if ds is None or not hasattr(ds, "ImagePositionPatient"):
+        raise InputError("not a readable DICOM image file", path)
+    uid = str(getattr(ds, "SeriesInstanceUID", ""))
+    found = [s for s in list_series(path.parent, recursive=False) if uid in s.uids]
+    if not found:  # pragma: no cover - the file itself is always found
+        raise InputError("cannot find the DICOM series of this file", path)
+    chosen = echo if echo is not None else int(getattr(ds, "EchoNumbers", 1) or 1)
+    return _read_echo(found[0], path, chosen)
+
+
+def _read_echo(info: SeriesInfo, folder: Path, echo: int | None) -> tuple[Any, dict[str, Any]]:
     import SimpleITK as sitk
 
-    info = _select(list_series(folder), folder, series)
     echoes = sorted(info.echoes)
     chosen = echoes[0] if echo is None else int(echo)
     if chosen not in info.echoes:
@@ -110,16 +138,22 @@ def read_dicom_series(folder: Path, *, series: str | None = None,
                  folder, len(echoes), chosen)
     items = info.echoes[chosen]
     if len(items) < 2:
-        raise InputError(f"series {info.number} echo {chosen} has a single slice; a 3D image "
-                         "is needed", folder)
+        raise InputError(f"is 2D: DICOM series {info.number} echo {chosen} has a single "
+                         "slice; a 3D image is needed", folder)
     files = _sorted_files(items, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
+    # slice spacing is checked above; keep ITK's own sub-micron non-uniformity warning
+    # (printed straight to stderr) quiet while reading
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read DICOM series ({str(exc).strip().splitlines()[-1][:160]})",
                          folder) from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     meta = header_meta_from_dataset(items[0][1])
     meta.update({"format": "dicom", "echo": chosen, "n_echoes": len(echoes),
                  "n_slices": len(files), "files": [str(f) for f in files]})

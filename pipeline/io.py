@@ -151,7 +151,8 @@ def read_volume(
 
     Parameters
     ----------
-    path : file or folder.  A folder (or a single ``.dcm`` file's folder) is read as DICOM.
+    path : file or folder.  A folder is read as a DICOM series; a ``.dcm`` file as the
+        series it belongs to (its siblings in the same folder with its SeriesInstanceUID).
     series : DICOM only: SeriesNumber, SeriesInstanceUID or a substring of
         SeriesDescription selecting one series when the folder holds several.
     echo : DICOM only: 1-based echo number for multi-echo series (default: the first).
@@ -164,6 +165,10 @@ def read_volume(
         from pipeline.dicom import read_dicom_series
 
         image, meta = read_dicom_series(path, series=series, echo=echo)
+    elif path.suffix.lower() == ".dcm":
+        from pipeline.dicom import read_dicom_file_series
+
+        image, meta = read_dicom_file_series(path, echo=echo)
     else:
         sitk = _sitk()
         try:
@@ -173,9 +178,26 @@ def read_volume(
             detail = next((ln for ln in first if "ERROR" in ln or "Unable" in ln), "unreadable")
             raise InputError(f"cannot read image ({detail.strip()[:160]})", path) from None
         meta = {"format": _format_of(path)}
-        if path.suffix.lower() == ".dcm":
-            meta.update(_dicom_header_meta(path))
+        if meta["format"] == "nifti":
+            _check_nifti_finite(path, kind)
     return _volume_from_sitk(image, path, meta, kind)
+
+
+def _check_nifti_finite(path: Path, kind: str) -> None:
+    """ITK's NIfTI reader turns NaN/Inf into 0 silently; look at the stored values."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        if not np.issubdtype(img.get_data_dtype(), np.floating):
+            return
+        n = int((~np.isfinite(np.asanyarray(img.dataobj))).sum())
+    except Exception:  # ITK read it; nibabel's opinion is only a second check
+        return
+    if n:
+        what = "label map contains {} non-finite values" if kind == "labels" else \
+            "contains {} non-finite intensities"
+        raise InputError(what.format(n) + " (NaN or Inf)", path)
 
 
 def _format_of(path: Path) -> str:
@@ -186,12 +208,6 @@ def _format_of(path: Path) -> str:
         if name.endswith(suffix):
             return fmt
     return "other"
-
-
-def _dicom_header_meta(path: Path) -> dict[str, Any]:
-    from pipeline.dicom import header_meta
-
-    return header_meta(path)
 
 
 def _volume_from_sitk(image: Any, path: Path, meta: dict[str, Any], kind: str) -> Volume:
