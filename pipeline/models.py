@@ -51,7 +51,7 @@ EXTRA_TARGETS = ("tibial_cartilage", "meniscus", "fibula")
 class NetworkSpec(Strict):
     """A MONAI network: class name in ``monai.networks.nets`` and its keyword arguments."""
 
-    name: Literal["UNet", "BasicUNet", "DynUNet"]
+    name: str = Field(..., description="UNet, BasicUNet or DynUNet (any name for TorchScript)")
     spatial_dims: Literal[2, 3]
     in_channels: int = Field(1, ge=1)
     out_channels: int = Field(..., ge=2)
@@ -187,6 +187,8 @@ def build_network(spec: NetworkSpec):
     """Instantiate a MONAI network from its spec (weights not loaded)."""
     from monai.networks import nets
 
+    if spec.name not in ("UNet", "BasicUNet", "DynUNet"):
+        raise ModelError(f"unknown network {spec.name!r}; use UNet, BasicUNet or DynUNet")
     kwargs = dict(spec.kwargs)
     try:
         if spec.name == "UNet":

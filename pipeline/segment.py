@@ -84,7 +84,7 @@ def resample_array(array: np.ndarray, src: Geometry, dst: Geometry, *, nearest: 
     f.SetInterpolator(sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear)
     f.SetDefaultPixelValue(default)
     out = f.Execute(_to_sitk(array, src))
-    return np.ascontiguousarray(sitk.GetArrayFromImage(out).transpose(2, 1, 0))
+    return sitk.GetArrayFromImage(out).transpose(2, 1, 0)  # a view: no copy
 
 
 def normalize_array(array: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
@@ -95,3 +95,320 @@ def normalize_array(array: np.ndarray, percentiles: tuple[float, float]) -> np.n
         flat = flat[:: flat.size // 2_000_000]
     lo, hi = np.percentile(flat, percentiles)
     return np.clip((a - lo) / max(float(hi - lo), 1e-6), 0, 1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_knee_like(volume: Volume) -> None:
+    """Reject inputs no knee model can segment: 2D-like stacks and absurd fields of view."""
+    g = volume.geometry
+    if min(g.shape) < 8:
+        raise InputError(f"has only {min(g.shape)} voxels along one axis "
+                         f"({'x'.join(map(str, g.shape))}); a 3D knee scan is needed",
+                         volume.path)
+    fov = np.asarray(g.shape) * np.asarray(g.spacing)
+    if fov.max() > 400 or fov.max() < 40:
+        raise InputError(f"field of view {np.round(fov).astype(int).tolist()} mm is not that "
+                         "of a knee scan (expected roughly 80-250 mm)", volume.path)
+    if np.ptp(volume.array) == 0:
+        raise InputError("image is constant (no contrast to segment)", volume.path)
+
+
+def _range_warnings(volume: Volume, spec: Any) -> list[str]:
+    g = volume.geometry
+    sp = np.sort(np.asarray(g.spacing))
+    lo, hi = spec.expected_spacing_range_mm
+    out = []
+    if sp[0] < lo or sp[1] > hi:
+        out.append(f"in-plane spacing {np.round(sp[:2], 3).tolist()} mm is outside the model "
+                   f"card's range {lo}-{hi} mm; resampled, accuracy unknown")
+    if sp[2] > spec.expected_slice_spacing_max_mm:
+        out.append(f"slice spacing {sp[2]:.2f} mm exceeds the model card's maximum "
+                   f"{spec.expected_slice_spacing_max_mm} mm; accuracy unknown")
+    if spec.slice_axis == 0:
+        # the scan's slices should be roughly sagittal for a 2D sagittal model
+        k = g.slice_axis()
+        if g.spacing[k] > 1.2 * min(g.spacing) and abs(g.matrix[0, k]) < 0.7:
+            out.append("scan slices are not sagittal; the 2D sagittal model sees reformatted "
+                       "slices (through-plane blur), accuracy unknown")
+    return out
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def select_device(requested: str = "auto") -> str:
+    """``auto`` -> CUDA when present (logged) else CPU (warning); ``cuda`` without GPU fails."""
+    import torch
+
+    req = (requested or "auto").lower()
+    if req == "auto":
+        if torch.cuda.is_available():
+            log.info("using CUDA device 0 (%s)", torch.cuda.get_device_name(0))
+            return "cuda:0"
+        log.warning("no CUDA GPU found; running on the CPU (slower)")
+        return "cpu"
+    if req == "cpu":
+        return "cpu"
+    if req.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {requested!r} requested but no CUDA GPU is available "
+                             "(use --device cpu or auto)")
+        idx = int(req.split(":")[1]) if ":" in req and req.split(":")[1].isdigit() else 0
+        if idx >= torch.cuda.device_count():
+            raise ModelError(f"device {requested!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) present")
+        log.info("using CUDA device %d (%s)", idx, torch.cuda.get_device_name(idx))
+        return f"cuda:{idx}"
+    raise ModelError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
+
+
+# ----------------------------------------------------------------------------- segmenter
+
+
+@dataclass
+class SegmentResult:
+    labels: np.ndarray  # cartiq scheme, input grid, uint8
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Segmenter:
+    """A loaded model ready to segment many scans (load once per worker).
+
+    Parameters
+    ----------
+    model : registry name, package folder or metadata file (default model if None).
+    device : ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    amp : mixed precision (CUDA only; default on for CUDA).
+    batch_size : 2D slices per forward pass (bounds memory).
+    """
+
+    def __init__(self, model: str | Path | None = None, *, device: str = "auto",
+                 amp: bool | None = None, batch_size: int = 8,
+                 min_component_mm3: float = 20.0) -> None:
+        from pipeline.models import load_model
+
+        self.device = select_device(device)
+        t0 = time.monotonic()
+        self.model = load_model(model, device=self.device)
+        self.load_seconds = time.monotonic() - t0
+        meta = self.model.metadata
+        if meta.format != "nnunetv2":
+            if meta.network is None:
+                raise ModelError("model metadata needs a 'network' entry (spatial_dims, "
+                                 "in_channels, out_channels)", self.model.folder)
+            if meta.network.in_channels != 1:
+                raise ModelError(f"model expects {meta.network.in_channels} input channels; "
+                                 "cartiq feeds it one image channel (one scan/echo)",
+                                 self.model.folder)
+        cuda = self.device.startswith("cuda")
+        if amp and not cuda:
+            log.warning("mixed precision (--amp) needs CUDA; running in float32 on the CPU")
+        self.amp = bool(cuda if amp is None else amp) and cuda
+        self.batch_size = batch_size
+        self.min_component_mm3 = min_component_mm3
+
+    # -- public API
+    def segment(self, volume: Volume, *, side: str | None = None) -> np.ndarray:
+        """Cartiq label map (uint8) on ``volume``'s grid."""
+        return self.run(volume, side=side).labels
+
+    def run(self, volume: Volume, *, side: str | None = None) -> SegmentResult:
+        """Segment and return labels plus provenance, warnings and timings."""
+        check_knee_like(volume)
+        meta = self.model.metadata
+        warnings = _range_warnings(volume, meta.input)
+        for w in warnings:
+            log.warning("%s: %s", volume.path or "image", w)
+        t0 = time.monotonic()
+        if meta.format == "nnunetv2":
+            raw = self._predict_nnunet(volume)
+        else:
+            raw = self._predict(volume)
+        t1 = time.monotonic()
+        labels, side_info = self._to_scheme(raw, volume, side)
+        info = {"model": self.model.provenance(), "device": self.device, "amp": self.amp,
+                "warnings": warnings, **side_info,
+                "timings_s": {"load_model": round(self.load_seconds, 3),
+                              "inference": round(t1 - t0, 3),
+                              "postprocess": round(time.monotonic() - t1, 3)}}
+        return SegmentResult(labels=labels, info=info)
+
+    # -- inference
+    def _canonical(self, volume: Volume) -> tuple[np.ndarray, Geometry]:
+        spec = self.model.metadata.input
+        sp = list(spec.spacing_mm)
+        if self.model.metadata.network.spatial_dims == 2 and spec.keep_slice_spacing:
+            a = spec.slice_axis
+            lo, hi = spec.slice_spacing_range_mm
+            sp[a] = float(np.clip(_axis_spacing_along(volume.geometry, a), lo, hi))
+        dst = canonical_geometry(volume.geometry, tuple(sp))
+        arr = volume.array.astype(np.float32, copy=False)
+        flat = arr.ravel()[:: max(1, arr.size // 2_000_000)]
+        lo, hi = np.percentile(flat, spec.percentiles)
+        norm = np.clip((arr - lo) / max(float(hi - lo), 1e-6), 0, 1).astype(np.float32)
+        return resample_array(norm, volume.geometry, dst, default=0.0), dst
+
+    def _forward(self, x):
+        import torch
+
+        try:
+            with torch.autocast("cuda", enabled=self.amp):
+                return self.model.network(x).float()
+        except RuntimeError as exc:
+            msg = str(exc).splitlines()[0][:200]
+            raise ModelError(f"model forward pass failed ({msg}); does the model take one "
+                             "input channel of the declared spatial dims?",
+                             self.model.folder) from None
+
+    def _predict(self, volume: Volume) -> np.ndarray:
+        """Class index per input voxel (model's own output values)."""
+        import torch
+
+        net = self.model.metadata.network
+        canon, cgeom = self._canonical(volume)
+        n_out = net.out_channels
+        probs = np.zeros((n_out,) + canon.shape, np.float16)
+        with torch.inference_mode():
+            if net.spatial_dims == 2:
+                a = self.model.metadata.input.slice_axis
+                stack = np.moveaxis(canon, a, 0)
+                pview = np.moveaxis(probs, a + 1, 1)
+                h, w = stack.shape[1:]
+                ph, pw = (-h) % 16, (-w) % 16
+                for s in range(0, stack.shape[0], self.batch_size):
+                    x = torch.from_numpy(np.ascontiguousarray(stack[s:s + self.batch_size]))
+                    x = torch.nn.functional.pad(x[:, None], (0, pw, 0, ph)).to(self.device)
+                    y = torch.softmax(self._forward(x), 1)[:, :, :h, :w]
+                    if y.shape[1] != n_out:
+                        raise ModelError(f"model returned {y.shape[1]} channels, metadata "
+                                         f"says {n_out}", self.model.folder)
+                    pview[:, s:s + self.batch_size] = y.permute(1, 0, 2, 3).cpu().numpy()
+            else:
+                from monai.inferers import sliding_window_inference
+
+                x = torch.from_numpy(canon)[None, None].to(self.device)
+                roi = tuple(int(v) for v in self.model.metadata.input.patch_size)
+                y = sliding_window_inference(x, roi, sw_batch_size=2,
+                                             predictor=self._forward, overlap=0.25,
+                                             mode="gaussian", sw_device=self.device,
+                                             device="cpu")
+                probs[:] = torch.softmax(y[0].float(), 0).numpy()
+        del canon
+        return self._probs_back(probs, cgeom, volume.geometry)
+
+    @staticmethod
+    def _probs_back(probs: np.ndarray, src: Geometry, dst: Geometry) -> np.ndarray:
+        """Resample each class probability onto the input grid (linear) and arg-max."""
+        best = np.full(dst.shape, -1.0, np.float32)
+        arg = np.zeros(dst.shape, np.uint8)
+        for c in range(probs.shape[0]):
+            p = resample_array(probs[c].astype(np.float32), src, dst,
+                               default=1.0 if c == 0 else 0.0)
+            better = p > best
+            arg[better] = c
+            best[better] = p[better]
+        return arg
+
+    def _predict_nnunet(self, volume: Volume) -> np.ndarray:
+        arr = volume.array.transpose(2, 1, 0)[None].astype(np.float32)
+        props = {"spacing": tuple(float(s) for s in volume.geometry.spacing[::-1])}
+        seg = self.model.network.predict_single_npy_array(arr, props, None, None, False)
+        return np.asarray(seg).transpose(2, 1, 0).astype(np.uint8)
+
+    # -- labels
+    def _clean(self, raw: np.ndarray, geom: Geometry) -> np.ndarray:
+        """Largest component per bone; drop tiny cartilage/meniscus islands."""
+        import cc3d
+
+        labels = self.model.metadata.labels
+        out = raw.copy()
+        min_vox = self.min_component_mm3 / geom.voxel_volume_mm3
+        for value, name in labels.items():
+            if name == "bone_marrow_lesion":
+                continue
+            box = _bbox(raw == value)
+            if box is None:
+                continue
+            mask = raw[box] == value
+            comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+            if n <= 1:
+                continue
+            counts = np.bincount(comps.ravel())
+            counts[0] = 0
+            if name in ("femur", "tibia", "patella", "fibula"):
+                keep = np.zeros(n + 1, bool)
+                keep[int(np.argmax(counts))] = True
+            else:
+                keep = counts >= min_vox
+            sub = out[box]
+            sub[mask & ~keep[comps]] = 0
+        return out
+
+    def _to_scheme(self, raw: np.ndarray, volume: Volume,
+                   side: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+        from pipeline.labels import LabelMapping, default_scheme, to_default_scheme
+
+        scheme = default_scheme()
+        raw = self._clean(raw, volume.geometry)
+        labels = self.model.metadata.labels
+        mapping = LabelMapping(name=self.model.metadata.name, description="model outputs",
+                               map={v: n for v, n in labels.items() if n != "meniscus"},
+                               unmapped="background")
+        header_side = volume.meta.get("side") if volume.meta else None
+        try:
+            out, info = to_default_scheme(raw, mapping, volume.geometry.affine, side=side,
+                                          header_side=header_side, path=volume.path)
+        except InputError:
+            raise InputError("cannot tell the knee side to split medial/lateral tibial "
+                             "cartilage and menisci (no header laterality, no fibula found); "
+                             "pass --side left|right", volume.path) from None
+        men_values = [v for v, n in labels.items() if n == "meniscus"]
+        if men_values:
+            _split_menisci(out, np.isin(raw, men_values), volume.geometry, info.get("side"))
+        keep = {"side": info.get("side"), "side_source": info.get("side_source")}
+        present = sorted(scheme.name_of(int(v)) for v in np.unique(out) if v)
+        keep["structures"] = present
+        return out.astype(np.uint8), keep
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of a mask as slices (None if empty)."""
+    out = []
+    for ax in range(mask.ndim):
+        proj = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        if proj.size == 0:
+            return None
+        out.append(slice(int(proj[0]), int(proj[-1]) + 1))
+    return tuple(out)
+
+
+def _split_menisci(out: np.ndarray, men: np.ndarray, geom: Geometry, side: str | None) -> None:
+    """Label meniscus voxels medial/lateral by the nearer tibial plate (LPS x)."""
+    from pipeline.labels import default_scheme, lateral_sign
+
+    if not men.any():
+        return
+    s = default_scheme()
+    aff = geom.affine
+
+    def cx(mask: np.ndarray) -> float:
+        idx = np.argwhere(mask)
+        return float(idx.mean(0) @ aff[0, :3] + aff[0, 3]) if len(idx) else float("nan")
+
+    xm = cx(out == s["medial_tibial_cartilage"])
+    xl = cx(out == s["lateral_tibial_cartilage"])
+    idx = np.argwhere(men)
+    x = idx @ aff[0, :3] + aff[0, 3]
+    if np.isfinite(xm) and np.isfinite(xl):
+        lateral = np.abs(x - xl) < np.abs(x - xm)
+    elif side is not None:
+        center = cx(out == s["tibia"])
+        if not np.isfinite(center):
+            center = float(np.median(x))
+        lateral = (x - center) * lateral_sign(side) > 0
+    else:
+        return  # cannot tell: menisci stay background rather than guessed
+    vals = np.where(lateral, s["lateral_meniscus"], s["medial_meniscus"]).astype(out.dtype)
+    out[tuple(idx.T)] = vals
