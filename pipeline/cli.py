@@ -106,6 +106,107 @@ def _check_side(side: str | None) -> None:
 
 # -- commands: segmentation (segment, run, train, models) --
 
+ModelOpt = typer.Option(None, "--model", help="Model name (see `cartiq models list`) or a "
+                        "package folder / TorchScript file / nnU-Net folder.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA if present), cpu, cuda, cuda:N.")
+AmpOpt = typer.Option(None, "--amp/--no-amp", help="Mixed precision (default: on with CUDA).")
+
+
+@app.command()
+def segment(
+    image: Path = typer.Argument(..., help="Knee MRI: NIfTI, NRRD, MHA/MHD or a DICOM folder."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    amp: Optional[bool] = AmpOpt,
+    side: Optional[str] = SideOpt,
+    series: Optional[str] = typer.Option(None, "--series", help="DICOM series number or description."),
+    echo: Optional[int] = typer.Option(None, "--echo", help="DICOM echo number (default: first)."),
+) -> None:
+    """Segment bones, cartilage plates, menisci and BMLs into OUT/segmentation.nii.gz."""
+    from pipeline.segment import segment_file
+
+    _check_side(side)
+    path, _ = segment_file(image, out, model=model, device=device, amp=amp, side=side,
+                           series=series, echo=echo)
+    typer.echo(str(path))
+
+
+@app.command("run")
+def run_cmd(
+    image: Path = typer.Argument(..., help="Knee MRI: NIfTI, NRRD, MHA/MHD or a DICOM folder."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
+    model: Optional[str] = ModelOpt,
+    device: str = DeviceOpt,
+    amp: Optional[bool] = AmpOpt,
+    side: Optional[str] = SideOpt,
+    bml: str = typer.Option("model", "--bml", help="BMLs from the model, an intensity "
+                            "detector (fluid-sensitive scans), or both: model|intensity|both."),
+    bml_config: Optional[Path] = typer.Option(None, "--bml-config", help="BML detector YAML."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Measurement config YAML."),
+    series: Optional[str] = typer.Option(None, "--series", help="DICOM series number or description."),
+    echo: Optional[int] = typer.Option(None, "--echo", help="DICOM echo number (default: first)."),
+) -> None:
+    """Segment, then measure: the outputs of `cartiq measure` plus the segmentation."""
+    from pipeline.segment import run_file
+
+    _check_side(side)
+    if bml not in ("model", "intensity", "both"):
+        raise click.BadParameter("must be model, intensity or both", param_hint="--bml")
+    result = run_file(image, out, model=model, device=device, amp=amp, side=side,
+                      series=series, echo=echo, bml=bml, bml_config=bml_config,
+                      measure_config=config)
+    typer.echo(str(result.out_dir))
+
+
+@app.command()
+def train(
+    labels: Path = typer.Option(..., "--labels", help="Folder of training label maps."),
+    out: Path = typer.Option(..., "-o", "--out", help="New model package folder."),
+    config: Path = typer.Option(..., "--config", help="Training YAML (configs/train_*.yaml)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Real images (same file "
+                                          "stems as the label maps): supervised training."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Held-out label maps "
+                                              "for validation Dice."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.pt."),
+    device: str = DeviceOpt,
+) -> None:
+    """Train a segmentation model (synthetic from label maps, or supervised with --images)."""
+    from pipeline.segment import select_device
+    from pipeline.train import train as run_train
+
+    summary = run_train(labels, out, config_path=config, images_dir=images,
+                        val_labels_dir=val_labels, resume=resume, device=select_device(device))
+    typer.echo(f"{out}: {summary['epochs']} epochs, best mean validation Dice "
+               f"{summary['best_mean_dice']:.3f}")
+
+
+models_app = typer.Typer(help="Segmentation model packages.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """List installed model packages."""
+    from pipeline.models import DEFAULT_MODEL, list_models
+
+    for m in list_models():
+        mark = " (default)" if m.name == DEFAULT_MODEL else ""
+        typer.echo(f"{m.name}{mark}\t{m.version}\t{m.format}\t{m.description[:70]}")
+
+
+@models_app.command("info")
+def models_info(name: str = typer.Argument(..., help="Model name or package path.")) -> None:
+    """Show a model's metadata (network, expected input, labels, sha256, card)."""
+    import json
+
+    from pipeline.models import model_info
+
+    info = model_info(name)
+    info.pop("training", None)
+    typer.echo(json.dumps(info, indent=2))
+
+
 # -- commands: scoring (score) --
 
 
@@ -166,6 +267,30 @@ def batch(
 # -- commands: reports --
 
 # -- commands: sample data (phantom, fetch) --
+
+@app.command()
+def phantom(
+    out: Path = typer.Argument(..., help="Output folder (image.nii.gz, seg.nii.gz, truth.json)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (noise and bias field)."),
+    orientation: str = typer.Option("oblique_sagittal", "--orientation",
+                                    help="oblique_sagittal, sagittal, coronal or axial."),
+    spacing: Optional[str] = typer.Option(None, "--spacing",
+                                          help="Voxel size 'I,J,K' in mm (K = slice axis); "
+                                               "default 0.45,0.45,1.0."),
+    side: str = typer.Option("right", "--side", help="Knee side, left|right."),
+    rotation: Optional[str] = typer.Option(None, "--rotation",
+                                           help="Rigid motion of the knee: Euler x,y,z in deg."),
+    translation: Optional[str] = typer.Option(None, "--translation",
+                                              help="Rigid motion of the knee: x,y,z in mm."),
+) -> None:
+    """Write a synthetic knee phantom with analytic ground truth."""
+    from pipeline.phantom import spec_from_options, make_phantom, write_phantom
+
+    spec = spec_from_options(seed=seed, orientation=orientation, spacing=spacing, side=side,
+                             rotation=rotation, translation=translation)
+    paths = write_phantom(make_phantom(spec), out)
+    log.info("phantom written to %s", out)
+    typer.echo(str(paths["image"].parent))
 
 
 @app.command()

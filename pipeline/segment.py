@@ -412,3 +412,94 @@ def _split_menisci(out: np.ndarray, men: np.ndarray, geom: Geometry, side: str |
         return  # cannot tell: menisci stay background rather than guessed
     vals = np.where(lateral, s["lateral_meniscus"], s["medial_meniscus"]).astype(out.dtype)
     out[tuple(idx.T)] = vals
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _describe(vol: Volume) -> dict[str, Any]:
+    from pipeline.io import sha256_file
+
+    meta = {k: v for k, v in vol.meta.items() if k != "files"}
+    return {"path": str(Path(vol.path).resolve()), "sha256": sha256_file(vol.path),
+            "geometry": vol.geometry.to_json(), **meta}
+
+
+def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
+                 device: str = "auto", amp: bool | None = None, side: str | None = None,
+                 series: str | None = None, echo: int | None = None,
+                 segmenter: Segmenter | None = None,
+                 write_manifest_file: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Segment one scan into ``out_dir/segmentation.nii.gz`` (+ ``manifest.json`` last).
+
+    Everything is checked (input readable and knee-like, model loadable, device present)
+    before anything is written.  Returns the segmentation path and the manifest dict.
+    """
+    from pipeline.io import read_volume, write_volume
+    from pipeline.outputs import begin_folder, check_writable, write_manifest
+
+    t0 = time.monotonic()
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    vol = read_volume(image, series=series, echo=echo, kind="image")
+    check_knee_like(vol)
+    t_read = time.monotonic() - t0
+    seg = segmenter or Segmenter(model, device=device, amp=amp)
+    result = seg.run(vol, side=side)
+    t1 = time.monotonic()
+    begin_folder(out_dir)
+    path = write_volume(out_dir / "segmentation.nii.gz", result.labels, vol.geometry)
+    info = result.info
+    manifest = {
+        "stage": "segment",
+        "inputs": {"image": _describe(vol)},
+        "model": info["model"],
+        "device": info["device"],
+        "amp": info["amp"],
+        "side": info.get("side"),
+        "side_source": info.get("side_source"),
+        "structures": info.get("structures", []),
+        "timings_s": {"read": round(t_read, 3), **info["timings_s"],
+                      "write": round(time.monotonic() - t1, 3)},
+        "warnings": info["warnings"],
+        "outputs": ["segmentation.nii.gz"],
+        "geometry": vol.geometry.to_json(),
+    }
+    if write_manifest_file:
+        write_manifest(out_dir, manifest)
+    return path, manifest
+
+
+def run_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
+             device: str = "auto", amp: bool | None = None, side: str | None = None,
+             series: str | None = None, echo: int | None = None, bml: str = "model",
+             bml_config: Path | None = None, measure_config: Path | None = None,
+             segmenter: Segmenter | None = None):
+    """Segment, optionally add intensity BMLs, then measure (``cartiq run``)."""
+    from pipeline.measure import run_measure
+
+    if bml not in ("model", "intensity", "both"):
+        raise InputError(f"--bml must be model, intensity or both, not {bml!r}")
+    seg_path, manifest = segment_file(image, out_dir, model=model, device=device, amp=amp,
+                                      side=side, series=series, echo=echo,
+                                      segmenter=segmenter, write_manifest_file=False)
+    bml_info: dict[str, Any] = {"mode": bml}
+    if bml != "model":
+        from pipeline.bml import apply_bml, load_bml_config
+        from pipeline.config import resolved
+        from pipeline.io import read_volume, write_volume
+
+        cfg = load_bml_config(bml_config)
+        vol = read_volume(image, series=series, echo=echo)
+        lab = read_volume(seg_path, kind="labels")
+        new = apply_bml(lab.array.astype(np.uint8), vol.array, vol.geometry.spacing, bml, cfg)
+        write_volume(seg_path, new, vol.geometry)
+        bml_info["config"] = resolved(cfg)
+    extra = {"stage": "run",
+             "segmentation": {k: manifest[k] for k in ("model", "device", "amp", "structures",
+                                                       "timings_s")},
+             "bml": bml_info,
+             "warnings": manifest["warnings"]}
+    return run_measure(image, seg_path, out_dir, side=side or manifest.get("side"),
+                       config_path=measure_config, series=series, echo=echo,
+                       extra_manifest=extra)
