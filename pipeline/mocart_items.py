@@ -66,7 +66,8 @@ class MeasurementConfig(Strict):
     min_native_thickness_mm: float = Field(0.3, ge=0, description="ring columns thinner than this are not native reference")
     interior_fraction: float = Field(0.9, gt=0, le=1, description="intensity samples need this cartilage fraction (no partial volume)")
     fit_trim_mm: float = Field(0.5, gt=0)
-    fill_tolerance_pct: float = Field(5.0, ge=0, le=20, description="measured fill within this below 100% counts as level (for categories: fill_level_pct)")
+    fill_tolerance_pct: float = Field(5.0, ge=0, le=20, description="fill_level_pct: a fill this close below a step counts as reaching it")
+    fill_levels_pct: list[float] = Field([25.0, 50.0, 75.0, 100.0], description="the category steps of volume fill")
     border_band_mm: float = Field(2.5, gt=0, description="integration: band on both sides of the site border")
     border_sectors: int = Field(36, ge=4, le=360)
     cleft_depth_fraction: float = Field(0.5, gt=0, lt=1, description="a border column is a cleft when this share of the local cartilage level is missing")
@@ -348,9 +349,15 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     fill = (100.0 * float(rep_t.sum() / exp_site.sum())
             if exp_site.size and np.isfinite(exp_site.sum()) and exp_site.sum() > 0 else nan)
     m["fill_pct"] = fill
-    # for the published categories a fill level within the measurement tolerance counts as 100%
-    m["fill_level_pct"] = (100.0 if np.isfinite(fill) and 100 - p.fill_tolerance_pct <= fill < 100
-                           else fill)
+    # for the published 25% steps: a fill just below a step (within the measurement
+    # tolerance) counts as reaching it, one just above 150% as 150%
+    level = fill
+    for step in p.fill_levels_pct:
+        if np.isfinite(fill) and step - p.fill_tolerance_pct <= fill < step:
+            level = step
+    if np.isfinite(fill) and 150 < fill <= 150 + p.fill_tolerance_pct:
+        level = 150.0
+    m["fill_level_pct"] = level
     m["denuded_pct"] = (100.0 * float((rep_t < 0.1 * exp_t).mean())
                         if rep_t.size and exp_t > 0 else nan)
     # intensity samples

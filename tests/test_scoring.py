@@ -1,0 +1,245 @@
+"""MOCART-like scoring on analytic repair-site phantoms (tests/_scoring_phantoms.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _scoring_phantoms import RepairSpec, make_repair_phantom, reorient, write_scan_folder  # noqa: E402
+
+from pipeline.cli import main  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from pipeline.errors import ConfigError  # noqa: E402
+from pipeline.io import Volume, write_volume  # noqa: E402
+from pipeline.scoring import (CSV_COLUMNS, ScoringConfig, SiteSpec, load_scoring_config,  # noqa: E402
+                              score_sites)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _score(spec: RepairSpec, config=None):
+    ph = make_repair_phantom(spec)
+    res = score_sites(ph["image"], ph["labels"], ph["sites"], config=config)
+    assert len(res.sites) == 1
+    return res.sites[0]
+
+
+def _item(site, name):
+    return next(i for i in site.items if i.item == name)
+
+
+@pytest.fixture(scope="module")
+def baseline():
+    return _score(RepairSpec())
+
+
+def test_complete_repair_scores_100(baseline):
+    assert baseline.total == 100
+    assert baseline.max_total == 100
+    assert 92 <= baseline.measures["fill_pct"] <= 108
+    # repair diameter 10 mm (+ one column of discretisation)
+    assert 9.5 <= baseline.measures["repair_diameter_mm"] <= 12.0
+    assert baseline.measures["native_thickness_mm"] == pytest.approx(2.5, abs=0.2)
+    assert all(i.confidence == "high" for i in baseline.items)
+
+
+@pytest.mark.parametrize("fill, points, category, lo, hi", [
+    (1.0, 20, "complete", 92, 108),
+    (0.5, 10, "50-74%", 45, 60),
+    (0.0, 0, "<25%", 0, 15),
+])
+def test_volume_fill(fill, points, category, lo, hi):
+    site = _score(RepairSpec(fill=fill))
+    it = _item(site, "volume_fill")
+    assert it.points == points
+    assert category in it.category
+    assert lo <= it.value <= hi
+    assert it.automation == "auto"
+
+
+def test_empty_defect_has_no_repair_tissue_items():
+    site = _score(RepairSpec(fill=0.0))
+    for name in ("integration", "surface", "structure", "signal"):
+        assert _item(site, name).points == 0
+    assert site.measures["denuded_pct"] > 60
+
+
+@pytest.mark.parametrize("ratio, points, category", [(1.0, 15, "normal"),
+                                                     (1.6, 5, "minor abnormal"),
+                                                     (3.0, 0, "severely abnormal")])
+def test_signal_intensity(ratio, points, category):
+    site = _score(RepairSpec(repair_ratio=ratio))
+    it = _item(site, "signal")
+    assert it.value == pytest.approx(ratio, rel=0.05)
+    assert it.points == points and it.category.startswith(category)
+    assert it.automation == "semi"
+
+
+def test_structure_heterogeneous(baseline):
+    assert _item(baseline, "structure").points == 10
+    site = _score(RepairSpec(heterogeneous=0.4))
+    it = _item(site, "structure")
+    assert it.points == 0 and it.value > 3
+    assert it.automation == "semi"
+    assert _item(site, "signal").points == 15       # same median signal
+
+
+@pytest.mark.parametrize("diam, points, category", [(0.0, 20, "no major"),
+                                                    (3.0, 15, "minor"),
+                                                    (7.0, 5, "severe")])
+def test_subchondral_bml(diam, points, category):
+    site = _score(RepairSpec(bml_diameter_mm=diam))
+    it = _item(site, "subchondral")
+    assert it.points == points and it.category.startswith(category)
+    assert site.measures["bml_diameter_mm"] == pytest.approx(diam, abs=1.0)
+
+
+def test_bony_overgrowth_step(baseline):
+    assert _item(baseline, "bony_defect").points == 10
+    site = _score(RepairSpec(bone_step_mm=1.5))
+    it = _item(site, "bony_defect")
+    assert it.points < 10
+    assert it.value == pytest.approx(1.5, abs=0.4)            # + = overgrowth into the joint
+    # repair tissue up to the native level over the raised bone is complete fill
+    assert _item(site, "volume_fill").points == 20
+    small = _item(_score(RepairSpec(bone_step_mm=0.8)), "bony_defect")
+    assert small.points == 5
+
+
+def test_integration_cleft(baseline):
+    assert _item(baseline, "integration").points == 15
+    site = _score(RepairSpec(cleft_mm=1.0))
+    it = _item(site, "integration")
+    assert it.points == 10 and "split-like" in it.category
+    assert it.value > 50
+    assert site.measures["cleft_width_mm"] <= 2.0
+    wide = _item(_score(RepairSpec(cleft_mm=3.0)), "integration")
+    assert wide.points == 0 and wide.value >= 50
+
+
+@pytest.mark.parametrize("perm, flips", [((2, 0, 1), ()), ((0, 1, 2), (0, 2)),
+                                         ((1, 2, 0), (1,))])
+def test_reorientation_invariance(perm, flips):
+    ph = make_repair_phantom(RepairSpec(fill=0.5, repair_ratio=1.3, bml_diameter_mm=4.0))
+    ref = score_sites(ph["image"], ph["labels"], ph["sites"]).sites[0]
+    img, g2 = reorient(ph["image"].array, ph["image"].geometry, perm, flips)
+    lab, _ = reorient(ph["labels"], ph["image"].geometry, perm, flips)
+    sit, _ = reorient(ph["sites"], ph["image"].geometry, perm, flips)
+    got = score_sites(Volume(img, g2), lab, sit).sites[0]
+    assert got.total == ref.total
+    for a, b in zip(ref.items, got.items):
+        assert (a.item, a.points, a.category) == (b.item, b.points, b.category)
+        assert b.value == pytest.approx(a.value, rel=1e-3, abs=1e-3)
+
+
+def test_sitespec_matches_mask():
+    ph = make_repair_phantom(RepairSpec(fill=0.5))
+    spec = SiteSpec(7, np.array([ph["truth"]["site_center_world"]]), 5.0)
+    site = score_sites(ph["image"], ph["labels"], [spec]).sites[0]
+    assert site.site_id == 7 and site.plate == "femoral_cartilage"
+    assert _item(site, "volume_fill").points == 10
+
+
+def test_site_outside_plate_and_small_site():
+    ph = make_repair_phantom(RepairSpec())
+    sites = ph["sites"].copy()
+    sites[-3:, -3:, -3:] = 2             # a corner of the grid, in the joint space
+    sites[tuple(np.argwhere(ph["sites"] == 1)[0])] = 0
+    res = score_sites(ph["image"], ph["labels"], sites)
+    assert [s.site_id for s in res.sites] == [1, 2]
+    assert res.sites[0].total == 100
+    out = res.sites[1]
+    assert math.isnan(out.total) and "outside any cartilage plate" in out.notes[0]
+    assert all(math.isnan(i.points) and i.confidence == "low" for i in out.items)
+    tiny = SiteSpec(3, np.array([ph["truth"]["site_center_world"]]), 1.0)
+    small = score_sites(ph["image"], ph["labels"], [tiny]).sites[0]
+    assert any("site small" in r for i in small.items for r in i.confidence_reasons)
+
+
+def test_configs_load_and_validate(tmp_path):
+    c2 = load_scoring_config(None)
+    assert [i.max_points for i in c2.items.values()] == [20, 15, 10, 10, 15, 10, 20]
+    c1 = load_scoring_config(REPO / "configs" / "mocart1.yaml")
+    assert len(c1.items) == 9 and c1.max_total_points == 100
+    site = _score(RepairSpec(), config=c1)
+    assert site.max_total == 90 and site.total == 90
+    assert _item(site, "effusion").category.startswith("not assessed")
+    bad = (REPO / "configs" / "mocart2.yaml").read_text().replace("max_points: 20", "max_points: 25", 1)
+    p = tmp_path / "bad.yaml"
+    p.write_text(bad)
+    with pytest.raises(ConfigError, match="max_points"):
+        load_config(p, ScoringConfig)
+
+
+def _cli(*args) -> int:
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return exc.value.code
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cli_default_sites_from_defects(tmp_path, capsys):
+    ph = make_repair_phantom(RepairSpec(fill=0.5))
+    scan = write_scan_folder(ph, tmp_path / "scan", defects=[
+        {"id": 4, "area_mm2": math.pi * 25, "c": ph["truth"]["site_center_world"]}])
+    assert _cli("score", scan, "-o", tmp_path / "out") == 0
+    rows = _read_csv(tmp_path / "out" / "mocart.csv")
+    assert list(rows[0]) == CSV_COLUMNS
+    assert len(rows) == 8 and {r["site_id"] for r in rows} == {"4"}
+    fill = next(r for r in rows if r["item"] == "volume_fill")
+    assert fill["points"] == "10" and 45 <= float(fill["value"]) <= 60
+    doc = json.loads((tmp_path / "out" / "mocart.json").read_text())
+    ev = doc["sites"][0]["evidence"]
+    assert ev["ring_area_mm2"] > 50 and ev["native_thickness_median_mm"] > 2
+    assert doc["sites"][0]["items"][0]["confidence"] == "high"
+    assert (tmp_path / "out" / "mocart_config.yaml").is_file()
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_cli_sites_mask_and_bad_geometry(tmp_path, capsys):
+    ph = make_repair_phantom(RepairSpec())
+    scan = write_scan_folder(ph, tmp_path / "scan")
+    good = tmp_path / "sites.nii.gz"
+    write_volume(good, ph["sites"], ph["image"].geometry)
+    assert _cli("score", scan, "--sites", good, "-o", tmp_path / "o1") == 0
+    rows = _read_csv(tmp_path / "o1" / "mocart.csv")
+    assert next(r for r in rows if r["item"] == "total")["points"] == "100"
+    bad = tmp_path / "bad_sites.nii.gz"
+    write_volume(bad, ph["sites"][:-1], _shrunk(ph["image"].geometry))
+    capsys.readouterr()
+    assert _cli("score", scan, "--sites", bad, "-o", tmp_path / "o2") == 2
+    err = capsys.readouterr().err
+    assert "bad_sites.nii.gz" in err and "shape" in err
+
+
+def _shrunk(g):
+    from pipeline.io import Geometry
+
+    return Geometry((g.shape[0] - 1,) + tuple(g.shape[1:]), g.spacing, g.origin, g.direction)
+
+
+def test_cli_no_sites(tmp_path):
+    ph = make_repair_phantom(RepairSpec())
+    scan = write_scan_folder(ph, tmp_path / "scan")          # empty defects.csv
+    assert _cli("score", scan, "-o", tmp_path / "out") == 0
+    text = (tmp_path / "out" / "mocart.csv").read_text()
+    assert text.strip() == ",".join(CSV_COLUMNS)
+    doc = json.loads((tmp_path / "out" / "mocart.json").read_text())
+    assert doc["sites"] == [] and "no repair sites" in doc["notes"][0]
+
+
+def test_cli_not_a_scan_folder(tmp_path, capsys):
+    assert _cli("score", tmp_path, "-o", tmp_path / "out") == 2
+    assert "manifest.json" in capsys.readouterr().err
