@@ -412,7 +412,9 @@ def _qc_figure(path: Path, labels: np.ndarray, geometry: Geometry, image: Volume
             axes[0].text(0.5, 0.5, f"{name}: absent", ha="center", va="center",
                          transform=axes[0].transAxes, fontsize=12, color="#b00")
             continue
-        centre = np.round(np.argwhere(mask).mean(0)).astype(int)
+        # per axis, the slice holding most of the plate (the femur's centroid is in the notch)
+        centre = np.array([int(np.argmax(mask.sum(axis=tuple(b for b in range(3) if b != a))))
+                           for a in range(3)])
         for ax, view in zip(axes[:3], views):
             draw_slice(ax, img, labels, geometry, view, centre, mask, name)
         marks = [d for d in defects if d.get("plate") == name]

@@ -247,7 +247,9 @@ def _change_figure(compare: Path, scans: list[Path]) -> str:
     from pipeline.qcmaps import draw_plate_map
 
     change = read_volume(compare / "thickness_change.nii.gz")
-    base = next((s for s in scans if (s / "segmentation.nii.gz").is_file() and
+    named = ((_manifest(compare).get("inputs") or {}).get("baseline") or {}).get("folder")
+    candidates = ([Path(named)] if named and Path(named).is_dir() else []) + scans
+    base = next((s for s in candidates if (s / "segmentation.nii.gz").is_file() and
                  read_volume(s / "segmentation.nii.gz", kind="labels").array.shape == change.array.shape), None)
     if base is None:
         raise ValueError("no visit's segmentation matches thickness_change.nii.gz")
@@ -284,9 +286,21 @@ def _qc_flags(scans: list[Path], compares: list[Path]) -> tuple[str, list[QCFlag
                                       for f in flags) + "</ul>" if flags else "<p class='muted'>no flags</p>")
                     + "</div>")
     for c in compares:
-        flags = _registration_flags(_manifest(c))
+        m = _manifest(c)
+        try:
+            reg = json.loads((c / "registration.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            reg = {}
+        flags = _registration_flags({"manifest": m, "registration": reg})
+        mismatch = m.get("mismatch") or {}
+        if mismatch.get("suspected"):
+            flags.append(QCFlag("mismatch", "error", "compare", "baseline and follow-up may not "
+                                "be the same knee: " + "; ".join(mismatch.get("reasons") or [])))
+        if m.get("status") not in (None, "ok"):
+            flags.append(QCFlag("compare_status", "warning", "compare",
+                                f"comparison status {m.get('status')}: {m.get('error') or 'see warnings'}"))
         all_flags += flags
-        status = "warn" if flags else "pass"
+        status = ("fail" if any(f.severity == "error" for f in flags) else "warn") if flags else "pass"
         rows.append(f"<div class='card'><h3>{esc(c.name)}: <span class='{status}'>{status.upper()}"
                     "</span></h3>" + ("<ul>" + "".join(f"<li>{esc(f.message)}</li>" for f in flags)
                                       + "</ul>" if flags else "<p class='muted'>registration residual "
@@ -310,8 +324,9 @@ def _registration_flags(manifest: dict[str, Any]) -> list[QCFlag]:
     flags = []
     for where, value in found:
         for f in registration_flag(value):
-            f.structure = where or f.structure
-            f.message = f"{where}: {f.message}" if where else f.message
+            bone = where.rsplit("/", 1)[-1]
+            f.structure = bone or f.structure
+            f.message = f"{bone}: {f.message}" if bone else f.message
             flags.append(f)
     return flags
 
@@ -355,9 +370,12 @@ def _mocart_section(scans: list[Path], compares: list[Path]) -> str:
             if not rows:
                 continue
             name = _visit_name(folder) if folder in scans else folder.name
-            for site in sorted({r.get("site_id") for r in rows}, key=lambda x: _natural(str(x))):
-                site_rows = [r for r in rows if r.get("site_id") == site]
-                parts.append(f"<div class='card'><h3>{esc(name)} - site {esc(site)}</h3>" + html_table(
+            keys = sorted({(r.get("visit") or "", r.get("site_id")) for r in rows},
+                          key=lambda x: (x[0] != "baseline", _natural(x[0]), _natural(str(x[1]))))
+            for visit, site in keys:
+                site_rows = [r for r in rows if (r.get("visit") or "") == visit and r.get("site_id") == site]
+                where = f"{name} ({visit})" if visit else name
+                parts.append(f"<div class='card'><h3>{esc(where)} - site {esc(site)}</h3>" + html_table(
                     site_rows, ["item", "measure", "value", "unit", "category", "points", "max_points",
                                 "automation"], highlight=lambda r: r.get("item") == "total") + "</div>")
             break
