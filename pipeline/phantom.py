@@ -36,7 +36,8 @@ from pipeline.labels import default_scheme
 from pipeline.phantom_truth import KneeModel, plate_truth
 
 __all__ = ["PhantomSpec", "Phantom", "make_phantom", "write_phantom", "ORIENTATIONS",
-           "knee_model", "grid_geometry", "world_to_model", "model_to_world"]
+           "knee_model", "grid_geometry", "world_to_model", "model_to_world",
+           "spec_from_options"]
 
 log = logging.getLogger(__name__)
 
@@ -337,6 +338,34 @@ def _r(v: np.ndarray) -> list[float]:
 
 
 # ----------------------------------------------------------------------------- API
+
+def _triplet(text: str | None, name: str) -> tuple[float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{name} needs three comma-separated numbers, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def spec_from_options(*, seed: int = 0, orientation: str = "oblique_sagittal",
+                      spacing: str | None = None, side: str = "right",
+                      rotation: str | None = None, translation: str | None = None) -> PhantomSpec:
+    """A :class:`PhantomSpec` from CLI strings (``"0.45,0.45,1.0"`` style triplets)."""
+    kw: dict[str, Any] = {"seed": seed, "orientation": orientation, "side": side}
+    for key, text, name in (("spacing_mm", spacing, "--spacing"),
+                            ("rotation_deg", rotation, "--rotation"),
+                            ("translation_mm", translation, "--translation")):
+        value = _triplet(text, name)
+        if value is not None:
+            kw[key] = value
+    spec = PhantomSpec(**kw)
+    _validate(spec)
+    return spec
+
 
 def make_phantom(spec: PhantomSpec | None = None) -> Phantom:
     """Build the phantom: image (int16), labels (uint8, cartiq scheme) and truth dict."""
