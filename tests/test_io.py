@@ -284,7 +284,8 @@ def _write_4d(path: Path) -> Path:
 def bad_inputs(tmp_path):
     g = _grid()
     rng = np.random.default_rng(0)
-    img = write_volume(tmp_path / "image.nii.gz", rng.normal(100, 10, g.shape).astype(np.float32), g)
+    noise = rng.normal(100, 10, g.shape).astype(np.float32)
+    img = write_volume(tmp_path / "image.nii.gz", noise, g)
     seg = write_volume(tmp_path / "seg.nii.gz", np.zeros(g.shape, np.uint8), g)
     corrupt = tmp_path / "corrupt.nii.gz"
     corrupt.write_bytes(rng.integers(0, 256, 4000, dtype=np.uint8).tobytes())

@@ -1,0 +1,192 @@
+"""Label scheme and mappings (pipeline/labels.py, configs/label_maps/*.yaml) on the real maps.
+
+pymskt DESS: a RIGHT knee with a fibula label; SPL Knee Atlas: a LEFT knee with soft-tissue
+labels (SOURCES.md).  The automatic medial/lateral split of a single tibial-cartilage label
+(OAI-ZIB style) is checked against the original two-label assignment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.fetch import fetch_sample
+from pipeline.io import read_volume
+from pipeline.labels import (available_mappings, default_scheme, infer_side, lateral_sign,
+                             load_mapping, to_default_scheme)
+
+S = default_scheme()
+# source label values of the real maps (from SOURCES.md)
+PYMSKT = {"femoral_cartilage": 1, "medial_tibial_cartilage": 2, "lateral_tibial_cartilage": 3,
+          "patellar_cartilage": 4, "femur": 5, "tibia": 6, "patella": 7, "fibula": 8,
+          "lateral_meniscus": 9, "medial_meniscus": 10}
+SPL = {"lateral_meniscus": 81, "medial_meniscus": 82, "femoral_cartilage": 83,
+       "lateral_tibial_cartilage": 84, "medial_tibial_cartilage": 85, "patellar_cartilage": 86,
+       "femur": 95, "tibia": 96, "fibula": 97, "patella": 98}
+
+
+@pytest.fixture(scope="module")
+def pymskt(data_mirror, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("samples")
+    return read_volume(fetch_sample("pymskt_dess_labels", mirror=data_mirror, cache_dir=cache),
+                       kind="labels")
+
+
+@pytest.fixture(scope="module")
+def spl(data_mirror, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("samples")
+    return read_volume(fetch_sample("spl_knee_atlas_labels", mirror=data_mirror,
+                                    cache_dir=cache), kind="labels")
+
+
+def _lut(source: dict[str, int]) -> np.ndarray:
+    """Source value -> expected cartiq value (0 for the fibula and anything unnamed)."""
+    lut = np.zeros(256, np.uint8)
+    for name, value in source.items():
+        lut[value] = S[name] if name in S.labels else 0
+    return lut
+
+
+def _agreement(out: np.ndarray, src: np.ndarray, medial: int, lateral: int) -> float:
+    """Fraction of the source tibial-cartilage voxels given the same side after a split."""
+    ok = ((out == S["medial_tibial_cartilage"]) & (src == medial)).sum() \
+        + ((out == S["lateral_tibial_cartilage"]) & (src == lateral)).sum()
+    return float(ok) / float(np.isin(src, [medial, lateral]).sum())
+
+
+def test_scheme_and_shipped_mappings():
+    assert [S[n] for n in ("background", "femur", "tibia", "patella", "femoral_cartilage",
+                           "medial_tibial_cartilage", "lateral_tibial_cartilage",
+                           "patellar_cartilage", "medial_meniscus", "lateral_meniscus",
+                           "bone_marrow_lesion")] == list(range(11))
+    assert {"cartiq", "oai_zib", "pymskt_dess", "spl_knee_atlas"} <= set(available_mappings())
+    assert load_mapping("pymskt_dess").map == {v: k for k, v in PYMSKT.items()}
+    assert load_mapping("spl_knee_atlas").map == {v: k for k, v in SPL.items()}
+    assert load_mapping("oai_zib").map == {1: "femur", 2: "femoral_cartilage", 3: "tibia",
+                                           4: "tibial_cartilage"}
+    assert lateral_sign("right") == -1.0 and lateral_sign("left") == 1.0
+
+
+def test_pymskt_right_knee_side_from_labels_and_from_fibula(pymskt):
+    src, aff = pymskt.array, pymskt.geometry.affine
+    out, info = to_default_scheme(src, load_mapping("pymskt_dess"), aff)
+    assert info["side"] == "right" and info["side_source"] == "tibial labels"
+    np.testing.assert_array_equal(out, _lut(PYMSKT)[src])  # fibula -> background
+    # the fibula alone (no medial/lateral labels) must give the same side
+    no_ml = np.where(np.isin(out, [S["medial_tibial_cartilage"],
+                                   S["lateral_tibial_cartilage"]]), 0, out)
+    assert infer_side(no_ml, aff, fibula=src == PYMSKT["fibula"]) == ("right", "fibula")
+    # an explicit side or a header side wins over the anatomy
+    assert infer_side(out, aff, side="left") == ("left", "argument")
+    assert infer_side(out, aff, header_side="left") == ("left", "header")
+
+
+def test_spl_left_knee_soft_tissue_becomes_background(spl):
+    src, aff = spl.array, spl.geometry.affine
+    out, info = to_default_scheme(src, load_mapping("spl_knee_atlas"), aff)
+    assert info["side"] == "left" and info["side_source"] == "tibial labels"
+    assert out.dtype == np.uint8 and set(np.unique(out)) == set(range(10))
+    np.testing.assert_array_equal(out, _lut(SPL)[src])  # everything else -> background
+    soft = np.ones(int(src.max()) + 1, bool)
+    soft[[0, *SPL.values()]] = False
+    assert soft[src].sum() > 1_000_000  # the soft tissues really were there
+    assert {12, 31, 32, 71} <= set(info["dropped_labels"])  # muscles, cruciates, artery
+    assert not set(info["dropped_labels"]) & set(SPL.values())
+    no_ml = np.where(np.isin(out, [S["medial_tibial_cartilage"],
+                                   S["lateral_tibial_cartilage"]]), 0, out)
+    assert infer_side(no_ml, aff, fibula=src == SPL["fibula"]) == ("left", "fibula")
+
+
+def _as_oai_zib(src: np.ndarray) -> np.ndarray:
+    oai = np.zeros(src.shape, np.uint8)
+    for name, value in (("femur", 1), ("femoral_cartilage", 2), ("tibia", 3)):
+        oai[src == PYMSKT[name]] = value
+    oai[np.isin(src, [PYMSKT["medial_tibial_cartilage"], PYMSKT["lateral_tibial_cartilage"]])] = 4
+    return oai
+
+
+def test_oai_zib_single_tibial_label_split_recovers_medial_lateral(pymskt):
+    src, aff = pymskt.array, pymskt.geometry.affine
+    oai = _as_oai_zib(src)
+    out, info = to_default_scheme(oai, load_mapping("oai_zib"), aff, side="right")
+    assert info["tibial_split"] and info["side_source"] == "argument"
+    assert _agreement(out, src, PYMSKT["medial_tibial_cartilage"],
+                      PYMSKT["lateral_tibial_cartilage"]) > 0.95
+    # the wrong side swaps the plates: the split really uses the side
+    wrong, _ = to_default_scheme(oai, load_mapping("oai_zib"), aff, side="left")
+    assert _agreement(wrong, src, PYMSKT["medial_tibial_cartilage"],
+                      PYMSKT["lateral_tibial_cartilage"]) < 0.05
+    # no side, no header, no fibula: a clear error, not a guess
+    with pytest.raises(InputError, match="cannot tell the knee side.*--side") as info:
+        to_default_scheme(oai, load_mapping("oai_zib"), aff, path=pymskt.path)
+    assert str(pymskt.path) in str(info.value)
+
+
+def test_tibial_split_with_touching_plates_and_side_from_fibula(pymskt, tmp_path):
+    """One connected tibial label (plates bridged) falls back to the sparsest-plane split;
+    the side comes from a fibula label of a user mapping file."""
+    src, aff = pymskt.array, pymskt.geometry.affine
+    oai = _as_oai_zib(src)
+    oai[src == PYMSKT["fibula"]] = 8
+    c_med = np.argwhere(src == PYMSKT["medial_tibial_cartilage"]).mean(axis=0)
+    c_lat = np.argwhere(src == PYMSKT["lateral_tibial_cartilage"]).mean(axis=0)
+    for t in np.linspace(0.0, 1.0, 400):  # a 3-voxel-thick bridge between the plates
+        i, j, k = np.round(c_med + (c_lat - c_med) * t).astype(int)
+        oai[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2] = 4
+    import cc3d
+
+    assert cc3d.connected_components((oai == 4).astype(np.uint8)).max() == 1
+    mapping_file = tmp_path / "oai_with_fibula.yaml"
+    mapping_file.write_text("name: oai_fib\nmap:\n  1: femur\n  2: femoral_cartilage\n"
+                            "  3: tibia\n  4: tibial_cartilage\n  8: fibula\n")
+    out, info = to_default_scheme(oai, load_mapping(str(mapping_file)), aff)
+    assert (info["side"], info["side_source"]) == ("right", "fibula")
+    assert _agreement(out, src, PYMSKT["medial_tibial_cartilage"],
+                      PYMSKT["lateral_tibial_cartilage"]) > 0.95
+
+
+def test_spl_merged_tibial_label_split_left_knee(spl):
+    src, aff = spl.array, spl.geometry.affine
+    merged = np.where(src == SPL["medial_tibial_cartilage"], SPL["lateral_tibial_cartilage"], src)
+    base = load_mapping("spl_knee_atlas")
+    mapping = replace(base, map={**{k: v for k, v in base.map.items()
+                                    if k != SPL["medial_tibial_cartilage"]},
+                                 SPL["lateral_tibial_cartilage"]: "tibial_cartilage"})
+    out, info = to_default_scheme(merged, mapping, aff)
+    assert (info["side"], info["side_source"]) == ("left", "fibula")
+    assert _agreement(out, src, SPL["medial_tibial_cartilage"],
+                      SPL["lateral_tibial_cartilage"]) > 0.95
+
+
+def test_unknown_label_values_are_a_clear_error(pymskt):
+    src = pymskt.array.copy()
+    src[0, 0, 0] = 42
+    src[0, 0, 1] = 17
+    with pytest.raises(InputError, match=r"unknown label values \[17, 42\] for label scheme "
+                                         r"'pymskt_dess'") as info:
+        to_default_scheme(src, load_mapping("pymskt_dess"), pymskt.geometry.affine,
+                          path=pymskt.path)
+    assert str(info.value).startswith(str(pymskt.path))
+    # the default cartiq scheme hints at --labels (pymskt's 8 = fibula is not a cartiq label)
+    small = np.zeros((4, 4, 4), np.uint16)
+    small[1, 1, 1] = 11
+    with pytest.raises(InputError, match=r"unknown label values \[11\].*--labels"):
+        to_default_scheme(small, load_mapping(None), np.eye(4), side="right")
+
+
+def test_bad_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="unknown label mapping 'nope'.*oai_zib"):
+        load_mapping("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("map:\n  1: femur\n  2: cartilage_of_doom\n")
+    with pytest.raises(ConfigError, match="maps to unknown structure 'cartilage_of_doom'"):
+        load_mapping(str(bad))
+    bad.write_text("map:\n  one: femur\n")
+    with pytest.raises(ConfigError, match="'one' is not an integer"):
+        load_mapping(str(bad))
+    bad.write_text("map: [1, 2]\n")
+    with pytest.raises(ConfigError, match="needs a 'map'"):
+        load_mapping(str(bad))
