@@ -49,6 +49,8 @@ class TrainConfig(Strict):
     synth: SynthConfig = SynthConfig()
     label_mappings: dict[str, str] = Field(default_factory=lambda: {"*": "cartiq"},
         description="file-name glob -> label mapping of the training label maps")
+    sample_weights: dict[str, float] = Field(default_factory=dict,
+        description="file-name glob -> relative sampling weight of a training map (default 1)")
     epochs: int = Field(20, ge=1)
     iterations_per_epoch: int = Field(200, ge=1)
     crops_per_batch: int = Field(2, ge=1)
@@ -136,6 +138,12 @@ class _Batcher:
         self.cfg, self.samples = cfg, samples
         self.renderer = Renderer(cfg.synth, seed=seed)
         self.dims = cfg.network.spatial_dims
+        w = []
+        for smp in samples:
+            hits = [(len(p), v) for p, v in cfg.sample_weights.items()
+                    if fnmatch.fnmatch(smp.name, p)]
+            w.append(max(hits)[1] if hits else 1.0)
+        self.weights = torch.tensor(w, dtype=torch.float64)
 
     def crop_shape(self) -> tuple[int, int, int]:
         ps = self.cfg.input.patch_size
@@ -157,8 +165,8 @@ class _Batcher:
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         imgs, labs = [], []
         for _ in range(self.cfg.crops_per_batch):
-            s = self.samples[int(torch.randint(len(self.samples), (1,),
-                                               generator=self.renderer.gen))]
+            s = self.samples[int(torch.multinomial(self.weights, 1,
+                                                   generator=self.renderer.gen))]
             img, lab = self._one(s)
             if self.dims == 2:
                 k = self.cfg.slices_per_crop
