@@ -24,7 +24,7 @@ from pipeline.io import atomic_write_text
 from pipeline.labels import PLATES
 from pipeline.report import ReportResult, _guarded, esc, html_page, html_table, png_data_uri
 
-__all__ = ["cohort_report", "change_per_knee", "PANELS"]
+__all__ = ["cohort_report", "change_per_knee", "grouped", "n_table", "PANELS"]
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +99,36 @@ def change_per_knee(change: pd.DataFrame, mocart: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["subject_id", "timepoint", "measure", "structure", "change"])
 
 
-def _group_figure(values: pd.DataFrame, info: dict[str, dict[str, Any]], by: str) -> str:
-    from matplotlib.figure import Figure
-
+def grouped(values: pd.DataFrame, info: dict[str, dict[str, Any]], by: str) -> pd.DataFrame:
+    """``values`` with a ``group`` column: the subject's arm or stage group (@ timepoint
+    when there are several follow-up timepoints)."""
     v = values.copy()
     v["group"] = v["subject_id"].map(lambda s: str(info.get(str(s), {}).get(by) or
                                                    ("unspecified" if by == "arm" else "unknown")))
-    several = v["timepoint"].nunique() > 1
-    if several:
+    if v["timepoint"].nunique() > 1:
         v["group"] = v["group"] + " @ " + v["timepoint"].astype(str)
+    return v
+
+
+def n_table(values: pd.DataFrame, info: dict[str, dict[str, Any]], by: str) -> list[dict[str, Any]]:
+    """Rows: group; columns: n knees with a finite change per panel measure."""
+    v = grouped(values, info, by)
+    v = v[np.isfinite(pd.to_numeric(v["change"], errors="coerce"))]
+    rows = []
+    for g, sub in v.groupby("group"):
+        row: dict[str, Any] = {by: g}
+        for measure, structure, _ in PANELS:
+            row[f"{measure} {structure}"] = int(((sub["measure"] == measure) &
+                                                 (sub["structure"] == structure)).sum())
+        row["mocart_followup repair sites"] = int((sub["measure"] == "mocart_followup").sum())
+        rows.append(row)
+    return rows
+
+
+def _group_figure(values: pd.DataFrame, info: dict[str, dict[str, Any]], by: str) -> str:
+    from matplotlib.figure import Figure
+
+    v = grouped(values, info, by)
     groups = sorted(v["group"].unique(), key=lambda g: ({"early": 0, "late": 1}.get(g.split(" @ ")[0], 2), g))
     ncol = 4
     nrow = int(np.ceil(len(PANELS) / ncol))
@@ -158,11 +179,11 @@ def cohort_report(out_dir: Path, *, out: Path | None = None) -> ReportResult:
     if len(counts):
         tab = counts.groupby(["arm", "stage_group"]).size().reset_index(name="subjects")
         sections.append("<h2>Subjects per arm and stage group</h2>" + html_table(tab.to_dict("records")))
-    sections.append("<h2>Change by treatment arm</h2>")
-    sections.append(_guarded(errors, "plots by arm", lambda: _group_figure(values, info, "arm")))
-    sections.append("<h2>Change by stage group</h2>")
-    sections.append(_guarded(errors, "plots by stage group",
-                             lambda: _group_figure(values, info, "stage_group")))
+    for by, label in (("arm", "treatment arm"), ("stage_group", "stage group")):
+        sections.append(f"<h2>Change by {label}</h2>")
+        sections.append(_guarded(errors, f"plots by {label}", lambda by=by: _group_figure(values, info, by)))
+        sections.append(f"<details><summary>n per {label} and measure</summary>"
+                        + html_table(n_table(values, info, by)) + "</details>")
     if len(summary):
         sections.append("<h2>Summary table (cohort_summary.csv)</h2>" + html_table(
             summary.to_dict("records"), highlight=lambda r: r.get("arm") == "all"))

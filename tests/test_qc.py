@@ -1,0 +1,199 @@
+"""QC flags, slice-view orientation, plate-map projections and qc.png on the phantom."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.io import Geometry
+from pipeline.labels import default_scheme
+from pipeline.qc import QCConfig, qc_checks, registration_flag, write_qc
+from pipeline.qcmaps import Projector, _plane, plate_map_from_points, plate_views, projector_for
+
+S = default_scheme()
+SPACING = (0.8, 0.8, 1.5)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    from pipeline.phantom import PhantomSpec, make_phantom
+
+    return make_phantom(PhantomSpec(seed=3, spacing_mm=SPACING))
+
+
+@pytest.fixture(scope="module")
+def measured(phantom, tmp_path_factory):
+    from pipeline.measure import run_measure
+    from pipeline.phantom import write_phantom
+
+    root = tmp_path_factory.mktemp("qc")
+    paths = write_phantom(phantom, root / "in")
+    return run_measure(paths["image"], paths["seg"], root / "out")
+
+
+def codes(flags, structure=None):
+    return sorted(f.code for f in flags if structure is None or f.structure == structure)
+
+
+# ------------------------------------------------------------------------- flags
+
+
+def test_clean_phantom_has_no_flags(phantom):
+    lab, g = phantom.labels.array, phantom.labels.geometry
+    assert qc_checks(lab, g, side=phantom.truth.get("side", "right")) == []
+
+
+def test_empty_and_tiny_plates(phantom):
+    lab = phantom.labels.array.copy()
+    g = phantom.labels.geometry
+    lab[lab == S["patellar_cartilage"]] = 0
+    med = np.argwhere(lab == S["medial_tibial_cartilage"])
+    lab[tuple(med[20:].T)] = 0  # 20 voxels left
+    flags = qc_checks(lab, g)
+    empty = [f for f in flags if f.code == "plate_empty"]
+    assert [f.structure for f in empty] == ["patellar_cartilage"] and empty[0].severity == "error"
+    small = [f for f in flags if f.code == "plate_small"]
+    assert [f.structure for f in small] == ["medial_tibial_cartilage"]
+    assert small[0].value == pytest.approx(20 * g.voxel_volume_mm3)
+
+
+def test_swapped_tibial_plates_and_wrong_side(phantom):
+    lab = phantom.labels.array.copy()
+    med, lat = lab == S["medial_tibial_cartilage"], lab == S["lateral_tibial_cartilage"]
+    lab[med], lab[lat] = S["lateral_tibial_cartilage"], S["medial_tibial_cartilage"]
+    flags = qc_checks(lab, phantom.labels.geometry, side="right")
+    assert codes(flags) == ["position"]
+    assert flags[0].structure == "lateral_tibial_cartilage"
+    # the original labels are fine for a right knee but not for a left one
+    assert codes(qc_checks(phantom.labels.array, phantom.labels.geometry, side="left")) == ["position"]
+
+
+def test_cartilage_away_from_bone(phantom):
+    lab = phantom.labels.array.copy()
+    g = phantom.labels.geometry
+    pc = lab == S["patellar_cartilage"]
+    lab[pc] = 0
+    shift = int(np.ceil(15 / g.spacing[0]))
+    lab[np.roll(pc, shift, axis=0) & (lab == 0)] = S["patellar_cartilage"]
+    flags = [f for f in qc_checks(lab, g) if f.code == "not_adjacent"]
+    assert [f.structure for f in flags] == ["patellar_cartilage"]
+    assert flags[0].severity == "error"
+
+
+def test_border_and_bml_outside_bone(phantom):
+    lab = phantom.labels.array.copy()
+    lab[0, 5:12, 3] = S["femoral_cartilage"]  # 7 voxels on the i=0 face
+    lab[-3:, -3:, -3:] = S["bone_marrow_lesion"]  # in the air, touching the border
+    flags = qc_checks(lab, phantom.labels.geometry)
+    border = {f.structure: f.value for f in flags if f.code == "border"}
+    assert border["femoral_cartilage"] == 7
+    assert border["bone_marrow_lesion"] == 3 * 3 * 3 - 8  # voxels on the outer faces
+    assert any(f.code == "not_adjacent" and f.structure == "bone_marrow_lesion" for f in flags)
+
+
+def test_thickness_out_of_range(phantom):
+    lab, g = phantom.labels.array, phantom.labels.geometry
+    thick = np.where(lab == S["femoral_cartilage"], 6.0, 0.0).astype(np.float32)
+    thick[lab == S["medial_tibial_cartilage"]] = 2.0
+    flags = qc_checks(lab, g, thickness=thick)
+    tr = [f for f in flags if f.code == "thickness_range"]
+    assert [f.structure for f in tr] == ["femoral_cartilage"] and tr[0].value == pytest.approx(6.0)
+    cfg = QCConfig(max_mean_thickness_mm=7.0)
+    assert not [f for f in qc_checks(lab, g, thickness=thick, config=cfg) if f.code == "thickness_range"]
+
+
+def test_registration_flag():
+    assert registration_flag(0.4) == []
+    assert registration_flag(float("nan")) == []
+    (f,) = registration_flag(1.7)
+    assert f.code == "registration" and f.value == pytest.approx(1.7)
+    assert registration_flag(1.7, QCConfig(max_registration_residual_mm=2.0)) == []
+
+
+# ------------------------------------------------------------------------- views / maps
+
+
+def _directions():
+    out = []
+    for perm in itertools.permutations(range(3)):
+        for signs in itertools.product((1, -1), repeat=3):
+            m = np.zeros((3, 3))
+            for a, (w, s) in enumerate(zip(perm, signs)):
+                m[w, a] = s
+            out.append(m)
+    return out[::5]  # a spread of permutations and flips
+
+
+@pytest.mark.parametrize("m", _directions())
+def test_views_are_radiological(m):
+    """Top = superior (axial: anterior), left = patient right (sagittal: anterior)."""
+    g = Geometry(shape=(6, 7, 8), spacing=(1.0, 0.5, 2.0), origin=(3.0, -2.0, 1.0),
+                 direction=tuple(m.ravel()))
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in g.shape], indexing="ij"), -1).reshape(-1, 3)
+    world = g.index_to_world(idx).reshape(*g.shape, 3)
+    views = {v.name: v for v in plate_views(g)}
+    assert set(views) == {"sagittal", "coronal", "axial"}
+    for name, (vert, vsign, horiz) in {"sagittal": (2, -1, 1), "coronal": (2, -1, 0),
+                                       "axial": (1, 1, 0)}.items():
+        v = views[name]
+        pv = _plane(world[..., vert], v, 1)
+        ph = _plane(world[..., horiz], v, 1)
+        assert np.all(np.sign(np.diff(pv, axis=0)) == vsign)  # down the rows
+        assert np.all(np.diff(ph, axis=1) > 0)  # left to right: R->L (x) or A->P (y)
+
+
+def test_femur_projector_angles_and_centre():
+    rng = np.random.default_rng(0)
+    ang = np.radians(rng.uniform(-30, 200, 400))  # anterior .. past posterior
+    y0, z0, r = 5.0, -12.0, 21.0
+    pts = np.column_stack([rng.uniform(-20, 20, 400), y0 - r * np.cos(ang), z0 - r * np.sin(ang)])
+    proj = projector_for("femoral_cartilage", pts)
+    assert proj.centre_yz == pytest.approx((y0, z0), abs=1e-6)
+    _, deg = proj(np.array([[0, y0 - r, z0], [0, y0, z0 - r], [0, y0 + r, z0]]))
+    assert deg == pytest.approx([0.0, 90.0, 180.0])
+
+
+def test_plate_map_bins_mean_and_gap_fill():
+    xs, ys = np.meshgrid(np.arange(0.25, 20, 0.5), np.arange(0.25, 10, 0.5), indexing="ij")
+    pts = np.column_stack([xs.ravel(), ys.ravel(), np.zeros(xs.size)])
+    vals = 1.0 + 0.1 * (pts[:, 0] > 10)
+    vals[(np.abs(pts[:, 0] - 5.25) < 0.3) & (np.abs(pts[:, 1] - 5.25) < 0.3)] = np.nan  # a hole
+    pm = plate_map_from_points("medial_tibial_cartilage", pts, vals, Projector("axial"), bin_mm=1.0)
+    inner = pm.grid[np.isfinite(pm.grid)]
+    assert set(np.round(np.unique(inner), 6)) <= {1.0, 1.1, 1.05}
+    assert np.isfinite(pm.grid).sum() == 20 * 10  # 1 mm bins over 20 x 10 mm, hole filled
+
+
+# ------------------------------------------------------------------------- files
+
+
+@pytest.mark.slow
+def test_write_qc_on_measured_phantom(measured):
+    out = measured.out_dir
+    qc = measured.manifest["qc"]
+    assert qc["status"] == "pass" and qc["figure"] == "qc.png" and qc["figure_errors"] == []
+    from matplotlib.image import imread
+
+    img = imread(out / "qc.png")
+    assert img.shape[0] > 800 and img.shape[1] > 1000
+    assert img[..., :3].std() > 0.1  # not blank
+    assert json.loads((out / "manifest.json").read_text())["qc"]["n_flags"] == 0
+    # from the files alone, with a residual above the limit
+    again = write_qc(out, registration_residual_mm=2.5)
+    assert [f.code for f in again.flags] == ["registration"] and again.status == "warn"
+
+
+@pytest.mark.slow
+def test_plot_failure_keeps_flags(measured, monkeypatch):
+    import pipeline.qc as qc_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("no canvas")
+
+    monkeypatch.setattr(qc_mod, "_qc_figure", boom)
+    res = write_qc(measured.out_dir, registration_residual_mm=3.0)
+    assert res.figure is None and res.errors == ["RuntimeError: no canvas"]
+    assert res.to_json()["flags"][0]["code"] == "registration"
