@@ -502,6 +502,25 @@ class LazyDiameters:
         self.cache[i] = feret_diameter_mm(pts, float(np.mean(self.geometry.spacing)))
         return self.cache[i]
 
+    def in_bone(self, labels: np.ndarray, bone_value: int) -> list[int]:
+        """Components whose 1-voxel shell touches ``bone_value`` more than any other label."""
+        out = []
+        for i, box in enumerate(self.boxes, start=1):
+            if box is None:
+                continue
+            big = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+            comp = self.cc[big] == i
+            shell = ndimage.binary_dilation(comp) & ~comp
+            vals, counts = np.unique(labels[big][shell], return_counts=True)
+            keep = vals != 0
+            if keep.any() and vals[keep][np.argmax(counts[keep])] == bone_value:
+                out.append(i)
+        return out
+
+    def only(self, ids: list[int]) -> dict[int, float]:
+        """Diameters of the given components (a plain dict)."""
+        return {i: self.get(i) for i in ids}
+
 
 def plate_near(labels: np.ndarray, geom: Geometry, idx: np.ndarray, search_mm: float
                 ) -> str | None:

@@ -303,13 +303,14 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
         plate = plate_near(labels, geom, idx, p.plate_search_mm)
     if plate is None or plate not in scheme.plates:
         return _unscorable(cfg, sid, None, source, "site outside any cartilage plate")
-    bone_vals = [scheme[scheme.plates[plate]], scheme["bone_marrow_lesion"]]
+    bone_val = scheme[scheme.plates[plate]]
+    own_bml = comps["bml"][1].in_bone(labels, bone_val) if "bml" in comps else []
     plate_val = scheme[plate]
     if r_site > p.max_site_radius_mm:
         return _unscorable(cfg, sid, plate, source, f"site radius {r_site:.1f} mm > "
                            f"max_site_radius_mm {p.max_site_radius_mm}")
     R = r_site + p.ring_gap_mm + p.ring_width_mm + 2 * p.grid_mm
-    normal = bone_normal(labels, geom, center, R, bone_vals, plate_val)
+    normal = bone_normal(labels, geom, center, R, [bone_val], plate_val)
     if normal is None:
         return _unscorable(cfg, sid, plate, source, "no bone surface with cartilage near the site")
     frame = make_frame(center, normal)
@@ -317,7 +318,13 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
     def indicator(values: list[int]):
         return lambda sl: np.isin(labels[sl], values).astype(np.float32)
 
-    arrays: dict[str, Any] = {"bone": (indicator(bone_vals), 1),
+    def bone_ind(sl: tuple[slice, ...]) -> np.ndarray:   # the bone and its own BMLs
+        ind = labels[sl] == bone_val
+        if own_bml:
+            ind |= np.isin(comps["bml"][0][sl], own_bml)
+        return ind.astype(np.float32)
+
+    arrays: dict[str, Any] = {"bone": (bone_ind, 1),
                               "cart": (indicator([plate_val]), 1)}
     if image is not None:
         arrays["image"] = (lambda sl: image.array[sl].astype(np.float32), 1)
@@ -334,7 +341,8 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
     if not foot.any():
         return _unscorable(cfg, sid, plate, source, "site footprint is empty")
     m, ev = site_measures(cols, prof, foot, p, has_image=image is not None,
-                          diameters={k: v[1] for k, v in comps.items()},
+                          diameters={"bml": comps["bml"][1].only(own_bml) if own_bml else {},
+                                     **({"cyst": comps["cyst"][1]} if "cyst" in comps else {})},
                           voxel_volume_mm3=geom.voxel_volume_mm3)
     ev.update({"frame_center_lps_mm": [round(float(x), 3) for x in center],
                "frame_normal_lps": [round(float(x), 5) for x in normal],

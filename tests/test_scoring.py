@@ -243,3 +243,32 @@ def test_cli_no_sites(tmp_path):
 def test_cli_not_a_scan_folder(tmp_path, capsys):
     assert _cli("score", tmp_path, "-o", tmp_path / "out") == 2
     assert "manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_project_phantom_measure_then_score(tmp_path):
+    """End to end on the project's knee phantom: measure finds the defects, score grades them."""
+    from pipeline.measure import run_measure
+    from pipeline.phantom import PhantomSpec, make_phantom, write_phantom
+
+    ph = make_phantom(PhantomSpec(seed=0))
+    paths = write_phantom(ph, tmp_path / "ph")
+    run_measure(paths["image"], paths["seg"], tmp_path / "scan")
+    assert _cli("score", tmp_path / "scan", "-o", tmp_path / "out") == 0
+    rows = _read_csv(tmp_path / "out" / "mocart.csv")
+    by_site: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_site.setdefault(r["site_id"], {})[r["item"]] = r
+    doc = json.loads((tmp_path / "out" / "mocart.json").read_text())
+    plates = {str(s["site_id"]): s["plate"] for s in doc["sites"]}
+    fem = [by_site[k] for k, p in plates.items() if p == "femoral_cartilage"]
+    tib = [by_site[k] for k, p in plates.items() if p == "lateral_tibial_cartilage"]
+    assert fem and tib
+    # the femoral full-thickness defect is empty: no fill, BML (10 mm) under an 8 mm defect
+    f = max(fem, key=lambda s: float(s["subchondral"]["value"]))
+    assert f["volume_fill"]["points"] == "0" and float(f["volume_fill"]["value"]) < 15
+    assert f["subchondral"]["category"].startswith("severe")
+    assert f["bony_defect"]["points"] == "10"
+    # the tibial partial defect keeps 40% of the thickness (depth fraction 0.6)
+    t = min(tib, key=lambda s: float(s["volume_fill"]["value"]))
+    assert 30 <= float(t["volume_fill"]["value"]) <= 50 and t["volume_fill"]["points"] == "5"
