@@ -33,7 +33,7 @@ import numpy as np
 from pipeline.errors import ConfigError
 from pipeline.io import Geometry, Volume, atomic_write_text, write_volume
 from pipeline.labels import default_scheme
-from pipeline.phantom_truth import KneeModel, plate_truth
+from pipeline.phantom_truth import KneeModel, meniscus_volumes, plate_truth
 
 __all__ = ["PhantomSpec", "Phantom", "make_phantom", "write_phantom", "ORIENTATIONS",
            "knee_model", "grid_geometry", "world_to_model", "model_to_world",
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 ORIENTATIONS = ("oblique_sagittal", "sagittal", "coronal", "axial")
 TRUTH_STEP_MM = 0.1
+# |thickness_mean(h=0.1) - thickness_mean(h=0.05)|, max over the default plates (measured)
+TRUTH_SAMPLING_ERROR_MM = 0.0005
 # direction-matrix columns (world directions of index axes i, j, k); the slice axis is k
 _BASE_DIRECTIONS = {
     "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (-1.0, 0.0, 0.0)),
@@ -317,6 +319,8 @@ def _truth(spec: PhantomSpec, m: KneeModel, geo: Geometry, labels: np.ndarray) -
         "seed": spec.seed,
         "side": spec.side,
         "orientation": spec.orientation,
+        "spacing_mm": list(geo.spacing),
+        "direction": list(geo.direction),
         "geometry": geo.to_json(),
         "rotation_deg": list(spec.rotation_deg),
         "translation_mm": list(spec.translation_mm),
@@ -328,7 +332,11 @@ def _truth(spec: PhantomSpec, m: KneeModel, geo: Geometry, labels: np.ndarray) -
         "defects": defects,
         "lesions": lesions,
         "bone_marrow_lesion_label_volume_mm3": float(n_bml * vv),
+        "menisci": {name: {"volume_mm3": vol,
+                           "label_volume_mm3": float(np.count_nonzero(labels == scheme[name]) * vv)}
+                    for name, vol in meniscus_volumes(m).items()},
         "truth_sampling_step_mm": TRUTH_STEP_MM,
+        "truth_sampling_error_mm": TRUTH_SAMPLING_ERROR_MM,
         "spec": spec.to_dict(),
     }
 

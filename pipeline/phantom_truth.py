@@ -42,7 +42,7 @@ import numpy as np
 
 from pipeline.labels import default_scheme
 
-__all__ = ["KneeModel", "plate_truth", "slab_thickness_samples"]
+__all__ = ["KneeModel", "plate_truth", "slab_thickness_samples", "meniscus_volumes"]
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +380,23 @@ def plate_truth(m: KneeModel, h: float = 0.1) -> dict[str, dict[str, float]]:
     _, d = slab_thickness_samples(pa, pb, m.T_p, h)
     out["patellar_cartilage"] = _plate_row(m.T_p, d, math.pi * pa * pb, 0.0,
                                            math.pi * pa * pb * m.T_p)
+    return out
+
+
+def meniscus_volumes(m: KneeModel) -> dict[str, float]:
+    """Analytic volume (mm3) of each meniscus wedge ring (0 when disabled).
+
+    V = 2 pi a b  int_1^S s h(s) ds,  h(s) = T + (s - 1) (H - T) / (S - 1).
+    """
+    if not m.menisci:
+        return {"medial_meniscus": 0.0, "lateral_meniscus": 0.0}
+    a, b = m.plate_axes
+    S, H = MENISCUS_OUTER_SCALE, m.meniscus_height
+    out = {}
+    for name, T in (("medial_meniscus", m.T_mt), ("lateral_meniscus", m.T_lt)):
+        k = (H - T) / (S - 1.0)
+        integral = T * (S ** 2 - 1) / 2 + k * ((S ** 3 - 1) / 3 - (S ** 2 - 1) / 2)
+        out[name] = 2 * math.pi * a * b * integral
     return out
 
 

@@ -95,6 +95,8 @@ def test_label_volumes_match_analytic_volumes(default_phantom):
     for name in PLATES:
         row = truth["plates"][name]
         assert row["label_volume_mm3"] == pytest.approx(row["volume_mm3"], rel=0.02), name
+    for name, row in truth["menisci"].items():
+        assert row["label_volume_mm3"] == pytest.approx(row["volume_mm3"], rel=0.02), name
     s = default_scheme()
     lab = default_phantom.labels.array
     bml, n = ndimage.label(lab == s["bone_marrow_lesion"])
