@@ -61,7 +61,8 @@ class RegistrationConfig(Strict):
     work_spacing_mm: float = Field(1.0, gt=0, le=4,
         description="the distance maps are registered on an isotropic grid of this spacing")
     iterations: int = Field(300, ge=10)
-    sampling_fraction: float = Field(0.25, gt=0, le=1)
+    metric_samples: int = Field(20000, ge=1000,
+        description="random metric samples per iteration (inside the metric band)")
     intensity_refinement: bool = True
     intensity_band_mm: float = Field(4.0, gt=0)
     intensity_keep_tolerance_mm: float = Field(0.02, ge=0,
@@ -95,6 +96,10 @@ class BoneRegistration:
     def map_points(self, followup_points: np.ndarray) -> np.ndarray:
         """Follow-up world points (N, 3) to baseline world (N, 3)."""
         return apply_matrix(self.matrix, followup_points)
+
+    def map_points_inverse(self, baseline_points: np.ndarray) -> np.ndarray:
+        """Baseline world points (N, 3) to follow-up world (N, 3)."""
+        return apply_matrix(np.linalg.inv(self.matrix), baseline_points)
 
     def to_json(self) -> dict[str, Any]:
         m = self.matrix
@@ -315,26 +320,33 @@ def _register_stage(fixed, moving, init, *, metric: str, fixed_mask, moving_mask
     else:
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(cfg.sampling_fraction, cfg.seed)
+    n_mask = max(float(np.count_nonzero(sitk.GetArrayViewFromImage(fixed_mask))), 1.0)
+    levels = len(sigmas)
+    # fewer samples on the coarse levels (a shrunk grid has fewer voxels anyway)
+    frac = [min(1.0, cfg.metric_samples / n_mask / 2 ** (levels - 1 - i)) for i in range(levels)]
+    reg.SetMetricSamplingPercentagePerLevel([float(f) for f in frac], cfg.seed)
     reg.SetMetricFixedMask(fixed_mask)
     if moving_mask is not None:
         reg.SetMetricMovingMask(moving_mask)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=learning_rate, minStep=1e-3, numberOfIterations=iterations,
-        relaxationFactor=0.6, gradientMagnitudeTolerance=1e-8)
+        learningRate=learning_rate, minStep=5e-3, numberOfIterations=iterations,
+        relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetShrinkFactorsPerLevel(shrink or [1] * len(sigmas))
     reg.SetSmoothingSigmasPerLevel(sigmas)
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
     reg.SetInitialTransform(sitk.Euler3DTransform(init), inPlace=False)
+    count = [0]
+    reg.AddCommand(sitk.sitkIterationEvent, lambda: count.__setitem__(0, count[0] + 1))
     try:
         out = reg.Execute(fixed, moving)
     except RuntimeError as exc:
         return None, float("inf"), f"failed: {str(exc).strip().splitlines()[-1][:200]}"
     tx = out.GetNthTransform(0) if hasattr(out, "GetNthTransform") and \
         out.GetName() == "CompositeTransform" else out
-    return sitk.Euler3DTransform(tx), reg.GetMetricValue(), reg.GetOptimizerStopConditionDescription()
+    stop = f"{reg.GetOptimizerStopConditionDescription()} ({count[0]} iterations in all levels)"
+    return sitk.Euler3DTransform(tx), reg.GetMetricValue(), stop
 
 
 # ----------------------------------------------------------------------------- public API
@@ -389,7 +401,7 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
         init.SetTranslation(tuple(float(v) for v in (c_m - c_f)))
         tx, val, stop = _register_stage(fixed, moving, init, metric="meansquares",
                                         fixed_mask=fixed_mask, moving_mask=moving_mask, cfg=cfg,
-                                        sigmas=[2.0, 1.0, 0.0], learning_rate=4.0,
+                                        sigmas=[2.0, 1.0, 0.0], learning_rate=2.0,
                                         iterations=cfg.iterations, shrink=[4, 2, 1])
         tried[name] = {"metric": None if tx is None else round(float(val), 5), "stop": stop}
         if tx is not None and (best is None or val < best[1]):
