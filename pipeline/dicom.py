@@ -88,6 +88,10 @@ def _select(series: list[SeriesInfo], folder: Path, wanted: str | None) -> Serie
 
 def _sorted_files(items: list[tuple[Path, Any]], folder: Path) -> list[Path]:
     iop = np.asarray(items[0][1].ImageOrientationPatient, dtype=float)
+    for _, ds in items:
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), iop, atol=1e-3):
+            raise InputError("DICOM series mixes slice orientations (a localizer?); choose "
+                             "a series with --series", folder)
     normal = np.cross(iop[:3], iop[3:])
     pos = np.array([np.dot(normal, np.asarray(ds.ImagePositionPatient, float)) for _, ds in items])
     order = np.argsort(pos, kind="stable")

@@ -206,10 +206,9 @@ def test_cli_fetch_reads_env_mirror(mirror, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("CARTIQ_DATA_MIRROR", str(mirror))
     with pytest.raises(SystemExit) as ex:
-        # -q: the INFO log lines must not mix with the printed paths
-        main(["-q", "fetch", "pymskt_dess_labels", "dicom_single", "--cache", str(tmp_path)])
+        main(["fetch", "pymskt_dess_labels", "dicom_single", "--cache", str(tmp_path)])
     assert ex.value.code == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    out = capsys.readouterr().out.strip().splitlines()  # log lines go to stderr
     assert out == [str(tmp_path / "labels" / "pymskt_dess_right_label.nrrd"),
                    str(tmp_path / "dicom_single" / "DICOM_KNEE.dcm")]
 

@@ -366,10 +366,24 @@ def test_cli_measure_bad_input_one_line_exit_2(bad_inputs, tmp_path, capfd, case
     out = tmp_path / "out"
     capfd.readouterr()
     with pytest.raises(SystemExit) as ex:
-        main(["-q", "measure", str(image), "--seg", str(labels), "-o", str(out)])
+        main(["measure", str(image), "--seg", str(labels), "-o", str(out)])
     assert ex.value.code == 2
     err = [ln for ln in capfd.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1, err
     assert err[0].startswith("cartiq: error: ") and str(named) in err[0]
     assert not (out / "manifest.json").exists()
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_mixed_slice_orientations_are_rejected(sample, tmp_path):
+    folder = tmp_path / "tilted"
+    folder.mkdir()
+    files = sorted(sample("pymskt_mese_t2").iterdir())[:24]  # 3 slice positions x 8 echoes
+    for n, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        if n == 8:  # one slice of echo 1 tilted by ~6 degrees
+            ds.ImageOrientationPatient = [0.0, 0.995, -0.0998, 0.0, 0.0998, 0.995]
+        ds.save_as(folder / f.name)
+    with pytest.raises(InputError, match="mixes slice orientations"):
+        read_volume(folder)
+    assert read_volume(folder, echo=2).geometry.shape == (256, 256, 3)
