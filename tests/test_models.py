@@ -1,0 +1,171 @@
+"""Model packages: metadata schema, sha256 check, registry, external formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import ModelError
+from pipeline.io import sha256_file
+from pipeline.models import (DEFAULT_MODEL, MODELS_DIR, build_network, list_models, load_model,
+                             model_info, read_metadata, resolve_model)
+from pipeline.synth import MODEL_CLASSES
+
+LABELS = {i: n for i, n in enumerate(MODEL_CLASSES) if n != "background"}
+
+
+def tiny_spec(in_channels: int = 1, dims: int = 2) -> dict:
+    return {"name": "UNet", "spatial_dims": dims, "in_channels": in_channels,
+            "out_channels": len(MODEL_CLASSES),
+            "kwargs": {"channels": [4, 8], "strides": [2], "num_res_units": 0}}
+
+
+def make_package(folder: Path, *, in_channels: int = 1, dims: int = 2, seed: int = 0,
+                 name: str = "tiny", sha: bool = True) -> Path:
+    """A small but valid cartiq model package with random weights."""
+    from pipeline.models import NetworkSpec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    net = build_network(NetworkSpec(**tiny_spec(in_channels, dims)))
+    torch.save(net.state_dict(), folder / "model.pt")
+    meta = {"name": name, "network": tiny_spec(in_channels, dims), "labels": LABELS,
+            "input": {"spacing_mm": [1.0, 1.0, 1.0], "patch_size": [32, 32, 32][:dims]},
+            "weights": "model.pt",
+            "weights_sha256": sha256_file(folder / "model.pt") if sha else None}
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_package_loads_and_verifies_sha(tmp_path):
+    pkg = make_package(tmp_path / "tiny")
+    m = load_model(pkg)
+    assert m.weights_sha256 == sha256_file(pkg / "model.pt")
+    assert m.metadata.labels[4] == "femoral_cartilage"
+    assert not m.network.training
+
+
+def test_sha_mismatch_is_a_clear_error(tmp_path):
+    pkg = make_package(tmp_path / "tiny")
+    data = bytearray((pkg / "model.pt").read_bytes())
+    data[-20] ^= 0xFF
+    (pkg / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        load_model(pkg)
+
+
+def test_missing_or_corrupt_weights(tmp_path):
+    pkg = make_package(tmp_path / "tiny", sha=False)
+    (pkg / "model.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ModelError, match="cannot read weights"):
+        load_model(pkg)
+    (pkg / "model.pt").unlink()
+    with pytest.raises(ModelError, match="missing"):
+        load_model(pkg)
+
+
+def test_weights_that_do_not_fit_the_network(tmp_path):
+    pkg = make_package(tmp_path / "tiny")
+    meta = json.loads((pkg / "metadata.json").read_text())
+    meta["network"]["kwargs"]["channels"] = [8, 16]
+    (pkg / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="do not fit"):
+        load_model(pkg)
+
+
+def test_unknown_model_name_lists_known_ones(tmp_path):
+    make_package(tmp_path / "tiny")
+    with pytest.raises(ModelError, match="unknown model 'nope'.*tiny"):
+        resolve_model("nope", models_dir=tmp_path)
+    assert [m.name for m in list_models(tmp_path)] == ["tiny"]
+
+
+def test_invalid_metadata_is_rejected(tmp_path):
+    pkg = make_package(tmp_path / "tiny")
+    meta = json.loads((pkg / "metadata.json").read_text())
+    meta["labels"]["4"] = "kneecap_cartilage"
+    (pkg / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="unknown structures"):
+        read_metadata(pkg / "metadata.json")
+    meta["labels"]["4"] = "femoral_cartilage"
+    meta["surprise"] = 1
+    (pkg / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="surprise"):
+        read_metadata(pkg / "metadata.json")
+
+
+def test_torchscript_model_with_metadata_file(tmp_path):
+    from pipeline.models import NetworkSpec
+
+    net = build_network(NetworkSpec(**tiny_spec())).eval()
+    ts = torch.jit.trace(net, torch.zeros(1, 1, 32, 32))
+    path = tmp_path / "seg.ts"
+    ts.save(str(path))
+    meta = {"name": "ts", "format": "torchscript", "network": tiny_spec(), "labels": LABELS,
+            "weights": "seg.ts", "weights_sha256": sha256_file(path)}
+    (tmp_path / "seg.json").write_text(json.dumps(meta))
+    m = load_model(path)
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.allclose(m.network(x), net(x), atol=1e-5)
+
+
+def test_monai_bundle_folder(tmp_path):
+    bundle = tmp_path / "bundle"
+    (bundle / "models").mkdir(parents=True)
+    (bundle / "configs").mkdir()
+    (bundle / "configs" / "metadata.json").write_text("{}")
+    from pipeline.models import NetworkSpec
+
+    net = build_network(NetworkSpec(**tiny_spec()))
+    torch.save(net.state_dict(), bundle / "models" / "model.pt")
+    meta = {"name": "bundle", "format": "monai_bundle", "network": tiny_spec(),
+            "labels": LABELS, "weights": "models/model.pt",
+            "weights_sha256": sha256_file(bundle / "models" / "model.pt")}
+    (bundle / "cartiq.json").write_text(json.dumps(meta))
+    m = load_model(bundle)
+    assert m.metadata.format == "monai_bundle"
+
+
+def test_nnunet_without_extra_is_a_clear_error(tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import nnunetv2  # noqa: F401
+        pytest.skip("nnunetv2 is installed")
+    except ImportError:
+        pass
+    folder = tmp_path / "nnunet"
+    (folder / "fold_0").mkdir(parents=True)
+    meta = {"name": "nn", "format": "nnunetv2", "labels": {1: "femur"}}
+    (folder / "cartiq.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="pip install nnunetv2"):
+        load_model(folder)
+
+
+def test_default_model_package_is_complete():
+    meta_path = resolve_model(None)
+    assert meta_path == MODELS_DIR / DEFAULT_MODEL / "metadata.json"
+    meta = read_metadata(meta_path)
+    weights = meta_path.parent / meta.weights
+    assert weights.stat().st_size < 50 * 1024 * 1024
+    assert meta.weights_sha256 == sha256_file(weights)
+    assert (meta_path.parent / "README.md").exists()
+    info = model_info(DEFAULT_MODEL)
+    assert info["card"] and info["network"]["spatial_dims"] == 2
+    assert set(meta.labels.values()) >= {"femur", "tibia", "femoral_cartilage"}
+
+
+def test_dynunet3d_config_builds_and_runs_forward():
+    from pipeline.config import load_config
+    from pipeline.train import TrainConfig
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" /
+                      "train_dynunet3d.yaml", TrainConfig)
+    net = build_network(cfg.network).eval()
+    with torch.no_grad():
+        y = net(torch.zeros(1, 1, 32, 32, 32))
+    assert tuple(y.shape) == (1, len(MODEL_CLASSES), 32, 32, 32)
+    assert np.isfinite(y.numpy()).all()
