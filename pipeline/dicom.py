@@ -52,7 +52,8 @@ def list_series(folder: Path, *, recursive: bool = True) -> list[SeriesInfo]:
     """All image series in (or below) ``folder``, grouped by series then echo."""
     groups: dict[str, SeriesInfo] = {}
     candidates = folder.rglob("*") if recursive else folder.iterdir()
-    for path in sorted(p for p in candidates if p.is_file()):
+    # hidden files are skipped: macOS "._*" resource forks, partial downloads
+    for path in sorted(p for p in candidates if p.is_file() and not p.name.startswith(".")):
         ds = _read_header(path)
         if ds is None or not hasattr(ds, "ImagePositionPatient"):
             continue

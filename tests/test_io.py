@@ -158,6 +158,10 @@ def test_missing_slice_is_rejected(sample, tmp_path):
     _link_all(folder, gap, names=set(names))
     with pytest.raises(InputError, match="not uniform.*missing slices"):
         read_volume(gap)
+    # a hidden copy (macOS resource fork, partial download) is not taken for the slice
+    shutil.copyfile(folder / "E3655S8I081.MR.dcm", gap / "._E3655S8I081.MR.dcm")
+    with pytest.raises(InputError, match="not uniform.*missing slices"):
+        read_volume(gap)
     assert len(read_volume(gap, echo=2).meta["files"]) == 24  # echo 2 is complete
 
 
