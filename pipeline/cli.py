@@ -230,6 +230,42 @@ def score(
 
 # -- commands: longitudinal (compare) --
 
+
+@app.command()
+def compare(
+    baseline: Path = typer.Option(..., "--baseline", help="Finished measure/run output folder "
+                                  "(or an image, with --baseline-seg)."),
+    followup: Path = typer.Option(..., "--followup", help="Finished measure/run output folder "
+                                  "(or an image, with --followup-seg)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
+    baseline_seg: Optional[Path] = typer.Option(None, "--baseline-seg",
+                                                help="Label map of the baseline image."),
+    followup_seg: Optional[Path] = typer.Option(None, "--followup-seg",
+                                                help="Label map of the follow-up image."),
+    labels: Optional[str] = LabelsOpt,
+    side: Optional[str] = SideOpt,
+    sdc: Optional[Path] = typer.Option(None, "--sdc", help="Smallest-detectable-change YAML "
+                                       "(default configs/sdc.yaml)."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Compare even when "
+                                        "the visits do not look like the same knee."),
+) -> None:
+    """Compare a follow-up scan with its baseline: change.csv, change maps, tracking."""
+    from pipeline.longitudinal import compare_inputs, compare_scans, load_compare_config
+
+    _check_side(side)
+    if (baseline_seg is None) != (followup_seg is None):
+        raise click.BadParameter("give both --baseline-seg and --followup-seg, or neither",
+                                 param_hint="--baseline-seg/--followup-seg")
+    cfg = load_compare_config(sdc)
+    if baseline_seg is not None:
+        result = compare_inputs(baseline, baseline_seg, followup, followup_seg, out,
+                                labels=labels, side=side, config=cfg,
+                                allow_mismatch=allow_mismatch)
+    else:
+        result = compare_scans(baseline, followup, out, config=cfg, allow_mismatch=allow_mismatch)
+    log.info("compare %s: results in %s", result.status, result.out_dir)
+    typer.echo(str(result.out_dir))
+
 # -- commands: batch (batch) --
 
 

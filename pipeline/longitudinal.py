@@ -22,7 +22,6 @@ position in the scanner does not move the regions.  See ``docs/longitudinal.md``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -39,10 +38,9 @@ from pipeline.errors import InputError
 from pipeline.io import Volume, read_volume, write_volume
 from pipeline.labels import default_scheme
 from pipeline.register import BoneRegistration, RegistrationConfig, register_visits
-from pipeline.regions import region_parents
 from pipeline.tracking import (DEFECT_TRACKING_COLUMNS, LESION_TRACKING_COLUMNS, MatchingConfig,
-                               PlateMatch, change_summary, match_plate, track_defects,
-                               track_lesions)
+                               PlateMatch, carry_regions, change_summary, match_plate, region_select,
+                               score_defect_sites, track_defects, track_lesions)
 
 __all__ = ["SdcEntry", "SdcConfig", "MismatchConfig", "CompareConfig", "load_compare_config",
            "Visit", "load_visit", "CompareResult", "compare_scans", "compare_inputs",
@@ -207,48 +205,6 @@ def _mismatch(regs: dict[str, BoneRegistration], cfg: MismatchConfig) -> list[st
     return []
 
 
-def _region_select(codes: np.ndarray, region: str) -> np.ndarray:
-    if region == "all":
-        return np.ones(len(codes), dtype=bool)
-    return np.array([c == region or region in region_parents(c) for c in codes], dtype=bool)
-
-
-def _carry_regions(bl, fu, fu_labels: Volume, matches: dict[str, PlateMatch],
-                   max_mm: float) -> tuple[list[dict[str, Any]], set[str]]:
-    """Follow-up measurement rows with the baseline's subregions carried over."""
-    from pipeline.measure import _plate_rows  # same statistics as the measurement stage
-
-    scheme = default_scheme()
-    defects = list(fu.defects)
-    carried_plates, rows = set(), []
-    for name, pf in fu.plates.items():
-        m = matches.get(name)
-        if m is None or not pf.present:
-            continue
-        pb = bl.plates[name]
-        codes = pb.region[m.followup_to_baseline].astype(object)
-        codes[m.followup_distance_mm > max_mm * 5] = ""
-        vox = np.argwhere(fu_labels.array == scheme[name])
-        volume: dict[str, float] = {}
-        if len(vox):
-            _, near = cKDTree(pf.points_world).query(fu_labels.geometry.index_to_world(vox), workers=-1)
-            vals, counts = np.unique(codes[near].astype(str), return_counts=True)
-            for code, n in zip(vals, counts):
-                for r in [code] + region_parents(code):
-                    if r:
-                        volume[r] = volume.get(r, 0.0) + n * fu_labels.geometry.voxel_volume_mm3
-        for i, d in enumerate(defects):
-            if d.plate == name:
-                sel = codes[pf.defect_id == d.id]
-                sel = [c for c in sel if c]
-                region = max(set(sel), key=sel.count) if sel else "all"
-                defects[i] = dataclasses.replace(d, region=region)
-        rows += _plate_rows(dataclasses.replace(pf, region=codes, region_volume_mm3=volume),
-                            [d for d in defects if d.plate == name])
-        carried_plates.add(name)
-    return rows, carried_plates
-
-
 def _change_rows(bl: Visit, fu: Visit, fu_rows: list[dict[str, Any]], carried: set[str],
                  matches: dict[str, PlateMatch], regs: dict[str, BoneRegistration],
                  cfg: CompareConfig) -> list[dict[str, Any]]:
@@ -293,7 +249,7 @@ def _vertex_rows(structure, region, pb, m, regs, fu, cfg) -> list[dict[str, Any]
             f"{structure} missing at baseline"
         return [_row(structure, region, k, np.nan, np.nan, u, note, cfg.sdc)
                 for k, u in VERTEX_METRICS.items()]
-    s = change_summary(m, pb.vertex_area_mm2, _region_select(pb.region, region))
+    s = change_summary(m, pb.vertex_area_mm2, region_select(pb.region, region))
     note = f"matched {s['matched_pct']:.0f}% of the baseline area"
     return [_row(structure, region, "thickness_matched_mean", s["baseline"], s["followup"], "mm",
                  note, cfg.sdc),
@@ -394,10 +350,12 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
         elif not (pb.present and pf.present):
             warnings.append(f"{name} missing at {'baseline' if not pb.present else 'follow-up'}; "
                             "its changes are NaN")
-    fu_rows, carried = _carry_regions(bl.result, fu.result, fu.labels, matches,
-                                      cfg.matching.max_match_distance_mm)
+    fu_rows, carried = carry_regions(bl.result, fu.result, fu.labels, matches,
+                                     cfg.matching.max_match_distance_mm)
     rows = _change_rows(bl, fu, fu_rows, carried, matches, regs, cfg)
-    defect_rows = track_defects(bl.result, fu.result, matches, regs, cfg.matching)
+    area_sdc = cfg.sdc.metrics.get("denuded_area", SdcEntry())
+    defect_rows = track_defects(bl.result, fu.result, matches, regs, cfg.matching,
+                                area_sdc=lambda a: area_sdc.sdc(a, "mm2", "all", cfg.sdc.k_factor))
     lesion_rows = track_lesions(bl.result, fu.result, bl.labels.geometry, fu.labels.geometry,
                                 regs, cfg.matching)
     t4 = time.perf_counter()
@@ -490,40 +448,14 @@ def _write_outputs(out: Path, bl: Visit, fu: Visit, rows, defect_rows, lesion_ro
 
 def _write_scores(out: Path, bl: Visit, fu: Visit, matches, regs, warnings: list[str]) -> list[str]:
     """MOCART-like scores of every baseline defect site at baseline and at follow-up."""
-    try:
-        from pipeline.scoring import CSV_COLUMNS, SiteSpec, score_sites
-    except ImportError:
-        warnings.append("scoring module not available: MOCART-like scores not computed")
-        return []
+    from pipeline.io import atomic_write_text
     from pipeline.outputs import write_csv
 
-    sites_b, sites_f = [], []
-    for d in bl.result.defects:
-        pb = bl.result.plates[d.plate]
-        pts = pb.points_world[pb.defect_id == d.id]
-        sites_b.append(SiteSpec(site_id=d.id, points_world=pts, radius_mm=1.0, plate=d.plate,
-                                source=f"baseline defect {d.id}"))
-        reg = regs.get(pb.bone)
-        if reg is not None and reg.converged and d.plate in matches:
-            sites_f.append(SiteSpec(site_id=d.id, points_world=reg.map_points_inverse(pts),
-                                    radius_mm=1.0, plate=d.plate,
-                                    source=f"baseline defect {d.id} carried by the {pb.bone} registration"))
-    if not sites_b:
+    scored = score_defect_sites(bl, fu, matches, regs, warnings)
+    if scored is None:
         return []
-    rows, doc = [], {}
-    for visit, v, sites in (("baseline", bl, sites_b), ("followup", fu, sites_f)):
-        if not sites:
-            continue
-        try:
-            res = score_sites(v.image, v.labels.array, sites, geometry=v.labels.geometry)
-        except Exception as exc:  # scoring must not lose the change results
-            warnings.append(f"MOCART-like scoring at {visit} failed: {exc}")
-            continue
-        rows += [{"visit": visit, **r} for r in res.rows()]
-        doc[visit] = res.to_json()
-    write_csv(out / "mocart.csv", ["visit"] + list(CSV_COLUMNS), rows)
-    from pipeline.io import atomic_write_text
-
+    columns, rows, doc = scored
+    write_csv(out / "mocart.csv", columns, rows)
     atomic_write_text(out / "mocart.json", json.dumps(_clean(doc), indent=2, default=str) + "\n")
     return ["mocart.csv", "mocart.json"]
 

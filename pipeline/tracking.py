@@ -37,7 +37,9 @@ Bone-marrow lesions
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
+
+import dataclasses
 
 import numpy as np
 from pydantic import Field
@@ -45,11 +47,13 @@ from scipy import sparse
 from scipy.spatial import cKDTree
 
 from pipeline.config import Strict
-from pipeline.io import Geometry
+from pipeline.io import Geometry, Volume
+from pipeline.labels import default_scheme
+from pipeline.regions import region_parents
 from pipeline.register import BoneRegistration, apply_matrix
 
-__all__ = ["MatchingConfig", "PlateMatch", "match_plate", "change_summary", "track_defects",
-           "track_lesions", "DEFECT_TRACKING_COLUMNS", "LESION_TRACKING_COLUMNS"]
+__all__ = ["MatchingConfig", "PlateMatch", "match_plate", "change_summary", "region_select",
+           "carry_regions", "track_defects", "track_lesions", "score_defect_sites", "DEFECT_TRACKING_COLUMNS", "LESION_TRACKING_COLUMNS"]
 
 
 class MatchingConfig(Strict):
@@ -147,6 +151,55 @@ def change_summary(match: PlateMatch, areas: np.ndarray, select: np.ndarray) -> 
     }
 
 
+def region_select(codes: np.ndarray, region: str) -> np.ndarray:
+    """Vertices in ``region`` ('all', a subregion code, or a parent such as ``cMF``)."""
+    if region == "all":
+        return np.ones(len(codes), dtype=bool)
+    return np.array([c == region or region in region_parents(c) for c in codes], dtype=bool)
+
+
+def carry_regions(bl, fu, fu_labels: Volume, matches: dict[str, PlateMatch],
+                   max_mm: float) -> tuple[list[dict[str, Any]], set[str]]:
+    """Follow-up measurement rows with the baseline's subregions carried over.
+
+    Each follow-up vertex takes the region of its nearest baseline vertex (after
+    registration); cartilage voxels take the region of their nearest follow-up vertex (for
+    regional volumes); defects take their vertices' most common carried region.  Returns
+    the rows (as :func:`pipeline.measure.measure_labels` makes them) and the plates done.
+    """
+    from pipeline.measure import _plate_rows  # same statistics as the measurement stage
+
+    scheme = default_scheme()
+    defects = list(fu.defects)
+    carried_plates, rows = set(), []
+    for name, pf in fu.plates.items():
+        m = matches.get(name)
+        if m is None or not pf.present:
+            continue
+        pb = bl.plates[name]
+        codes = pb.region[m.followup_to_baseline].astype(object)
+        codes[m.followup_distance_mm > max_mm * 5] = ""
+        vox = np.argwhere(fu_labels.array == scheme[name])
+        volume: dict[str, float] = {}
+        if len(vox):
+            _, near = cKDTree(pf.points_world).query(fu_labels.geometry.index_to_world(vox), workers=-1)
+            vals, counts = np.unique(codes[near].astype(str), return_counts=True)
+            for code, n in zip(vals, counts):
+                for r in [code] + region_parents(code):
+                    if r:
+                        volume[r] = volume.get(r, 0.0) + n * fu_labels.geometry.voxel_volume_mm3
+        for i, d in enumerate(defects):
+            if d.plate == name:
+                sel = codes[pf.defect_id == d.id]
+                sel = [c for c in sel if c]
+                region = max(set(sel), key=sel.count) if sel else "all"
+                defects[i] = dataclasses.replace(d, region=region)
+        rows += _plate_rows(dataclasses.replace(pf, region=codes, region_volume_mm3=volume),
+                            [d for d in defects if d.plate == name])
+        carried_plates.add(name)
+    return rows, carried_plates
+
+
 # ----------------------------------------------------------------------------- defects
 
 DEFECT_TRACKING_COLUMNS = [
@@ -158,8 +211,15 @@ DEFECT_TRACKING_COLUMNS = [
 
 def track_defects(bl_result, fu_result, matches: dict[str, PlateMatch],
                   registrations: dict[str, BoneRegistration],
-                  config: MatchingConfig = MatchingConfig()) -> list[dict[str, Any]]:
-    """One row per baseline defect (its fate) plus one per new follow-up defect."""
+                  config: MatchingConfig = MatchingConfig(),
+                  area_sdc: Callable[[float], float] = lambda a: 0.0) -> list[dict[str, Any]]:
+    """One row per baseline defect (its fate) plus one per new follow-up defect.
+
+    ``status``: ``filled`` (at least ``filled_fraction`` of the site no longer a defect),
+    else ``enlarged``/``reduced`` when the follow-up area differs from the baseline area by
+    more than ``area_sdc(baseline_area)`` mm2, else ``stable``; ``new`` for new defects,
+    ``not compared`` (with a note) when the site cannot be followed.
+    """
     rows: list[dict[str, Any]] = []
     fu_by_id = {d.id: d for d in fu_result.defects}
     claimed: set[int] = set()
@@ -210,7 +270,8 @@ def track_defects(bl_result, fu_result, matches: dict[str, PlateMatch],
             "fraction_still_full": float(aok[still_full].sum()) / float(aok.sum()),
             "site_thickness_followup_mm": float(np.average(tf[fin], weights=aok[fin])) if fin.any() else np.nan,
             "status": ("filled" if filled >= config.filled_fraction else
-                       "persisting" if f_area <= d.area_mm2 * 1.0001 else "enlarged"),
+                       "enlarged" if f_area - d.area_mm2 > area_sdc(d.area_mm2) else
+                       "reduced" if d.area_mm2 - f_area > area_sdc(d.area_mm2) else "stable"),
         })
         rows.append(row)
     for d in fu_result.defects:
@@ -332,3 +393,54 @@ def _lesion_row(status: str, bone: str, b_l: list, f_l: list, note: str) -> dict
         row["volume_change_pct"] = 100.0 * (vf - vb) / vb if vb > 0 else np.nan
         row["area_change_mm2"] = af - ab
     return row
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def score_defect_sites(bl, fu, matches: dict[str, PlateMatch],
+                       registrations: dict[str, BoneRegistration], warnings: list[str],
+                       radius_mm: float = 1.0):
+    """MOCART-like scores (:func:`pipeline.scoring.score_sites`) of every baseline defect
+    site: at baseline on its own vertices, at follow-up on the same vertices carried by the
+    bone's registration.  ``bl``/``fu`` are :class:`pipeline.longitudinal.Visit`.
+
+    Returns (csv columns, rows with a ``visit`` column, json document), or None when there
+    is nothing to score or the scoring module is unavailable (a warning is added).
+    """
+    try:
+        from pipeline.scoring import CSV_COLUMNS, SiteSpec, score_sites
+    except ImportError:
+        warnings.append("scoring module not available: MOCART-like scores not computed")
+        return None
+    sites_b, sites_f = [], []
+    for d in bl.result.defects:
+        pb = bl.result.plates[d.plate]
+        pts = pb.points_world[pb.defect_id == d.id]
+        sites_b.append(SiteSpec(site_id=d.id, points_world=pts, radius_mm=radius_mm,
+                                plate=d.plate, source=f"baseline defect {d.id}"))
+        reg = registrations.get(pb.bone)
+        if reg is not None and reg.converged and d.plate in matches:
+            sites_f.append(SiteSpec(site_id=d.id, points_world=reg.map_points_inverse(pts),
+                                    radius_mm=radius_mm, plate=d.plate,
+                                    source=f"baseline defect {d.id} carried by the {pb.bone} "
+                                           "registration"))
+        else:
+            warnings.append(f"baseline defect {d.id}: site not carried to follow-up "
+                            f"({pb.bone} not registered); not scored at follow-up")
+    if not sites_b:
+        return None
+    rows, doc = [], {}
+    for visit, v, sites in (("baseline", bl, sites_b), ("followup", fu, sites_f)):
+        if not sites:
+            continue
+        try:
+            res = score_sites(v.image, v.labels.array, sites, geometry=v.labels.geometry)
+        except Exception as exc:  # scoring must not lose the change results
+            warnings.append(f"MOCART-like scoring at {visit} failed: {exc}")
+            continue
+        rows += [{"visit": visit, **r} for r in res.rows()]
+        doc[visit] = res.to_json()
+    if not rows:
+        return None
+    return ["visit"] + list(CSV_COLUMNS), rows, doc
