@@ -85,6 +85,7 @@ class PhantomSpec:
     patellar_gap_mm: float = 1.5
     tibial_plate_semi_axes_mm: tuple[float, float] = (13.0, 17.0)
     patella_semi_axes_mm: tuple[float, float] = (18.0, 14.0)
+    bone_margin_mm: float = 1.5  # condyle and patella bone extend beyond their cartilage
     menisci: bool = True
     meniscus_height_mm: float = 5.5
     # lesions
@@ -131,8 +132,8 @@ def _validate(spec: PhantomSpec) -> None:
             raise ConfigError(f"phantom {name} must be > 0")
     if spec.full_defect_radius_mm < 0 or spec.partial_defect_radius_mm < 0:
         raise ConfigError("phantom defect radii must be >= 0")
-    if spec.noise_sigma < 0 or spec.bias_field < 0:
-        raise ConfigError("phantom noise_sigma and bias_field must be >= 0")
+    if spec.noise_sigma < 0 or spec.bias_field < 0 or spec.bone_margin_mm < 0:
+        raise ConfigError("phantom noise_sigma, bias_field and bone_margin_mm must be >= 0")
 
 
 def knee_model(spec: PhantomSpec) -> KneeModel:
@@ -146,6 +147,7 @@ def knee_model(spec: PhantomSpec) -> KneeModel:
         plate_axes=tuple(map(float, spec.tibial_plate_semi_axes_mm)),
         patella_axes=tuple(map(float, spec.patella_semi_axes_mm)),
         meniscus_height=float(spec.meniscus_height_mm), menisci=bool(spec.menisci),
+        bone_margin=float(spec.bone_margin_mm),
         full_r=float(spec.full_defect_radius_mm),
         full_centre=tuple(map(float, spec.full_defect_centre)),
         partial_r=float(spec.partial_defect_radius_mm),

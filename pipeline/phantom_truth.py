@@ -8,9 +8,11 @@ motion, mirroring for a left knee) before calling :meth:`KneeModel.labels_at`.
 Geometry (defaults in brackets, see :class:`pipeline.phantom.PhantomSpec`)
 --------------------------------------------------------------------------
 * Femur: two condyles, horizontal cylinders along x (axis y = 0, z = ``z_c`` = R, radius
-  R [20]); medial x in [8, 33], lateral x in [-33, -8]; a shaft box (|x| <= 33, |y| <= 0.7 R,
-  z >= z_c) joins them, so the femur is one bone whose lowest point is z = 0.
-* Femoral cartilage: cylindrical shell R <= rho < R + T_f on both condyles over the sector
+  R [20]); medial x in [8 - m, 33 + m], lateral x in [-33 - m, -8 + m] (bone margin m [1.5]);
+  a shaft box (|x| <= 33 + m, |y| <= 0.7 R, z >= z_c) joins them, so the femur is one bone
+  whose lowest point is z = 0.
+* Femoral cartilage: cylindrical shell R <= rho < R + T_f on both condyles (|x| in [8, 33])
+  over the sector
   |phi| <= arc [100 deg], phi measured around the condyle axis from straight down, positive
   posterior.  Full-thickness defect: the points with (x - x0)^2 + (R (phi - phi0))^2 < r^2
   (unrolled bone-surface coordinates) carry no cartilage at any radius; its bone area is
@@ -21,8 +23,8 @@ Geometry (defaults in brackets, see :class:`pipeline.phantom.PhantomSpec`)
   plate the thickness is (1 - depth) T.
 * Menisci: wedge rings on the plateau outside each footprint (elliptic scale 1 <= s < 1.35),
   height rising linearly from the plate thickness to ``meniscus_height_mm``.
-* Patella: elliptic prism anterior to the femur, its cartilage a slab of thickness T_p on its
-  posterior face, separated from the femoral cartilage by ``patellar_gap_mm``.
+* Patella: elliptic prism anterior to the femur (footprint 1.5 mm wider than its cartilage),
+  its cartilage a slab of thickness T_p on its posterior face, separated from the femoral cartilage by ``patellar_gap_mm``.
 * BMLs: ellipsoids (axes along x, y, z) inside the medial femoral condyle and medial tibia.
 
 Truth thickness follows the measurement's definition: for each point of the covered
@@ -68,6 +70,7 @@ class KneeModel:
     plate_axes: tuple[float, float] = (13.0, 17.0)
     patella_axes: tuple[float, float] = (18.0, 14.0)
     patella_z: float = 32.0
+    bone_margin: float = 1.5  # condyle and patella bone extend this far beyond the cartilage
     meniscus_height: float = 5.5
     menisci: bool = True
     full_r: float = 4.0
@@ -118,15 +121,16 @@ class KneeModel:
         bone = np.zeros(len(p), dtype=bool)  # femur or tibia (for BMLs)
 
         # femur and femoral cartilage
-        idx = np.flatnonzero((np.abs(x) <= x1) & (z >= zc - R - self.T_f))
+        bm = self.bone_margin  # the condyle bone is this much wider than its cartilage
+        idx = np.flatnonzero((np.abs(x) <= x1 + bm) & (z >= zc - R - self.T_f))
         xs, ys, zs = x[idx], y[idx], z[idx]
         ax = np.abs(xs)
-        in_cond = ax >= x0
         dz = zs - zc
         rho = np.hypot(ys, dz)
-        femur = (in_cond & (rho < R)) | ((dz >= 0) & (np.abs(ys) <= SHAFT_HALF_Y * R))
+        femur = ((ax >= x0 - bm) & (rho < R)) | ((dz >= 0) & (np.abs(ys) <= SHAFT_HALF_Y * R))
         out[idx[femur]] = s["femur"]
         bone[idx[femur]] = True
+        in_cond = (ax >= x0) & (ax <= x1)
         band = np.flatnonzero(in_cond & (rho >= R) & (rho < R + self.T_f) & ~femur)
         phi = np.arctan2(ys[band], -dz[band])
         fc = np.abs(phi) <= math.radians(self.arc_deg)
@@ -167,10 +171,13 @@ class KneeModel:
         pa, pb = self.patella_axes
         yp = self.patella_y
         idx = np.flatnonzero((y <= yp) & (y > yp - self.T_p - PATELLA_BONE_MM))
-        foot = (x[idx] / pa) ** 2 + ((z[idx] - self.patella_z) / pb) ** 2 < 1.0
+        xs, zs = x[idx], z[idx] - self.patella_z
         cart = y[idx] > yp - self.T_p
+        foot = (xs / pa) ** 2 + (zs / pb) ** 2 < 1.0
+        mg = self.bone_margin
+        bone_foot = (xs / (pa + mg)) ** 2 + (zs / (pb + mg)) ** 2 < 1.0
         out[idx[foot & cart]] = s["patellar_cartilage"]
-        out[idx[foot & ~cart]] = s["patella"]
+        out[idx[bone_foot & ~cart]] = s["patella"]
 
         # BMLs replace bone
         for _, radii, centre in self.lesions():
