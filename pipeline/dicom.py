@@ -65,7 +65,28 @@ def list_series(folder: Path, *, recursive: bool = True) -> list[SeriesInfo]:
         info.uids.add(uid)
         echo = int(getattr(ds, "EchoNumbers", 1) or 1)
         info.echoes.setdefault(echo, []).append((path, ds))
+    for info in groups.values():
+        _split_echoes_by_uid(info)
     return list(groups.values())
+
+
+def _split_echoes_by_uid(info: SeriesInfo) -> None:
+    """Sibling series sharing a SeriesNumber without EchoNumbers (a common qDESS export):
+    each SeriesInstanceUID becomes one echo, ordered by echo time."""
+    if len(info.uids) < 2 or len(info.echoes) != 1:
+        return
+    items = next(iter(info.echoes.values()))
+    if len({str(getattr(ds, "FrameOfReferenceUID", "")) for _, ds in items}) > 1:
+        return  # same number, different frames of reference: not one acquisition
+    by_uid: dict[str, list[tuple[Path, Any]]] = {}
+    for path, ds in items:
+        by_uid.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append((path, ds))
+
+    def echo_time(uid: str) -> tuple[float, str]:
+        te = getattr(by_uid[uid][0][1], "EchoTime", None)
+        return (float(te) if te not in (None, "") else float("inf"), uid)
+
+    info.echoes = {n: by_uid[uid] for n, uid in enumerate(sorted(by_uid, key=echo_time), 1)}
 
 
 def _select(series: list[SeriesInfo], folder: Path, wanted: str | None) -> SeriesInfo:

@@ -391,3 +391,22 @@ def test_mixed_slice_orientations_are_rejected(sample, tmp_path):
     with pytest.raises(InputError, match="mixes slice orientations"):
         read_volume(folder)
     assert read_volume(folder, echo=2).geometry.shape == (256, 256, 3)
+
+
+def test_sibling_echo_series_without_echo_numbers(sample, tmp_path):
+    """qDESS exported as two series sharing SeriesNumber 5 but without EchoNumbers: each
+    SeriesInstanceUID is an echo, ordered by echo time."""
+    qd = sample("pykneer_qdess")
+    for echo in ("echo2", "echo1"):
+        (tmp_path / echo).mkdir()
+        for f in sorted((qd / echo).iterdir())[30:36]:
+            ds = pydicom.dcmread(f)
+            del ds.EchoNumbers
+            ds.save_as(tmp_path / echo / f.name)
+    first = read_volume(tmp_path)
+    assert first.geometry.shape == (512, 512, 6) and first.meta["n_echoes"] == 2
+    assert first.meta["echo_time_ms"] == pytest.approx(7.48)
+    assert all("/echo1/" in f for f in first.meta["files"])
+    second = read_volume(tmp_path, echo=2)
+    assert second.meta["echo_time_ms"] == pytest.approx(42.52)
+    assert all("/echo2/" in f for f in second.meta["files"])
