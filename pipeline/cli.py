@@ -302,6 +302,65 @@ def batch(
 
 # -- commands: reports --
 
+
+@app.command()
+def report(
+    folder: Path = typer.Argument(..., help="Batch output folder (cohort.html + every subject's "
+                                  "report.html), a subject folder, a compare output or a scan folder."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="HTML file (default: "
+                                       "FOLDER/report.html, or FOLDER/cohort.html for a batch)."),
+) -> None:
+    """Self-contained HTML report(s): subject report.html and, for a batch, cohort.html."""
+    from pipeline.errors import InputError
+    from pipeline.report import write_cohort_report, write_subject_report
+
+    if not folder.is_dir():
+        raise InputError("not a folder", folder)
+    if (folder / "cohort_summary.csv").is_file():  # a batch output folder
+        for sub in sorted(d for d in folder.iterdir() if d.is_dir()):
+            if any((k / "manifest.json").is_file() for k in sub.iterdir() if k.is_dir()):
+                write_subject_report(sub)
+        result = write_cohort_report(folder, out=out)
+    else:
+        result = write_subject_report(folder, out=out)
+    for e in result.errors:
+        log.warning("report: %s", e)
+    typer.echo(str(result.path))
+
+
+@app.command()
+def qc(
+    scan_dir: Path = typer.Argument(..., help="Finished `cartiq measure`/`run` output folder."),
+    residual: Optional[float] = typer.Option(None, "--registration-residual", help="Also check "
+                                             "a longitudinal registration residual (mm)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="QC limits YAML (pipeline.qc.QCConfig)."),
+) -> None:
+    """QC flags of a scan folder and its qc.png (outlines on three planes, thickness maps)."""
+    from pipeline.qc import write_qc
+
+    result = write_qc(scan_dir, registration_residual_mm=residual, config=config)
+    for f in result.flags:
+        typer.echo(f"{f.severity}\t{f.code}\t{f.message}")
+    for e in result.errors:
+        log.warning("qc figure: %s", e)
+    typer.echo(f"{result.status}\t{scan_dir / 'qc.png' if result.figure else 'no figure'}")
+
+
+@app.command("dicom-out")
+def dicom_out(
+    scan_dir: Path = typer.Argument(..., help="Finished `cartiq measure`/`run` output folder "
+                                    "whose input was a DICOM series."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Source DICOM folder "
+                                          "(default: the input recorded in manifest.json)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default SCAN_DIR/dicom)."),
+) -> None:
+    """DICOM SEG of the segmentation and DICOM SR (TID 1500) of the measurements."""
+    from pipeline.dicom_out import write_dicom_outputs
+
+    result = write_dicom_outputs(scan_dir, source=source, out_dir=out)
+    typer.echo(str(result.seg))
+    typer.echo(str(result.sr))
+
 # -- commands: sample data (phantom, fetch) --
 
 @app.command()

@@ -287,7 +287,7 @@ def write_dicom_outputs(scan_dir: Path, *, source: Path | None = None,
     src = Path(source) if source is not None else Path(info.get("path") or "")
     if source is None and info.get("format") != "dicom" or not src.is_dir():
         raise InputError("the input image was not a DICOM series; DICOM SEG/SR need the "
-                         "source DICOM (pass the DICOM folder)", src if str(src) != "." else scan_dir)
+                         "source DICOM series (give it with --source DICOM_FOLDER)", src if str(src) != "." else scan_dir)
     seg_vol = read_volume(scan_dir / "segmentation.nii.gz", kind="labels")
     sources = source_datasets(src, seg_vol.geometry, series_uid=info.get("series_instance_uid"),
                               echo=info.get("echo"))
