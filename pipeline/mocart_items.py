@@ -381,11 +381,10 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     ev["repair_intensity_sd"] = sd_rep if np.isfinite(sd_rep) else None
     ev["native_intensity_sd"] = sd_nat if np.isfinite(sd_nat) else None
     m["heterogeneity_ratio"] = sd_rep / sd_nat if (np.isfinite(sd_rep) and sd_nat > 0) else nan
-    filled = site_valid & (tc >= p.min_native_thickness_mm) & (d_in > p.border_band_mm)
-    if not filled.any():
-        filled = site_valid & (tc >= p.min_native_thickness_mm)
+    # internal clefts: away from the border (border clefts belong to integration)
+    filled = site_valid & (tc >= p.min_native_thickness_mm) & (d_in > p.surface_edge_margin_mm)
     clefted = filled & (prof["gap_mm"] >= p.cleft_min_mm)
-    m["internal_cleft_pct"] = 100.0 * float(clefted.sum() / filled.sum()) if filled.any() else nan
+    m["internal_cleft_pct"] = 100.0 * float(clefted.sum() / filled.sum()) if filled.any() else 0.0
     # 2 integration: clefts in a band along the footprint border
     sd = np.where(site, -d_in, d_out)
     band = valid & (np.abs(sd) <= p.border_band_mm)
@@ -422,6 +421,8 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     ev["repair_level_mm"] = rep_level if np.isfinite(rep_level) else None
     # 3 surface: irregularity of the repair surface against its own smooth fit
     core = site_valid & (d_in > p.surface_edge_margin_mm) & np.isfinite(a) & (tc > 0)
+    if core.sum() < 4:          # small site: use its edge columns too
+        core = site_valid & np.isfinite(a) & (tc > 0)
     thr = max(p.irregular_min_mm, p.irregular_fraction * exp_t) if np.isfinite(exp_t) else p.irregular_min_mm
     ev["surface_threshold_mm"] = round(thr, 4)
     if core.sum() >= 4:
@@ -571,7 +572,11 @@ def index_crop_getter(idx: np.ndarray) -> Callable[[tuple[slice, ...]], np.ndarr
 
 def footprint_from_samples(cols: Columns, closing_mm: float) -> np.ndarray:
     """Columns meeting the sampled site mask, closed by a disc and hole-filled."""
-    foot = (cols.samples["site"] > 0.5).any(-1) & cols.inside
+    return close_footprint((cols.samples["site"] > 0.5).any(-1) & cols.inside, cols, closing_mm)
+
+
+def close_footprint(foot: np.ndarray, cols: Columns, closing_mm: float) -> np.ndarray:
+    """Binary closing by a disc of radius ``closing_mm`` and hole filling, in the grid."""
     if closing_mm > 0:
         k = int(round(closing_mm / cols.grid_mm))
         yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
@@ -580,12 +585,14 @@ def footprint_from_samples(cols: Columns, closing_mm: float) -> np.ndarray:
     return ndimage.binary_fill_holes(foot) & cols.inside
 
 
-def footprint_from_points(cols: Columns, pts_world: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Columns within ``radius_mm`` (tangent plane) of any of the points."""
+def footprint_from_points(cols: Columns, pts_world: np.ndarray, radius_mm: float,
+                          closing_mm: float = 0.0) -> np.ndarray:
+    """Columns within ``radius_mm`` (tangent plane) of any of the points, closed."""
     rel = np.atleast_2d(pts_world) - cols.frame.center
     pu, pv = rel @ cols.frame.e1, rel @ cols.frame.e2
     d2 = (cols.u[..., None] - pu) ** 2 + (cols.v[..., None] - pv) ** 2
-    return (d2.min(-1) <= radius_mm ** 2) & cols.inside
+    foot = (d2.min(-1) <= max(radius_mm, cols.grid_mm / math.sqrt(2)) ** 2) & cols.inside
+    return close_footprint(foot, cols, closing_mm)
 
 
 # ----------------------------------------------------------------------------- sites
@@ -627,16 +634,21 @@ def site_inputs(sites: Any, shape: tuple[int, ...]) -> list[tuple[int, Any]]:
     return out
 
 
-def sites_from_scan_result(scan_result: Any, radius_mm: float = 1.0) -> list[SiteSpec]:
-    """One :class:`SiteSpec` per defect, from the plates' per-vertex ``defect_id``."""
+def sites_from_scan_result(scan_result: Any) -> list[SiteSpec]:
+    """One :class:`SiteSpec` per defect: its bone-surface vertices (``defect_id``), each
+    covering a disc of 0.75 x the median vertex spacing."""
+    from scipy.spatial import cKDTree
+
     specs = []
     for d in getattr(scan_result, "defects", []):
         pr = scan_result.plates.get(d.plate)
-        if pr is None:
+        if pr is None or len(pr.points_world) < 2:
             continue
         sel = np.asarray(pr.defect_id) == d.id
         if sel.any():
-            specs.append(SiteSpec(int(d.id), np.asarray(pr.points_world)[sel], radius_mm,
+            pts = np.asarray(pr.points_world)
+            spacing = float(np.median(cKDTree(pts).query(pts[sel], k=2)[0][:, 1]))
+            specs.append(SiteSpec(int(d.id), pts[sel], max(0.75 * spacing, 0.25),
                                   plate=d.plate, source="defect"))
     return specs
 

@@ -20,14 +20,12 @@ e.g. baseline defects carried onto a follow-up through a registration).
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -42,6 +40,7 @@ from pipeline.mocart_items import (LazyDiameters, MeasurementConfig, SiteSpec, b
                                    footprint_from_samples, index_crop_getter, make_frame,
                                    plate_near, sample_columns, site_inputs, site_measures,
                                    sites_from_defects_csv, sites_from_scan_result)
+from pipeline.outputs import begin_folder, provenance, read_manifest, write_csv, write_manifest
 
 __all__ = ["ScoringConfig", "MeasurementConfig", "SiteSpec", "ItemScore", "SiteScore",
            "ScoreResult", "ScoreRun", "score_sites", "run_score", "load_scoring_config",
@@ -192,6 +191,10 @@ class ScoreResult:
             "sites": [{
                 "site_id": s.site_id, "plate": s.plate, "source": s.source,
                 "total": _clean(s.total), "max_total": s.max_total, "notes": s.notes,
+                "total_of_measured": _clean(float(sum(i.points for i in s.items
+                                                      if math.isfinite(i.points)))),
+                "max_of_measured": float(sum(i.max_points for i in s.items
+                                             if math.isfinite(i.points))),
                 "items": [{**{k: _clean(v) for k, v in it.row(s.site_id).items()},
                            "confidence": it.confidence,
                            "confidence_reasons": it.confidence_reasons} for it in s.items],
@@ -336,7 +339,7 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
                           geom.world_to_index, labels.shape, arrays)
     prof = column_profiles(cols, bone_margin_mm=p.bone_margin_mm,
                            max_cart_height_mm=p.max_cart_height_mm)
-    foot = (footprint_from_points(cols, pts, spec.radius_mm) if is_points
+    foot = (footprint_from_points(cols, pts, spec.radius_mm, p.closing_mm) if is_points
             else footprint_from_samples(cols, p.closing_mm))
     if not foot.any():
         return _unscorable(cfg, sid, plate, source, "site footprint is empty")
@@ -412,35 +415,45 @@ class ScoreRun:
     result: ScoreResult
 
 
-def _fmt(x: Any) -> Any:
-    if isinstance(x, float):
-        return "NaN" if not math.isfinite(x) else f"{x:.4g}" if abs(x) < 1e4 else f"{x:.1f}"
-    return x
+def _default_sites(scan_dir: Path, manifest: dict[str, Any], seg: Volume
+                   ) -> tuple[list[SiteSpec], str]:
+    """The scan's own defects: their vertex patches when re-measuring the segmentation
+    reproduces ``defects.csv`` (same ids, plates and centroids), else discs of their area."""
+    dcsv = scan_dir / "defects.csv"
+    discs = sites_from_defects_csv(dcsv) if dcsv.is_file() else []
+    if not discs:
+        return [], str(dcsv)
+    try:
+        from pipeline.config import MeasureConfig
+        from pipeline.measure import measure_labels
 
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: _fmt(r[k]) for k in CSV_COLUMNS})
-    atomic_write_text(path, buf.getvalue())
+        mcfg_path = scan_dir / "config.yaml"
+        mcfg = load_config(mcfg_path, MeasureConfig) if mcfg_path.is_file() else None
+        res = measure_labels(seg.array, seg.geometry, side=manifest.get("side"), config=mcfg)
+        patches = {s.site_id: s for s in sites_from_scan_result(res)}
+        ok = all(d.site_id in patches and patches[d.site_id].plate == d.plate and np.linalg.norm(
+            patches[d.site_id].points_world.mean(0) - d.points_world[0]) <= max(2.0, d.radius_mm)
+            for d in discs)
+    except Exception as exc:  # noqa: BLE001 - any failure falls back to the discs
+        log.warning("re-measuring %s failed (%s); defects scored as discs", scan_dir, exc)
+        ok = False
+    if ok:
+        return [patches[d.site_id] for d in discs], f"{dcsv} (vertex patches)"
+    log.info("defect patches not reproducible; scoring defects.csv rows as discs")
+    return discs, f"{dcsv} (discs of the defect area)"
 
 
 def run_score(scan_dir: str | Path, out_dir: str | Path, *, sites_path: str | Path | None = None,
               config_path: str | Path | None = None) -> ScoreRun:
-    """Score the repair sites of a finished ``cartiq measure``/``run`` folder into ``out_dir``."""
-    from pipeline import __version__
+    """Score the repair sites of a finished ``cartiq measure``/``run`` folder into ``out_dir``.
 
+    Writes ``mocart.csv``, ``mocart.json``, ``mocart_config.yaml`` and, last, ``manifest.json``.
+    """
     scan_dir, out_dir = Path(scan_dir), Path(out_dir)
-    manifest_path = scan_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise InputError("not a finished cartiq measure/run folder (no manifest.json)", scan_dir)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        img_info = manifest["inputs"]["image"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"manifest has no inputs.image ({exc})", manifest_path) from None
+    manifest = read_manifest(scan_dir)
+    if out_dir.resolve() == scan_dir.resolve():
+        raise InputError("write the scores to another folder than the scan folder", out_dir)
+    img_info = (manifest.get("inputs") or {}).get("image") or {}
     cfg = load_scoring_config(config_path)
     seg_path = scan_dir / "segmentation.nii.gz"
     seg = read_volume(seg_path, kind="labels")
@@ -448,10 +461,10 @@ def run_score(scan_dir: str | Path, out_dir: str | Path, *, sites_path: str | Pa
     img_path = Path(str(img_info.get("path", "")))
     if not img_path.is_absolute() and not img_path.exists():
         img_path = scan_dir / img_path
-    if img_path.exists():
+    if img_info.get("path") and img_path.exists():
         image = read_volume(img_path, series=img_info.get("series_instance_uid"),
                             echo=img_info.get("echo"))
-        check_same_geometry(image.geometry, seg.geometry, img_path, seg_path)
+        check_same_geometry(seg.geometry, image.geometry, seg_path, img_path)
     else:
         log.warning("%s: image not found; intensity items are not measurable", img_path)
     if sites_path is not None:
@@ -460,24 +473,21 @@ def run_score(scan_dir: str | Path, out_dir: str | Path, *, sites_path: str | Pa
         sites: Any = sv.array
         site_source = str(sites_path)
     else:
-        dcsv = scan_dir / "defects.csv"
-        sites = sites_from_defects_csv(dcsv) if dcsv.is_file() else []
-        site_source = str(dcsv)
+        sites, site_source = _default_sites(scan_dir, manifest, seg)
     result = score_sites(image, seg.array, sites, config=cfg, geometry=seg.geometry)
     if not result.sites:
         log.warning("no repair sites in %s: writing an empty table", site_source)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    doc = result.to_json()
-    doc.update({"cartiq_version": __version__, "scan_dir": str(scan_dir),
-                "sites_from": site_source})
-    write_csv(out_dir / "mocart.csv", result.rows())
+    begin_folder(out_dir)
+    doc = {**provenance(), **result.to_json(), "scan_dir": str(scan_dir),
+           "sites_from": site_source}
+    rows = [{k: ("NaN" if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in r.items()} for r in result.rows()]
+    write_csv(out_dir / "mocart.csv", CSV_COLUMNS, rows)
     atomic_write_text(out_dir / "mocart.json", json.dumps(doc, indent=1, allow_nan=False))
     atomic_write_text(out_dir / "mocart_config.yaml",
                       yaml.safe_dump(resolved(cfg), sort_keys=False))
-    if out_dir.resolve() != scan_dir.resolve():
-        atomic_write_text(out_dir / "manifest.json", json.dumps({
-            "cartiq_version": __version__, "stage": "score",
-            "inputs": {"scan_dir": str(scan_dir), "sites": site_source},
-            "config": resolved(cfg), "config_hash": config_hash(cfg),
-            "outputs": ["mocart.csv", "mocart.json", "mocart_config.yaml"]}, indent=1))
+    write_manifest(out_dir, {
+        "stage": "score", "inputs": {"scan_dir": str(scan_dir), "sites": site_source},
+        "config": resolved(cfg), "config_hash": config_hash(cfg), "n_sites": len(result.sites),
+        "outputs": ["mocart.csv", "mocart.json", "mocart_config.yaml"]})
     return ScoreRun(out_dir, result)
