@@ -263,7 +263,8 @@ def _measurement_groups(seg, numbers: dict[str, int], rows: list[dict[str, str]]
 
 
 def write_dicom_outputs(scan_dir: Path, *, source: Path | None = None,
-                        out_dir: Path | None = None) -> DicomOutResult:
+                        out_dir: Path | None = None,
+                        manifest: dict[str, Any] | None = None) -> DicomOutResult:
     """Write ``segmentation.seg.dcm`` and ``measurements.sr.dcm`` for a finished scan folder.
 
     Parameters
@@ -272,6 +273,8 @@ def write_dicom_outputs(scan_dir: Path, *, source: Path | None = None,
         measurements.csv, defects.csv, lesions.csv).
     source : the source DICOM folder (default: the manifest's ``inputs.image.path``).
     out_dir : where to write (default: ``scan_dir/dicom``).
+    manifest : the scan's manifest when it is not written yet (``cartiq measure
+        --dicom-out`` calls this before writing ``manifest.json``).
 
     Raises :class:`InputError` when the input was not DICOM or does not match.
     """
@@ -282,7 +285,7 @@ def write_dicom_outputs(scan_dir: Path, *, source: Path | None = None,
     from pipeline.qc import _read_manifest, read_table
 
     scan_dir = Path(scan_dir)
-    manifest = _read_manifest(scan_dir)
+    manifest = manifest if manifest is not None else _read_manifest(scan_dir)
     info = (manifest.get("inputs") or {}).get("image") or {}
     src = Path(source) if source is not None else Path(info.get("path") or "")
     if source is None and info.get("format") != "dicom" or not src.is_dir():
