@@ -8,7 +8,9 @@ separately (rigid, 6 degrees of freedom) with SimpleITK:
 2. **Initialisation by moments**: the centres of mass of the two bone masks are aligned;
    a second start also aligns their principal axes (axis signs chosen closest to the
    identity).  Both starts are optimised and the better final metric wins, so offsets of
-   10 mm and 10 degrees (and more) are inside the capture range.
+   10 mm and 10 degrees (and more) are inside the capture range.  When the result still
+   leaves a bone-surface residual above half a voxel, six more starts rotated by
+   +-``extra_start_deg`` about each axis are tried (costly, but only for hard cases).
 3. **Segmentation-driven stage**: mean squares between smoothed signed distance maps of the
    two bone masks (a smooth cost with a wide capture range), evaluated in a band around the
    baseline bone surface.  Where a bone leaves the field of view its cut face is not
@@ -69,6 +71,9 @@ class RegistrationConfig(Strict):
         description="intensity stage kept unless it worsens the residual by more than this")
     max_residual_mm: float = Field(2.0, gt=0,
         description="a registration with a larger residual has not converged")
+    extra_start_deg: float = Field(15.0, ge=0, le=90,
+        description="when the moment starts leave a residual above half a voxel, starts "
+                    "rotated by +-this about each axis are tried too")
     max_points: int = Field(20000, ge=100, description="surface points used for residuals")
     seed: int = 7
 
@@ -389,23 +394,36 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
 
     c_f, v_f = _moments(fm, fgeo)
     c_m, v_m = _moments(mm, mgeo)
+    voxel = max(float(np.prod(fgeo.spacing)) ** (1 / 3), float(np.prod(mgeo.spacing)) ** (1 / 3))
+    limit = 0.5 * voxel
     starts = {"centre_of_mass": np.eye(3), "principal_axes": _principal_rotation(v_f, v_m)}
-    best = None
-    tried = {}
-    for name, rot in starts.items():
-        if name == "principal_axes" and not 3.0 < rotation_angle_deg(rot) < 60.0:
-            continue  # same as the first start, or axes of a near-symmetric bone
-        init = sitk.Euler3DTransform()
-        init.SetCenter(tuple(float(v) for v in c_f))
-        init.SetMatrix(tuple(float(v) for v in rot.ravel()))
-        init.SetTranslation(tuple(float(v) for v in (c_m - c_f)))
-        tx, val, stop = _register_stage(fixed, moving, init, metric="meansquares",
-                                        fixed_mask=fixed_mask, moving_mask=moving_mask, cfg=cfg,
-                                        sigmas=[2.0, 1.0, 0.0], learning_rate=2.0,
-                                        iterations=cfg.iterations, shrink=[4, 2, 1])
-        tried[name] = {"metric": None if tx is None else round(float(val), 5), "stop": stop}
-        if tx is not None and (best is None or val < best[1]):
-            best = (tx, val, stop, name)
+    best, tried = None, {}
+
+    def run_starts(starts: dict[str, np.ndarray]) -> None:
+        nonlocal best
+        for name, rot in starts.items():
+            init = sitk.Euler3DTransform()
+            init.SetCenter(tuple(float(v) for v in c_f))
+            init.SetMatrix(tuple(float(v) for v in rot.ravel()))
+            init.SetTranslation(tuple(float(v) for v in (c_m - c_f)))
+            tx, val, stop = _register_stage(
+                fixed, moving, init, metric="meansquares", fixed_mask=fixed_mask,
+                moving_mask=moving_mask, cfg=cfg, sigmas=[2.0, 1.0, 0.0], learning_rate=2.0,
+                iterations=cfg.iterations, shrink=[4, 2, 1])
+            tried[name] = {"metric": None if tx is None else round(float(val), 5), "stop": stop}
+            if tx is not None and (best is None or val < best[1]):
+                best = (tx, val, stop, name)
+
+    if not 3.0 < rotation_angle_deg(starts["principal_axes"]) < 60.0:
+        del starts["principal_axes"]  # same as the first start, or uninformative axes
+    run_starts(starts)
+    res = _residual(best[0], fc, mc, cfg) if best is not None else (np.inf,) * 3
+    if res[0] > limit:  # a local minimum? try rotated starts about each world axis
+        from scipy.spatial.transform import Rotation
+
+        run_starts({f"rotated_{ax}{sgn * cfg.extra_start_deg:+.0f}deg": Rotation.from_euler(
+            ax, sgn * cfg.extra_start_deg, degrees=True).as_matrix()
+            for ax in "xyz" for sgn in (1, -1)})
     if best is None:
         return BoneRegistration(bone=bone, present=True, converged=False,
                                 reason=f"{bone}: registration failed ({tried})",
@@ -425,8 +443,6 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
                 intensity = f"rejected (residual {res2[0]:.3f} > {res[0]:.3f} mm)"
     mean, rms, p95 = res
     dice, vratio = _overlap(tx, fc, mc)
-    voxel = max(float(np.prod(fgeo.spacing)) ** (1 / 3), float(np.prod(mgeo.spacing)) ** (1 / 3))
-    limit = 0.5 * voxel
     hit_max = "Maximum number of iterations" in stop
     converged = bool(np.isfinite(mean) and mean <= cfg.max_residual_mm)
     reason = ""
