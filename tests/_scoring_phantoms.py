@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.io import Geometry, Volume, write_volume
 from pipeline.labels import default_scheme
 
-INTENSITY = {"background": 60.0, "bone": 200.0, "cartilage": 100.0, "bml": 380.0}
+INTENSITY = {"background": 60.0, "bone": 200.0, "cartilage": 100.0, "bml": 380.0, "fluid": 600.0}
 
 
 def _rot(axis: np.ndarray, deg: float) -> np.ndarray:
@@ -39,6 +39,7 @@ class RepairSpec:
     bml_diameter_mm: float = 0.0      # BML ball under the site (0: none)
     bone_step_mm: float = 0.0         # bone raised under the site (overgrowth)
     cleft_mm: float = 0.0             # fluid gap ring at the border (width, mm)
+    cyst_diameter_mm: float = 0.0     # fluid-bright ball in the bone under the site (label femur)
     radius_mm: float = 5.0            # site radius (geodesic on the bone surface)
     thickness_mm: float = 2.5
     rho_mm: float = 30.0
@@ -82,10 +83,15 @@ def make_repair_phantom(spec: RepairSpec = RepairSpec()) -> dict:
         cb = C + (spec.rho_mm - spec.bml_diameter_mm / 2 - 0.8) * d0
         lab[(np.linalg.norm(x - cb, axis=-1) <= spec.bml_diameter_mm / 2) & bone] = \
             sc["bone_marrow_lesion"]
+    cyst = np.zeros(shape, bool)
+    if spec.cyst_diameter_mm > 0:
+        cc = C + (spec.rho_mm - spec.cyst_diameter_mm / 2 - 1.0) * d0
+        cyst = (np.linalg.norm(x - cc, axis=-1) <= spec.cyst_diameter_mm / 2) & bone
     rng = np.random.default_rng(spec.seed)
     img = np.full(shape, INTENSITY["background"])
     img[lab == sc["femur"]] = INTENSITY["bone"]
     img[lab == sc["bone_marrow_lesion"]] = INTENSITY["bml"]
+    img[cyst] = INTENSITY["fluid"]
     img[native] = INTENSITY["cartilage"]
     rep_int = INTENSITY["cartilage"] * spec.repair_ratio
     if spec.heterogeneous > 0:

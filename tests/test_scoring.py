@@ -102,6 +102,20 @@ def test_subchondral_bml(diam, points, category):
     assert site.measures["bml_diameter_mm"] == pytest.approx(diam, abs=1.0)
 
 
+def test_subchondral_cyst_when_enabled(baseline):
+    assert math.isnan(baseline.measures["cyst_diameter_mm"])      # off by default
+    assert any("cysts not assessed" in n for n in baseline.notes)
+    cfg = load_scoring_config(None)
+    cfg = cfg.model_copy(update={"measurement": cfg.measurement.model_copy(
+        update={"cyst_intensity_ratio": 2.0})})
+    site = _score(RepairSpec(cyst_diameter_mm=6.0), config=cfg)
+    it = _item(site, "subchondral")
+    assert it.points == 0 and it.category.startswith("subchondral cyst")
+    assert site.measures["cyst_diameter_mm"] == pytest.approx(6.0, abs=1.0)
+    small = _score(RepairSpec(cyst_diameter_mm=3.0), config=cfg)
+    assert _item(small, "subchondral").points == 20
+
+
 def test_bony_overgrowth_step(baseline):
     assert _item(baseline, "bony_defect").points == 10
     site = _score(RepairSpec(bone_step_mm=1.5))
