@@ -221,20 +221,25 @@ def _label_grid(spec: PhantomSpec, m: KneeModel,
                 geo: Geometry) -> tuple[np.ndarray, np.ndarray]:
     """Labels (uint8) and float32 model coordinates (ni, nj, nk, 3) of every voxel centre.
 
-    Evaluated in float64 on slabs of the slice axis (about 2 M points at a time).
+    ``model = A @ index + b`` is composed once (grid affine, rigid motion, mirroring) and
+    evaluated in float64 by broadcasting, on slabs of the slice axis (about 2 M points each).
     """
     ni, nj, nk = geo.shape
+    b = world_to_model(spec, np.asarray(geo.origin)[None])[0]
+    A = world_to_model(spec, np.asarray(geo.origin)[None] + geo.affine[:3, :3].T) - b
+    A = A.T  # columns: model displacement per unit step of i, j, k
     labels = np.zeros(geo.shape, dtype=np.uint8)
     coords = np.empty((ni, nj, nk, 3), dtype=np.float32)
-    ii, jj = np.meshgrid(np.arange(ni, dtype=float), np.arange(nj, dtype=float), indexing="ij")
+    ii = np.arange(ni, dtype=float)[:, None, None]
+    jj = np.arange(nj, dtype=float)[None, :, None]
     step = max(1, int(2_000_000 // (ni * nj)))
     for k0 in range(0, nk, step):
-        ks = np.arange(k0, min(nk, k0 + step), dtype=float)
-        idx = np.stack(np.broadcast_arrays(ii[:, :, None], jj[:, :, None], ks[None, None, :]),
-                       -1).reshape(-1, 3)
-        p = world_to_model(spec, geo.index_to_world(idx))
-        labels[:, :, k0:k0 + len(ks)] = m.labels_at(p).reshape(ni, nj, len(ks))
-        coords[:, :, k0:k0 + len(ks)] = p.reshape(ni, nj, len(ks), 3)
+        ks = np.arange(k0, min(nk, k0 + step), dtype=float)[None, None, :]
+        p = np.empty((ni, nj, ks.size, 3))
+        for c in range(3):
+            p[..., c] = b[c] + A[c, 0] * ii + A[c, 1] * jj + A[c, 2] * ks
+        labels[:, :, k0:k0 + ks.size] = m.labels_at(p.reshape(-1, 3)).reshape(ni, nj, ks.size)
+        coords[:, :, k0:k0 + ks.size] = p
     return labels, coords
 
 
