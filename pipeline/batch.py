@@ -241,6 +241,7 @@ def process_scan(task: ScanTask) -> Outcome:
                                seconds=time.perf_counter() - t0)
             log.info("%s/%s: processing (image %s)", r.subject_id, r.timepoint, r.image)
             begin_folder(out)  # removes an old manifest: incomplete until the end
+            (out / "score" / "manifest.json").unlink(missing_ok=True)
             seg, labels = r.seg, r.labels
             if seg is None:
                 stage = "segment"
