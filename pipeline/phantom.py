@@ -256,12 +256,15 @@ def _render(spec: PhantomSpec, m: KneeModel, labels: np.ndarray, coords: np.ndar
         if name in _INTENSITY and value < 256:
             lut[value] = _INTENSITY[name]
     img = lut[labels]
-    # air outside an elliptic "leg" cylinder around the knee; fluid in the femorotibial gap
+    # air outside an elliptic "leg" cylinder around the knee
     bg = labels == 0
     leg = (coords[..., 0] / 48.0) ** 2 + ((coords[..., 1] + 6.0) / 44.0) ** 2 < 1.0
     img[bg & ~leg] = _INTENSITY["air"]
+    # joint fluid: background in the femorotibial gap under the condyles (not the notch)
+    ax = np.abs(coords[..., 0])
     fluid = bg & leg & (coords[..., 2] > m.z_t) & (coords[..., 2] < 0.5) & (
-        np.abs(coords[..., 1]) < 22.0) & (np.abs(coords[..., 0]) < 36.0)
+        np.abs(coords[..., 1]) < 20.0) & (ax >= m.condyle_x[0]) & (ax <= m.condyle_x[1] + 3.0)
+    del ax
     img[fluid] = _INTENSITY["fluid"]
     del leg, fluid, bg
     if spec.blur_voxels > 0:
@@ -327,7 +330,7 @@ def _truth(spec: PhantomSpec, m: KneeModel, geo: Geometry, labels: np.ndarray) -
         "side": spec.side,
         "orientation": spec.orientation,
         "spacing_mm": list(geo.spacing),
-        "direction": list(geo.direction),
+        "direction": [round(float(v), 12) for v in geo.direction],
         "geometry": geo.to_json(),
         "rotation_deg": list(spec.rotation_deg),
         "translation_mm": list(spec.translation_mm),
