@@ -50,40 +50,61 @@ __all__ = ["MeasurementConfig", "LazyDiameters", "plate_near", "bone_normal", "L
 
 
 class MeasurementConfig(Strict):
-    """How the quantities are measured (cartiq's own settings, not from the publications)."""
+    """How the quantities are measured (cartiq's own settings, not from the publications).
 
-    grid_mm: float = Field(0.5, gt=0, le=2, description="column spacing in the tangent plane")
-    step_mm: float = Field(0.2, gt=0, le=1, description="sample step along a column")
-    max_height_mm: float = Field(10.0, gt=0, description="columns reach this far above the site centre")
-    bone_depth_mm: float = Field(14.0, gt=0, description="and this far below it")
-    max_cart_height_mm: float = Field(8.0, gt=0, description="cartilage counted up to this above the bone")
-    bone_margin_mm: float = Field(1.0, ge=0, description="cartilage counted from this below the bone surface")
-    plate_search_mm: float = Field(3.0, ge=0, description="a site belongs to the plate with most cartilage within this distance")
+    Lengths in mm, areas in mm2.  Columns: ``grid_mm`` apart, sampled every ``step_mm`` from
+    ``bone_depth_mm`` below to ``max_height_mm`` above the site centre; cartilage counted
+    from ``bone_margin_mm`` below to ``max_cart_height_mm`` above the bone surface.  A site
+    belongs to the plate with most cartilage within ``plate_search_mm``; its footprint is
+    closed by a ``closing_mm`` disc.  Native ring: ``ring_gap_mm`` .. ``+ ring_width_mm``
+    outside, columns thicker than ``min_native_thickness_mm``.  Intensity samples need a
+    cartilage fraction >= ``interior_fraction``.  ``fill_level_pct``: a fill up to
+    ``fill_tolerance_pct`` below a step of ``fill_levels_pct`` counts as reaching it.
+    Integration: band +-``border_band_mm``, ``border_sectors`` sectors; a column is a cleft
+    when ``cleft_depth_fraction`` of the local level is missing (samples brighter than
+    ``fluid_bright_ratio`` x the tissue median count as missing; null disables); a sector
+    is clefted when ``cleft_min_sector_fraction`` of its columns are, over at least
+    ``cleft_min_mm``.  Surface: ``surface_edge_margin_mm`` from the border excluded,
+    irregular when deviating > max(``irregular_min_mm``, ``irregular_fraction`` x native
+    thickness), components < ``irregular_min_area_mm2`` dropped.  Bone: the
+    ``bone_percentile`` of the deviation.  BML within ``bml_margin_mm`` of the footprint and
+    ``subchondral_depth_mm`` below the bone.  Cysts: bone voxels brighter than
+    ``cyst_intensity_ratio`` x the median bone intensity (null: not assessed).  The
+    ``min_*`` values set the confidence flags.
+    """
+
+    grid_mm: float = Field(0.5, gt=0, le=2)
+    step_mm: float = Field(0.2, gt=0, le=1)
+    max_height_mm: float = Field(10.0, gt=0)
+    bone_depth_mm: float = Field(14.0, gt=0)
+    max_cart_height_mm: float = Field(8.0, gt=0)
+    bone_margin_mm: float = Field(1.0, ge=0)
+    plate_search_mm: float = Field(3.0, ge=0)
     max_site_radius_mm: float = Field(25.0, gt=0)
-    closing_mm: float = Field(1.5, ge=0, description="closing of the site footprint (gaps between painted slices)")
-    ring_gap_mm: float = Field(1.0, ge=0, description="native reference ring starts this far outside the site")
+    closing_mm: float = Field(1.5, ge=0)
+    ring_gap_mm: float = Field(1.0, ge=0)
     ring_width_mm: float = Field(4.0, gt=0)
-    min_native_thickness_mm: float = Field(0.3, ge=0, description="ring columns thinner than this are not native reference")
-    interior_fraction: float = Field(0.9, gt=0, le=1, description="intensity samples need this cartilage fraction (no partial volume)")
+    min_native_thickness_mm: float = Field(0.3, ge=0)
+    interior_fraction: float = Field(0.9, gt=0, le=1)
     fit_trim_mm: float = Field(0.5, gt=0)
-    fill_tolerance_pct: float = Field(5.0, ge=0, le=20, description="fill_level_pct: a fill this close below a step counts as reaching it")
-    fill_levels_pct: list[float] = Field([25.0, 50.0, 75.0, 100.0], description="the category steps of volume fill")
-    border_band_mm: float = Field(2.5, gt=0, description="integration: band on both sides of the site border")
+    fill_tolerance_pct: float = Field(5.0, ge=0, le=20)
+    fill_levels_pct: list[float] = Field([25.0, 50.0, 75.0, 100.0])
+    border_band_mm: float = Field(2.5, gt=0)
     border_sectors: int = Field(36, ge=4, le=360)
-    cleft_depth_fraction: float = Field(0.5, gt=0, lt=1, description="a border column is a cleft when this share of the local cartilage level is missing")
-    cleft_min_mm: float = Field(0.5, gt=0, description="smaller clefts / internal gaps are ignored")
-    cleft_min_sector_fraction: float = Field(0.1, ge=0, lt=1, description="a border sector counts as clefted when this share of its band columns are clefts")
-    fluid_bright_ratio: float | None = Field(2.0, gt=1, description="cartilage-labelled samples brighter than this times max(native, repair) count as fluid in clefts; null disables")
+    cleft_depth_fraction: float = Field(0.5, gt=0, lt=1)
+    cleft_min_mm: float = Field(0.5, gt=0)
+    cleft_min_sector_fraction: float = Field(0.1, ge=0, lt=1)
+    fluid_bright_ratio: float | None = Field(2.0, gt=1)
     surface_edge_margin_mm: float = Field(1.0, ge=0)
-    irregular_min_mm: float = Field(0.5, gt=0, description="surface deviation counted as irregular: max(this, irregular_fraction x native thickness)")
+    irregular_min_mm: float = Field(0.5, gt=0)
     irregular_fraction: float = Field(0.25, gt=0)
     irregular_min_area_mm2: float = Field(1.0, ge=0)
-    bone_percentile: float = Field(95.0, gt=50, le=100, description="bony defect/overgrowth: this percentile of the deviation")
-    bml_margin_mm: float = Field(2.0, ge=0, description="BML counted when within this of the site footprint")
+    bone_percentile: float = Field(95.0, gt=50, le=100)
+    bml_margin_mm: float = Field(2.0, ge=0)
     subchondral_depth_mm: float = Field(10.0, gt=0)
-    cyst_intensity_ratio: float | None = Field(None, gt=1, description="cyst candidates: bone voxels brighter than this times the median bone intensity; null = cysts not assessed")
+    cyst_intensity_ratio: float | None = Field(None, gt=1)
     cyst_min_voxels: int = Field(5, ge=1)
-    min_site_area_mm2: float = Field(10.0, ge=0, description="confidence: smaller sites are flagged")
+    min_site_area_mm2: float = Field(10.0, ge=0)
     min_ring_area_mm2: float = Field(20.0, ge=0)
     min_native_voxels: float = Field(30.0, ge=0)
     min_repair_voxels: float = Field(10.0, ge=0)
@@ -126,7 +147,8 @@ class Columns:
 
 
 def sample_columns(frame: LocalFrame, radius_mm: float, w_range_mm: tuple[float, float],
-                   grid_mm: float, step_mm: float, world_to_index: Callable[[np.ndarray], np.ndarray],
+                   grid_mm: float, step_mm: float,
+                   world_to_index: Callable[[np.ndarray], np.ndarray],
                    shape: tuple[int, int, int],
                    arrays: dict[str, tuple[Callable[[tuple[slice, ...]], np.ndarray], int]]
                    ) -> Columns:
@@ -211,7 +233,8 @@ def column_profiles(cols: Columns, *, bone_margin_mm: float, max_cart_height_mm:
 
 
 def quad_fit(u: np.ndarray, v: np.ndarray, z: np.ndarray, *, trim_mm: float = 0.5,
-             iterations: int = 3) -> tuple[np.ndarray, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+             iterations: int = 3
+            ) -> tuple[np.ndarray, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
     """Robust least-squares quadratic surface ``z(u, v)``; returns (coefficients, predictor).
 
     Points farther than ``max(trim_mm, 3 * robust SD)`` from the fit are dropped and the fit
@@ -365,8 +388,9 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     base = (cols.w[None, None, :] > (b - p.bone_margin_mm)[..., None])
     interior = (cart >= p.interior_fraction) & base
     img = cols.samples.get("image")
-    rep_i = img[site_valid[..., None] & interior] if (has_image and img is not None) else np.array([])
-    nat_i = img[ring[..., None] & interior] if (has_image and img is not None) else np.array([])
+    use_img = has_image and img is not None
+    rep_i = img[site_valid[..., None] & interior] if use_img else np.array([])
+    nat_i = img[ring[..., None] & interior] if use_img else np.array([])
     vox_per_sample = cell_area * cols.step_mm / voxel_volume_mm3
     ev["repair_voxels"] = round(float(rep_i.size * vox_per_sample), 1)
     ev["native_voxels"] = round(float(nat_i.size * vox_per_sample), 1)
@@ -397,7 +421,8 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
         ref = max(med_nat, med_rep if np.isfinite(med_rep) else med_nat)
         bright = (cart >= 0.5) & base & (img > p.fluid_bright_ratio * ref)
         eff_t = eff_t - (bright * cart).sum(-1) * cols.step_mm * cos
-    gapc = band & (eff_t < (1.0 - p.cleft_depth_fraction) * level) if np.isfinite(level) else band & False
+    gapc = band & ((eff_t < (1.0 - p.cleft_depth_fraction) * level) if np.isfinite(level)
+                   else np.zeros_like(band))
     cu, cv = _cells_mm(cols, site).mean(0) if site.any() else (0.0, 0.0)
     ang = np.arctan2(cols.v - cv, cols.u - cu)
     rad = np.hypot(cols.u - cu, cols.v - cv)
@@ -423,7 +448,7 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     core = site_valid & (d_in > p.surface_edge_margin_mm) & np.isfinite(a) & (tc > 0)
     if core.sum() < 4:          # small site: use its edge columns too
         core = site_valid & np.isfinite(a) & (tc > 0)
-    thr = max(p.irregular_min_mm, p.irregular_fraction * exp_t) if np.isfinite(exp_t) else p.irregular_min_mm
+    thr = max(p.irregular_min_mm, p.irregular_fraction * exp_t if np.isfinite(exp_t) else 0.0)
     ev["surface_threshold_mm"] = round(thr, 4)
     if core.sum() >= 4:
         _, afit = quad_fit(cols.u[core], cols.v[core], a[core], trim_mm=thr)

@@ -13,14 +13,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _scoring_phantoms import RepairSpec, make_repair_phantom, reorient, write_scan_folder  # noqa: E402
+from _scoring_phantoms import (RepairSpec, make_repair_phantom, reorient,  # noqa: E402
+                               write_scan_folder)
 
 from pipeline.cli import main  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.io import Volume, write_volume  # noqa: E402
-from pipeline.scoring import (CSV_COLUMNS, ScoringConfig, SiteSpec, load_scoring_config,  # noqa: E402
-                              score_sites)
+from pipeline.scoring import (CSV_COLUMNS, ScoringConfig, SiteSpec,  # noqa: E402
+                              load_scoring_config, score_sites)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -186,7 +187,8 @@ def test_configs_load_and_validate(tmp_path):
     site = _score(RepairSpec(), config=c1)
     assert site.max_total == 90 and site.total == 90
     assert _item(site, "effusion").category.startswith("not assessed")
-    bad = (REPO / "configs" / "mocart2.yaml").read_text().replace("max_points: 20", "max_points: 25", 1)
+    bad = (REPO / "configs" / "mocart2.yaml").read_text().replace("max_points: 20",
+                                                                  "max_points: 25", 1)
     p = tmp_path / "bad.yaml"
     p.write_text(bad)
     with pytest.raises(ConfigError, match="max_points"):
