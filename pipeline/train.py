@@ -212,12 +212,18 @@ def train(labels_dir: Path, out_dir: Path, *, config_path: Path | None = None,
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(out_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("pipeline").addHandler(handler)
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("pipeline")
+    old_level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)  # the log file always gets the per-epoch Dice
+    logger.addHandler(handler)
     try:
         return _train(cfg, labels_dir, out_dir, ckpt_dir, images_dir, val_labels_dir, resume,
                       device, progress)
     finally:
-        logging.getLogger("pipeline").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
         handler.close()
 
 

@@ -1,0 +1,209 @@
+"""Synthetic rendering and training: shapes, contrast variety, checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.io import Geometry, write_volume
+from pipeline.labels import default_scheme
+from pipeline.models import load_model
+from pipeline.synth import MODEL_CLASSES, Renderer, SynthConfig, to_model_classes
+from pipeline.train import dice_per_class, train
+
+S = default_scheme()
+C = {n: i for i, n in enumerate(MODEL_CLASSES)}
+
+
+def toy_knee(shape=(40, 64, 64)) -> np.ndarray:
+    """Cartiq-scheme toy knee: femur over tibia with cartilage caps and a meniscus ring."""
+    lab = np.zeros(shape, np.uint8)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    cx, cy = shape[0] / 2, shape[1] / 2
+    r_f = np.sqrt((x - cx) ** 2 + (y - cy) ** 2 + (z - 44) ** 2)
+    lab[r_f < 18] = S["femur"]
+    lab[(r_f >= 18) & (r_f < 21) & (z < 40)] = S["femoral_cartilage"]
+    lab[(z < 20) & (np.abs(y - cy) < 20) & (np.abs(x - cx) < 16)] = S["tibia"]
+    tib_cart = (z >= 20) & (z < 23) & (np.abs(y - cy) < 16) & (np.abs(x - cx) < 14)
+    lab[tib_cart & (x < cx)] = S["medial_tibial_cartilage"]
+    lab[tib_cart & (x >= cx)] = S["lateral_tibial_cartilage"]
+    lab[(z >= 20) & (z < 24) & (np.abs(y - cy) >= 16) & (np.abs(y - cy) < 20)
+        & (np.abs(x - cx) < 14)] = S["medial_meniscus"]
+    return lab
+
+
+def write_toy(folder: Path, name="toy.nii.gz", spacing=(1.0, 1.0, 1.0)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lab = toy_knee()
+    geom = Geometry(lab.shape, spacing, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    return write_volume(folder / name, lab, geom)
+
+
+def tiny_config(tmp_path: Path, dims: int = 2, **over) -> Path:
+    cfg = {
+        "name": "tiny_test",
+        "network": {"name": "UNet", "spatial_dims": dims, "in_channels": 1,
+                    "out_channels": len(MODEL_CLASSES),
+                    "kwargs": {"channels": [4, 8], "strides": [2], "num_res_units": 0}},
+        "input": {"spacing_mm": [1.0, 1.0, 1.0],
+                  "patch_size": [32, 32] if dims == 2 else [16, 32, 32]},
+        "synth": {"spacing_mm": 1.0, "crop_depth": 8},
+        "epochs": 1, "iterations_per_epoch": 3, "crops_per_batch": 1, "slices_per_crop": 2,
+        "val_crops": 1, "seed": 0,
+    }
+    cfg.update(over)
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return p
+
+
+# ----------------------------------------------------------------------------- synth
+
+
+def test_model_classes_merge_medial_lateral():
+    lab = toy_knee()
+    m = to_model_classes(lab)
+    assert set(np.unique(m)) <= set(range(len(MODEL_CLASSES)))
+    tib = (lab == S["medial_tibial_cartilage"]) | (lab == S["lateral_tibial_cartilage"])
+    assert (m[tib] == C["tibial_cartilage"]).all()
+    assert (m[lab == S["medial_meniscus"]] == C["meniscus"]).all()
+
+
+def test_renderer_shapes_and_varied_contrast():
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    r = Renderer(SynthConfig(spacing_mm=1.0), seed=1)
+    means = []
+    for _ in range(6):
+        img, lab = r.sample(labels, (8, 32, 48))
+        assert img.shape == lab.shape == (8, 32, 48)
+        assert float(img.min()) >= 0 and float(img.max()) <= 1
+        assert set(torch.unique(lab).tolist()) <= set(range(len(MODEL_CLASSES)))
+        fem = lab == C["femur"]
+        if fem.sum() > 20:
+            means.append(float(img[fem].mean()))
+    assert len(means) >= 3
+    assert np.std(means) > 0.05  # contrast differs between renderings
+
+
+def test_renderer_plants_bml_inside_bone():
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    cfg = SynthConfig(spacing_mm=1.0, bml_probability=1.0, rotation_deg=0, elastic_mm=0,
+                      scale_fraction=0, mirror_probability=0, bml_radius_mm=(3.0, 4.0))
+    r = Renderer(cfg, seed=2)
+    center = torch.tensor([19.5, 31.5, 31.5])
+    n_found = 0
+    for _ in range(4):
+        _, lab = r.sample(labels, (40, 64, 64), center=center)
+        bml = lab == C["bone_marrow_lesion"]
+        n_found += int(bml.any())
+        # every BML voxel lies where the unplanted map has femur or tibia
+        base = labels[tuple(torch.nonzero(bml).T)]
+        assert set(base.tolist()) <= {C["femur"], C["tibia"]}
+    assert n_found >= 3
+
+
+def test_mirroring_flips_left_right():
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    base = dict(spacing_mm=1.0, rotation_deg=0, elastic_mm=0, scale_fraction=0,
+                bml_probability=0)
+    center = torch.tensor([19.5, 31.5, 31.5])
+    _, a = Renderer(SynthConfig(mirror_probability=0, **base), 0).sample(
+        labels, (40, 64, 64), center=center)
+    _, b = Renderer(SynthConfig(mirror_probability=1, **base), 0).sample(
+        labels, (40, 64, 64), center=center)
+    assert torch.equal(a, labels.long())
+    assert torch.equal(b, torch.flip(a, dims=[0]))
+
+
+def test_dice_per_class():
+    t = torch.tensor([0, 1, 1, 2, 2, 2])
+    p = torch.tensor([0, 1, 2, 2, 2, 0])
+    d = dice_per_class(p, t, 4)
+    assert d[0] == pytest.approx(2 / 3)
+    assert d[1] == pytest.approx(4 / 6)
+    assert np.isnan(d[2])
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def test_training_writes_package_checkpoint_and_resumes(tmp_path):
+    labels = tmp_path / "labels"
+    write_toy(labels)
+    out = tmp_path / "model"
+    cfg = tiny_config(tmp_path)
+    s1 = train(labels, out, config_path=cfg, progress=False)
+    assert s1["epochs"] == 1 and s1["steps"] == 3
+    assert (out / "checkpoints" / "last.pt").exists()
+    log = (out / "train.log").read_text()
+    assert "val mean Dice" in log and "femoral_cartilage=" in log
+    m = load_model(out)  # sha256 in metadata.json matches the weights
+    assert m.metadata.name == "tiny_test"
+    assert json.loads((out / "metadata.json").read_text())["training"]["steps"] == 3
+    cfg2 = tiny_config(tmp_path, epochs=2)
+    s2 = train(labels, out, config_path=cfg2, resume=True, progress=False)
+    assert s2["epochs"] == 2 and s2["steps"] == 6
+    ck = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert ck["epoch"] == 2 and len(ck["history"]) == 2
+
+
+def test_training_is_deterministic_on_cpu(tmp_path):
+    labels = tmp_path / "labels"
+    write_toy(labels)
+    cfg = tiny_config(tmp_path)
+    train(labels, tmp_path / "a", config_path=cfg, progress=False)
+    train(labels, tmp_path / "b", config_path=cfg, progress=False)
+    a = torch.load(tmp_path / "a" / "model.pt")
+    b = torch.load(tmp_path / "b" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_supervised_training_with_images(tmp_path):
+    labels = tmp_path / "labels"
+    images = tmp_path / "images"
+    write_toy(labels, "knee1.nii.gz")
+    lab = toy_knee()
+    rng = np.random.default_rng(0)
+    img = (lab * 10 + rng.normal(0, 2, lab.shape)).astype(np.float32)
+    images.mkdir()
+    write_volume(images / "knee1.nii.gz", img,
+                 Geometry(lab.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    s = train(labels, tmp_path / "sup", config_path=tiny_config(tmp_path), images_dir=images,
+              progress=False)
+    assert s["steps"] == 3
+    (images / "knee1.nii.gz").rename(images / "other.nii.gz")
+    with pytest.raises(InputError, match="no image with the stem"):
+        train(labels, tmp_path / "sup2", config_path=tiny_config(tmp_path), images_dir=images,
+              progress=False)
+
+
+def test_training_3d_network_runs(tmp_path):
+    labels = tmp_path / "labels"
+    write_toy(labels)
+    s = train(labels, tmp_path / "m3d", config_path=tiny_config(tmp_path, dims=3,
+              iterations_per_epoch=2), progress=False)
+    assert s["steps"] == 2
+
+
+def test_bad_config_and_inputs(tmp_path):
+    labels = tmp_path / "labels"
+    write_toy(labels)
+    cfg = tiny_config(tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data["network"]["out_channels"] = 3
+    cfg.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="out_channels"):
+        train(labels, tmp_path / "x", config_path=cfg, progress=False)
+    with pytest.raises(InputError, match="nothing to resume"):
+        train(labels, tmp_path / "y", config_path=tiny_config(tmp_path), resume=True,
+              progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no label maps"):
+        train(tmp_path / "empty", tmp_path / "z", config_path=tiny_config(tmp_path),
+              progress=False)
