@@ -103,33 +103,47 @@ class QCResult:
 # ---------------------------------------------------------------------------- checks
 
 
+def _marginals(mask: np.ndarray) -> list[np.ndarray]:
+    return [mask.sum(axis=tuple(b for b in range(3) if b != a)) for a in range(3)]
+
+
 def _crop(mask: np.ndarray, pad: np.ndarray) -> tuple[slice, ...]:
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - pad, 0)
-    hi = np.minimum(idx.max(0) + pad + 1, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    out = []
+    for m, p, n in zip(_marginals(mask), pad, mask.shape):
+        nz = np.flatnonzero(m)
+        out.append(slice(max(int(nz[0]) - int(p), 0), min(int(nz[-1]) + int(p) + 1, n)))
+    return tuple(out)
 
 
 def _centroid_world(mask: np.ndarray, geometry: Geometry) -> np.ndarray | None:
-    idx = np.argwhere(mask)
-    return None if idx.size == 0 else geometry.index_to_world(idx.mean(0))[0]
+    margins = _marginals(mask)
+    total = margins[0].sum()
+    if total == 0:
+        return None
+    mean = [float((m * np.arange(len(m))).sum() / total) for m in margins]
+    return geometry.index_to_world(np.array(mean))[0]
 
 
-def _touches_border(mask: np.ndarray) -> int:
-    """Number of ``mask`` voxels on the outer faces of the array."""
-    inner = mask[1:-1, 1:-1, 1:-1].sum() if min(mask.shape) > 2 else 0
-    return int(mask.sum() - inner)
+def _distance_mm(outside: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Distance (mm) of every voxel to the nearest False voxel of ``outside``."""
+    try:
+        import edt
+
+        return edt.edt(np.ascontiguousarray(outside), anisotropy=tuple(float(s) for s in spacing),
+                       black_border=False, parallel=1)
+    except ImportError:  # pragma: no cover - edt is a dependency; scipy is the fallback
+        return ndimage.distance_transform_edt(outside, sampling=spacing)
 
 
-def _adjacency_flags(name: str, cart: np.ndarray, bone: np.ndarray, spacing: np.ndarray,
-                     cfg: QCConfig) -> list[QCFlag]:
+def _adjacency_flags(name: str, cart: np.ndarray, labels: np.ndarray, bone_values: list[int],
+                     spacing: np.ndarray, cfg: QCConfig) -> list[QCFlag]:
     pad = np.ceil((cfg.max_distance_to_bone_mm + 2) / spacing).astype(int)
     box = _crop(cart, pad)
-    c, b = cart[box], bone[box]
+    c, b = cart[box], np.isin(labels[box], bone_values)
     if not b.any():
         return [QCFlag("not_adjacent", "error", name,
                        f"{name} lies farther than {cfg.max_distance_to_bone_mm:g} mm from its bone")]
-    dist = ndimage.distance_transform_edt(~b, sampling=spacing)[c]
+    dist = _distance_mm(~b, spacing)[c]
     touching = float(dist.min()) <= float(spacing.max()) * 1.01
     if not touching:
         return [QCFlag("not_adjacent", "error", name, f"{name} does not touch its bone "
@@ -142,7 +156,7 @@ def _adjacency_flags(name: str, cart: np.ndarray, bone: np.ndarray, spacing: np.
     return []
 
 
-def _thickness_values(name: str, labels: np.ndarray, thickness: np.ndarray | None,
+def _thickness_values(name: str, mask: np.ndarray, thickness: np.ndarray | None,
                       result: Any) -> np.ndarray:
     plate = getattr(result, "plates", {}).get(name) if result is not None else None
     if plate is not None and getattr(plate, "present", False) and len(plate.thickness_mm):
@@ -150,7 +164,7 @@ def _thickness_values(name: str, labels: np.ndarray, thickness: np.ndarray | Non
         return t[np.isfinite(t)]
     if thickness is None:
         return np.zeros(0)
-    t = thickness[labels == default_scheme()[name]]
+    t = thickness[mask]
     return t[np.isfinite(t) & (t > 0)]
 
 
@@ -180,12 +194,13 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
         if n == 0:
             flags.append(QCFlag("plate_empty", "error", name, f"{name} is empty", 0.0))
             continue
-        centroids[name] = _centroid_world(labels == scheme[name], geometry)
+        mask = labels == scheme[name]
+        centroids[name] = _centroid_world(mask, geometry)
         limit = cfg.min_plate_volume_mm3.get(name, 0.0)
         if volume < limit:
             flags.append(QCFlag("plate_small", "warning", name,
                                 f"{name} volume {volume:.0f} mm3 < {limit:g} mm3", volume))
-        t = _thickness_values(name, labels, thickness, result)
+        t = _thickness_values(name, mask, thickness, result)
         if t.size:
             mean, p99 = float(t.mean()), float(np.percentile(t, 99))
             if not cfg.min_mean_thickness_mm <= mean <= cfg.max_mean_thickness_mm:
@@ -198,14 +213,16 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
                                     f"{name} 99th percentile thickness {p99:.1f} mm > "
                                     f"{cfg.max_thickness_mm:g} mm", p99))
         bone_name = scheme.plates[name]
-        bone = np.isin(labels, [scheme[bone_name], scheme["bone_marrow_lesion"]])
         if counts[scheme[bone_name]] == 0:
             flags.append(QCFlag("bone_missing", "warning", name,
                                 f"{bone_name} not labelled: adjacency of {name} not checked"))
         else:
-            flags += _adjacency_flags(name, labels == scheme[name], bone, spacing, cfg)
+            flags += _adjacency_flags(name, mask, labels, [scheme[bone_name], scheme["bone_marrow_lesion"]],
+                                      spacing, cfg)
+    inner = labels[1:-1, 1:-1, 1:-1] if min(labels.shape) > 2 else labels[:0, :0, :0]
+    on_border = counts - np.bincount(inner.ravel(), minlength=len(counts))
     for name in PLATES + ("medial_meniscus", "lateral_meniscus", "bone_marrow_lesion"):
-        if counts[scheme[name]] and (n := _touches_border(labels == scheme[name])):
+        if (n := int(on_border[scheme[name]])):
             flags.append(QCFlag("border", "warning", name,
                                 f"{name} touches the image border ({n} voxels): cut off?", n))
     bml = labels == scheme["bone_marrow_lesion"]

@@ -197,3 +197,20 @@ def test_plot_failure_keeps_flags(measured, monkeypatch):
     res = write_qc(measured.out_dir, registration_residual_mm=3.0)
     assert res.figure is None and res.errors == ["RuntimeError: no canvas"]
     assert res.to_json()["flags"][0]["code"] == "registration"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sample,mapping,side", [("pymskt_dess_labels", "pymskt_dess", "right"),
+                                                 ("spl_knee_atlas_labels", "spl_knee_atlas", "left")])
+def test_real_label_maps_pass_and_swaps_are_caught(data_mirror, tmp_path, sample, mapping, side):
+    """Real expert label maps raise no flag; swapping their tibial plates is caught."""
+    from pipeline.fetch import fetch_sample
+    from pipeline.io import read_volume
+    from pipeline.labels import load_mapping, to_default_scheme
+
+    vol = read_volume(fetch_sample(sample, mirror=data_mirror, cache_dir=tmp_path), kind="labels")
+    lab, info = to_default_scheme(vol.array, load_mapping(mapping), vol.geometry.affine)
+    assert info["side"] == side
+    assert qc_checks(lab, vol.geometry, side=side) == []
+    wrong = qc_checks(lab, vol.geometry, side="left" if side == "right" else "right")
+    assert [(f.code, f.structure) for f in wrong] == [("position", "lateral_tibial_cartilage")]
