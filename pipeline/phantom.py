@@ -153,14 +153,18 @@ def knee_model(spec: PhantomSpec) -> KneeModel:
         partial_r=float(spec.partial_defect_radius_mm),
         partial_depth=float(spec.partial_defect_depth_fraction),
         partial_centre=tuple(map(float, spec.partial_defect_centre_mm)),
-        femur_bml=None if spec.femur_bml_radii_mm is None else tuple(map(float, spec.femur_bml_radii_mm)),
+        femur_bml=_opt3(spec.femur_bml_radii_mm),
         femur_bml_centre=tuple(map(float, spec.femur_bml_centre_mm)),
-        tibia_bml=None if spec.tibia_bml_radii_mm is None else tuple(map(float, spec.tibia_bml_radii_mm)),
+        tibia_bml=_opt3(spec.tibia_bml_radii_mm),
     )
     problems = m.check()
     if problems:
         raise ConfigError("inconsistent phantom geometry: " + "; ".join(problems))
     return m
+
+
+def _opt3(v: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+    return None if v is None else tuple(float(a) for a in v)  # type: ignore[return-value]
 
 
 def _rotation(deg: tuple[float, ...], seq: str) -> np.ndarray:

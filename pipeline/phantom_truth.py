@@ -24,7 +24,8 @@ Geometry (defaults in brackets, see :class:`pipeline.phantom.PhantomSpec`)
 * Menisci: wedge rings on the plateau outside each footprint (elliptic scale 1 <= s < 1.35),
   height rising linearly from the plate thickness to ``meniscus_height_mm``.
 * Patella: elliptic prism anterior to the femur (footprint 1.5 mm wider than its cartilage),
-  its cartilage a slab of thickness T_p on its posterior face, separated from the femoral cartilage by ``patellar_gap_mm``.
+  its cartilage a slab of thickness T_p on its posterior face, separated from the femoral
+  cartilage by ``patellar_gap_mm``.
 * BMLs: ellipsoids (axes along x, y, z) inside the medial femoral condyle and medial tibia.
 
 Truth thickness follows the measurement's definition: for each point of the covered
@@ -161,7 +162,8 @@ class KneeModel:
             h = np.full(len(idx), T)
             if sign < 0 and self.partial_r > 0:
                 px, py = self.partial_centre
-                h[(xs - px) ** 2 + (ys - py) ** 2 < self.partial_r ** 2] = (1.0 - self.partial_depth) * T
+                in_d = (xs - px) ** 2 + (ys - py) ** 2 < self.partial_r ** 2
+                h[in_d] = (1.0 - self.partial_depth) * T
             out[idx[(sc < 1.0) & (zs < zt + h)]] = s[name]
             if self.menisci:
                 hm = T + (sc - 1.0) / (S - 1.0) * (self.meniscus_height - T)
@@ -205,9 +207,11 @@ class KneeModel:
             problems.append("condyle_x_mm must satisfy 0 < inner < outer")
         if self.full_r > 0:
             fx, fphi = self.full_centre
+            arc_mm = math.radians(self.arc_deg) * self.R
             if not (x0 + self.full_r < fx < x1 - self.full_r) or (
-                    abs(math.radians(fphi)) * self.R + self.full_r > math.radians(self.arc_deg) * self.R):
-                problems.append("full-thickness defect does not fit inside the medial condyle plate")
+                    abs(math.radians(fphi)) * self.R + self.full_r > arc_mm):
+                problems.append("full-thickness defect does not fit inside the medial "
+                                "condyle plate")
         if self.partial_r > 0:
             px, py = self.partial_centre
             a, b = self.plate_axes
@@ -221,8 +225,7 @@ class KneeModel:
             pts = _ellipsoid_surface(radii, centre)
             lab = self.labels_at(pts)
             want = default_scheme()["bone_marrow_lesion"]
-            if np.any(lab != want):
-                # re-evaluate without the lesion: the bone must contain it
+            if np.any(lab != want):  # some of its surface lies outside femur/tibia
                 problems.append(f"{bone} BML does not lie entirely inside the {bone}")
         return problems
 
@@ -370,7 +373,8 @@ def plate_truth(m: KneeModel, h: float = 0.1) -> dict[str, dict[str, float]]:
     L = m.condyle_x[1] - m.condyle_x[0]
     full_area = math.pi * m.full_r ** 2 if m.full_r > 0 else 0.0
     t_ab = 2 * L * R * 2 * arc
-    vol = 2 * L * 2 * arc * ((R + T) ** 2 - R ** 2) / 2 - ((R + T) ** 2 - R ** 2) / 2 * full_area / R
+    ring = ((R + T) ** 2 - R ** 2) / 2  # int_R^{R+T} rho d rho
+    vol = 2 * L * 2 * arc * ring - ring * full_area / R  # the hole spans full_area / R of (x, phi)
     _, d, cov = _femoral_thickness_samples(m, h)
     out["femoral_cartilage"] = _plate_row(T, d[cov], t_ab, full_area, vol)
     a, b = m.plate_axes
@@ -407,7 +411,8 @@ def meniscus_volumes(m: KneeModel) -> dict[str, float]:
     return out
 
 
-def _plate_row(T: float, d: np.ndarray, t_ab: float, denuded: float, vol: float) -> dict[str, float]:
+def _plate_row(T: float, d: np.ndarray, t_ab: float, denuded: float,
+               vol: float) -> dict[str, float]:
     return {
         "nominal_thickness_mm": float(T),
         "thickness_mean_mm": float(np.mean(d)),
