@@ -142,6 +142,18 @@ def _metric_concepts() -> dict[str, tuple[Any, Any, Any]]:
 # ------------------------------------------------------------------------- writing
 
 
+def _model_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The segmentation model's provenance (``cartiq run``/``segment``/``batch``), or {}."""
+    batch = manifest.get("batch") or {}
+    if batch.get("segmentation") == "given":
+        return {}
+    for m in (manifest.get("model"), (manifest.get("segmentation") or {}).get("model"),
+              batch.get("model")):
+        if isinstance(m, dict) and m:
+            return m
+    return {}
+
+
 def _segmentation(sources: list[Any], labels: np.ndarray, manifest: dict[str, Any]):
     import highdicom as hd
 
@@ -153,7 +165,7 @@ def _segmentation(sources: list[Any], labels: np.ndarray, manifest: dict[str, An
     if not present:
         raise InputError("segmentation is empty: nothing to write as DICOM SEG")
     lut = np.zeros(int(labels.max()) + 1, np.uint8)
-    model = manifest.get("model") or {}
+    model = _model_of(manifest)
     algo = None
     if model:
         from pydicom.sr.codedict import codes

@@ -390,7 +390,9 @@ def _provenance(folders: list[Path]) -> str:
         inputs = m.get("inputs") or {}
         inp = "; ".join(f"{k}: {v.get('path')} (sha256 {str(v.get('sha256'))[:12]})"
                         for k, v in inputs.items() if isinstance(v, dict))
-        model = (m.get("batch") or {}).get("model") or m.get("model")
+        from pipeline.dicom_out import _model_of
+
+        model = _model_of(m)
         rows.append({"folder": str(f), "stage": m.get("stage"), "cartiq": m.get("cartiq_version"),
                      "commit": str(m.get("git_commit") or "")[:10], "created": m.get("created"),
                      "config hash": m.get("config_hash"), "side": f"{m.get('side')} ({m.get('side_source')})",

@@ -128,3 +128,13 @@ def test_non_dicom_input_is_refused(tmp_path):
         {"inputs": {"image": {"path": str(tmp_path / "img.nii.gz"), "format": "nifti"}}}))
     with pytest.raises(InputError, match="not a DICOM series"):
         write_dicom_outputs(tmp_path)
+
+
+def test_model_provenance_sets_algorithm():
+    from pipeline.dicom_out import _model_of
+
+    m = {"name": "cartiq-knee", "version": "1.0"}
+    assert _model_of({"segmentation": {"model": m}}) == m
+    assert _model_of({"batch": {"segmentation": "model", "model": m}}) == m
+    assert _model_of({"batch": {"segmentation": "given", "model": m}}) == {}
+    assert _model_of({"inputs": {}}) == {}
