@@ -78,6 +78,7 @@ class CompareTask:
     followup_dir: Path
     out_dir: Path
     force: bool = False
+    config_hash: str | None = None
 
 
 @dataclass
@@ -205,7 +206,8 @@ def _default_model() -> str:
 def _fingerprint(task: ScanTask, inputs: dict[str, str | None], model: dict[str, Any] | None) -> str:
     r = task.row
     data = {"v": FINGERPRINT_VERSION, "inputs": inputs, "model": model,
-            "configs": task.config_hashes, "side": r.side, "labels": r.labels}
+            "configs": {k: v for k, v in task.config_hashes.items() if k != "compare"},
+            "side": r.side, "labels": r.labels}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -327,13 +329,14 @@ def _finish_scan(task: ScanTask, out: Path, measure_manifest: dict[str, Any],
 
 
 def compare_is_current(task: CompareTask) -> bool:
-    """Finished, and newer than both scans' manifests."""
+    """Finished with the same config, and newer than both scans' manifests."""
     m = task.out_dir / "manifest.json"
     try:
         t = m.stat().st_mtime
-        return t >= (task.baseline_dir / "manifest.json").stat().st_mtime and \
+        same = json.loads(m.read_text(encoding="utf-8")).get("config_hash") == task.config_hash
+        return same and t >= (task.baseline_dir / "manifest.json").stat().st_mtime and \
             t >= (task.followup_dir / "manifest.json").stat().st_mtime
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
@@ -408,6 +411,12 @@ def _config_hashes(measure_config: Path | None) -> dict[str, str]:
         from pipeline.scoring import load_scoring_config
 
         out["score"] = config_hash(load_scoring_config(None))
+    except ImportError:
+        pass
+    try:
+        from pipeline.longitudinal import load_compare_config
+
+        out["compare"] = config_hash(load_compare_config())
     except ImportError:
         pass
     h = _file_hash(CONFIG_DIR / "labels.yaml")
@@ -559,7 +568,7 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any,
                 scans[task.row.key] = outcome
                 if progress is not None:
                     progress(outcome)
-                for ct in _ready_compares(task.row, scans, pairs, out):
+                for ct in _ready_compares(task.row, scans, pairs, out, hashes.get("compare")):
                     executor.submit(process_compare, ct)
             else:
                 compares.append(outcome)
@@ -582,7 +591,7 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any,
 
 def _ready_compares(row: ScanRow, scans: dict[tuple[str, str], Outcome],
                     pairs: dict[tuple[str, str], tuple[ScanRow, ScanRow]],
-                    out: Path) -> list[CompareTask]:
+                    out: Path, config_hash: str | None) -> list[CompareTask]:
     """Comparisons whose two scans have both just become available."""
     ready = []
     for (sid, fu), (b, f) in pairs.items():
@@ -595,5 +604,5 @@ def _ready_compares(row: ScanRow, scans: dict[tuple[str, str], Outcome],
             subject_id=sid, baseline=b.timepoint, followup=f.timepoint,
             baseline_dir=out / sid / b.timepoint, followup_dir=out / sid / f.timepoint,
             out_dir=out / sid / f"compare_{b.timepoint}_{f.timepoint}",
-            force="done" in (ob.status, of.status)))
+            force="done" in (ob.status, of.status), config_hash=config_hash))
     return ready
