@@ -81,7 +81,14 @@ def partial_defects(points_mm: np.ndarray, faces: np.ndarray, areas_mm2: np.ndar
     defect_id = np.zeros(len(points_mm), dtype=np.int64)
     if not thin.any():
         return defect_id, expected
-    comp = mesh_components(len(points_mm), faces, thin)
+    # bridge one-vertex gaps (voxel steps split a patch): components of the thin set grown
+    # by one ring of neighbours, keeping only the thin vertices as the defect
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    grown = thin.copy()
+    grown[e[thin[e[:, 0]], 1]] = True
+    grown[e[thin[e[:, 1]], 0]] = True
+    comp = mesh_components(len(points_mm), faces, grown & measured)
+    comp[~thin] = -1
     ids = comp[thin]
     area = np.bincount(ids, weights=areas_mm2[thin])
     at_rim = set(np.unique(comp[thin & rim]).tolist()) if rim is not None else set()
