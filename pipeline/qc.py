@@ -325,7 +325,7 @@ def _load_image(manifest: dict[str, Any]) -> Volume | None:
         return None
 
 
-def plate_maps(labels: np.ndarray, geometry: Geometry, values: np.ndarray, *,
+def plate_maps(labels: np.ndarray, geometry: Geometry, values: np.ndarray | None, *,
                result: Any = None, bin_mm: float = 1.0) -> dict[str, PlateMap]:
     """2D map per present plate from surface points (``result``) or a voxel value map."""
     scheme = default_scheme()
@@ -340,7 +340,7 @@ def plate_maps(labels: np.ndarray, geometry: Geometry, values: np.ndarray, *,
             den = np.asarray(plate.denuded, bool)
         else:
             mask = labels == scheme[name]
-            if not mask.any():
+            if values is None or not mask.any():
                 continue
             idx = np.argwhere(mask)
             pts = geometry.index_to_world(idx)
@@ -387,8 +387,8 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
         if image is None:
             image = _load_image(manifest)
         defects, lesions = _markers(scan_dir, result)
-        maps = plate_maps(labels, geometry, thickness if thickness is not None
-                          else np.zeros(labels.shape, np.float32), result=result)
+        maps = plate_maps(labels, geometry, thickness, result=result) \
+            if thickness is not None or result is not None else {}
         out.figure = _qc_figure(scan_dir / "qc.png", labels, geometry, image, maps, defects,
                                 lesions, flags, side, cfg, title=manifest.get("scan_id")
                                 or f"{scan_dir.parent.name}/{scan_dir.name}")
@@ -441,6 +441,8 @@ def _qc_figure(path: Path, labels: np.ndarray, geometry: Geometry, image: Volume
                            label="thickness (mm)")
         else:
             axes[3].set_axis_off()
+            axes[3].text(0.5, 0.5, "no thickness map", ha="center", va="center",
+                         transform=axes[3].transAxes, color="#777")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=cfg.figure_dpi, format="png")
     return path
