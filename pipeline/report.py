@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.errors import InputError
 from pipeline.io import atomic_write_text, read_volume
 from pipeline.labels import PLATES, default_scheme
 from pipeline.qc import QCFlag, read_table, registration_flag
@@ -404,6 +405,17 @@ def _provenance(folders: list[Path]) -> str:
     return (f"<table class='meta'><tr>{''.join(f'<th>{c}</th>' for c in cols)}</tr>{body}</table>")
 
 
+def _change_tables(c: Path) -> str:
+    rows = read_table(c / "change.csv")
+    plate_rows = [r for r in rows if r.get("region") == "all"]
+    cols = ["structure", "region", "metric", "baseline", "followup", "change", "unit",
+            "exceeds_sdc", "note"]
+    return ("<h3>Change table (whole plates; highlighted: beyond the smallest detectable "
+            "change)</h3>" + html_table(plate_rows, cols, _exceeds)
+            + f"<details><summary>all {len(rows)} change rows (subregions)</summary>"
+            + html_table(rows, cols, _exceeds) + "</details>")
+
+
 def _exceeds(r: dict[str, Any]) -> bool:
     return str(r.get("exceeds_sdc", "")).strip().lower() in ("1", "true", "yes", "1.0")
 
@@ -417,6 +429,8 @@ def write_subject_report(subject_dir: Path, *, out: Path | None = None,
     ``subject_dir/report.html``.
     """
     subject_dir = Path(subject_dir)
+    if not subject_dir.is_dir():
+        raise InputError("not a folder", subject_dir)
     scans, compares = find_folders(subject_dir)
     errors: list[str] = []
     first = _manifest(scans[0]) if scans else {}
@@ -432,7 +446,8 @@ def write_subject_report(subject_dir: Path, *, out: Path | None = None,
     sections.append("<h2>Visits side by side</h2>")
     if scans:
         sections.append(_guarded(errors, "thickness maps", lambda: _maps_figure(scans, map_vmax_mm)))
-        sections.append("<h3>Key measurements (whole plates)</h3>" + _measure_table(scans))
+        sections.append("<h3>Key measurements (whole plates)</h3>"
+                        + _guarded(errors, "key measurements", lambda: _measure_table(scans)))
         for s in scans:
             if (s / "qc.png").is_file():
                 sections.append(f"<details><summary>QC figure {esc(_visit_name(s))}</summary>"
@@ -441,18 +456,14 @@ def write_subject_report(subject_dir: Path, *, out: Path | None = None,
         sections.append(f"<h2>Change: {esc(c.name)}</h2>")
         if (c / "thickness_change.nii.gz").is_file():
             sections.append(_guarded(errors, f"change maps {c.name}", lambda c=c: _change_figure(c, scans)))
-        rows = read_table(c / "change.csv")
-        plate_rows = [r for r in rows if r.get("region") == "all"]
-        cols = ["structure", "region", "metric", "baseline", "followup", "change", "unit", "exceeds_sdc"]
-        sections.append("<h3>Change table (whole plates; highlighted: beyond the smallest "
-                        "detectable change)</h3>" + html_table(plate_rows, cols, _exceeds))
-        sections.append(f"<details><summary>all {len(rows)} change rows (subregions)</summary>"
-                        + html_table(rows, cols, _exceeds) + "</details>")
+        sections.append(_guarded(errors, f"change table {c.name}", lambda c=c: _change_tables(c)))
         for name, label in (("defect_tracking.csv", "Tracked cartilage defects"),
                             ("lesion_tracking.csv", "Tracked bone-marrow lesions")):
             sections.append(f"<h3>{label}</h3>" + html_table(read_table(c / name)))
-    sections.append("<h2>MOCART (per repair site)</h2>" + _mocart_section(scans, compares))
-    sections.append("<h2>Provenance</h2>" + _provenance(scans + compares))
+    sections.append("<h2>MOCART (per repair site)</h2>"
+                    + _guarded(errors, "MOCART tables", lambda: _mocart_section(scans, compares)))
+    sections.append("<h2>Provenance</h2>"
+                    + _guarded(errors, "provenance", lambda: _provenance(scans + compares)))
     if errors:
         sections.append("<h2>Report problems</h2><ul>" + "".join(f"<li class='err'>{esc(e)}</li>"
                                                                  for e in errors) + "</ul>")
