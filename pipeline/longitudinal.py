@@ -84,8 +84,8 @@ class SdcConfig(Strict):
 
 class MismatchConfig(Strict):
     min_dice: float = Field(0.9, gt=0, le=1, description="bone overlap after registration")
-    max_residual_mm: float = Field(1.0, gt=0, description="bone-surface distance after registration")
-    volume_ratio_range: tuple[float, float] = (0.85, 1.18)
+    max_residual_mm: float = Field(0.6, gt=0, description="bone-surface distance after registration")
+    volume_ratio_range: tuple[float, float] = (0.92, 1.09)
     min_failing_bones: int = Field(2, ge=1,
         description="the pair is a mismatch when this many bones fail (or all registered ones)")
 

@@ -1,0 +1,249 @@
+"""Longitudinal comparison on phantom pairs with known rigid motion and known change.
+
+Phantoms (pipeline.phantom) are built at 0.6 x 0.6 x 1.0 mm to keep the module near two
+minutes; every follow-up moves the whole knee by >= 5 degrees and >= 5 mm.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.io import read_volume
+from pipeline.longitudinal import CHANGE_COLUMNS, CompareConfig, compare_scans, load_compare_config
+from pipeline.measure import run_measure
+from pipeline.phantom import PhantomSpec, make_phantom, model_to_world, world_to_model, write_phantom
+from pipeline.labels import default_scheme
+from pipeline.register import RegistrationConfig
+
+pytestmark = pytest.mark.slow
+
+COMMON = dict(spacing_mm=(0.6, 0.6, 1.0), fov_mm=(90.0, 90.0, 100.0))
+SPECS = {
+    "baseline": PhantomSpec(seed=0, **COMMON),
+    # treatment effect: thinning of two plates, thickening of one, smaller defect and BML
+    "change": PhantomSpec(seed=1, rotation_deg=(6.0, -5.0, 5.0), translation_mm=(6.0, -5.0, 5.0),
+                          femoral_thickness_mm=2.0, medial_tibial_thickness_mm=1.8,
+                          lateral_tibial_thickness_mm=2.75, full_defect_radius_mm=3.0,
+                          femur_bml_radii_mm=(4.0, 3.5, 3.0), **COMMON),
+    # test-retest: same knee, new noise and position
+    "nochange": PhantomSpec(seed=2, rotation_deg=(-5.0, 6.0, -5.0),
+                            translation_mm=(-6.0, 5.0, -5.0), **COMMON),
+    # another subject: different bone sizes
+    "other": PhantomSpec(seed=3, rotation_deg=(4.0, 3.0, -5.0), translation_mm=(3.0, 5.0, -4.0),
+                         femur_radius_mm=22.0, condyle_x_mm=(9.0, 35.0),
+                         tibial_plate_semi_axes_mm=(14.0, 18.5),
+                         patella_semi_axes_mm=(20.0, 15.0), **COMMON),
+}
+NO_INTENSITY = CompareConfig(registration=RegistrationConfig(intensity_refinement=False),
+                             sdc=load_compare_config().sdc)
+
+
+@pytest.fixture(scope="module")
+def visits(tmp_path_factory) -> dict[str, Path]:
+    """Measured output folder of each phantom (plus its truth)."""
+    root = tmp_path_factory.mktemp("longitudinal")
+    out = {}
+    for name, spec in SPECS.items():
+        paths = write_phantom(make_phantom(spec), root / name)
+        run_measure(paths["image"], paths["seg"], root / name / "measured", side=spec.side)
+        out[name] = root / name / "measured"
+    return out
+
+
+def _truth(visits, name) -> dict:
+    return json.loads((visits[name].parent / "truth.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def change(visits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp_change")
+    return compare_scans(visits["baseline"], visits["change"], out), out
+
+
+@pytest.fixture(scope="module")
+def nochange(visits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp_nochange")
+    return compare_scans(visits["baseline"], visits["nochange"], out), out
+
+
+def _value(df: pd.DataFrame, structure: str, metric: str, region: str = "all") -> pd.Series:
+    row = df[(df.structure == structure) & (df.region == region) & (df.metric == metric)]
+    assert len(row) == 1, (structure, region, metric)
+    return row.iloc[0]
+
+
+PLATES = ["femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
+          "patellar_cartilage"]
+
+
+def test_registration_recovers_the_motion(visits, change):
+    result, out = change
+    spec_b, spec_f = SPECS["baseline"], SPECS["change"]
+    labels = read_volume(visits["change"] / "segmentation.nii.gz", kind="labels")
+    scheme = default_scheme()
+    for bone, reg in result.registrations.items():
+        assert reg.converged and not reg.residual_flag, reg.reason
+        assert reg.residual_mm < 0.3
+        # target error where it matters: on the bone's cartilage plates
+        plates = [scheme[p] for p, b in scheme.plates.items() if b == bone]
+        pts = labels.geometry.index_to_world(np.argwhere(np.isin(labels.array, plates)).astype(float))
+        truth = model_to_world(spec_b, world_to_model(spec_f, pts))
+        tre = np.linalg.norm(reg.map_points(pts) - truth, axis=1).mean()
+        assert tre < 0.5 * np.prod(SPECS["change"].spacing_mm) ** (1 / 3), (bone, tre)  # < half a voxel
+    doc = json.loads((out / "registration.json").read_text())
+    assert set(doc["bones"]) == {"femur", "tibia", "patella"}
+    assert all(b["residual_mean_mm"] < b["residual_limit_mm"] for b in doc["bones"].values())
+    assert (out / "transforms" / "femur.tfm").is_file()
+
+
+def test_thickness_change_matches_truth(visits, change):
+    result, out = change
+    df = pd.read_csv(out / "change.csv")
+    assert list(df.columns) == CHANGE_COLUMNS
+    tb, tf = _truth(visits, "baseline"), _truth(visits, "change")
+    for plate in PLATES:
+        truth = tf["plates"][plate]["thickness_mean_mm"] - tb["plates"][plate]["thickness_mean_mm"]
+        assert abs(_value(df, plate, "thickness_mean").change - truth) < 0.05, plate
+        assert abs(_value(df, plate, "thickness_matched_mean").change - truth) < 0.05, plate
+    # thinning and thickening are separated (location-independent change)
+    assert _value(df, "femoral_cartilage", "thinning").change < -0.1
+    assert _value(df, "femoral_cartilage", "thinning").exceeds_sdc
+    assert _value(df, "lateral_tibial_cartilage", "thickening").change > 0.08
+    assert abs(_value(df, "lateral_tibial_cartilage", "thinning").change) < 0.05
+    # subregions are reported for both visits (baseline regions carried over)
+    sub = _value(df, "femoral_cartilage", "thickness_mean", "cMF")
+    assert np.isfinite(sub.followup) and sub.change < -0.08
+
+
+def test_denuded_area_and_bml_change(visits, change):
+    result, out = change
+    df = pd.read_csv(out / "change.csv")
+    tb, tf = _truth(visits, "baseline"), _truth(visits, "change")
+    truth = (tf["plates"]["femoral_cartilage"]["denuded_area_mm2"]
+             - tb["plates"]["femoral_cartilage"]["denuded_area_mm2"])
+    measured = _value(df, "femoral_cartilage", "denuded_area").change
+    assert abs(measured - truth) <= 0.15 * abs(truth)
+    # defect tracking: the baseline full-thickness defect shrank, partly filled
+    dt = pd.read_csv(out / "defect_tracking.csv")
+    full = dt[(dt.plate == "femoral_cartilage") & (dt.baseline_kind == "full")].iloc[0]
+    assert full.status == "reduced"
+    assert abs(full.area_change_mm2 - truth) <= 0.15 * abs(truth)
+    assert 0.25 < full.fraction_filled < 0.6  # 1 - (3/4)^2 = 0.44 of the site filled
+    assert not (dt.status == "new").any()
+    # lesions: femoral BML smaller, tibial unchanged
+    lt = pd.read_csv(out / "lesion_tracking.csv")
+    vol = {l["bone"]: l["volume_mm3"] for l in tb["lesions"]}
+    vol_f = {l["bone"]: l["volume_mm3"] for l in tf["lesions"]}
+    fem = lt[lt.bone == "femur"].iloc[0]
+    assert fem.status == "persisting"
+    truth_dv = vol_f["femur"] - vol["femur"]
+    assert abs(fem.volume_change_mm3 - truth_dv) <= 0.10 * abs(truth_dv)
+    assert np.isfinite(fem.area_change_mm2) and fem.area_change_mm2 < 0
+    tib = lt[lt.bone == "tibia"].iloc[0]
+    assert abs(tib.volume_change_mm3) < 0.05 * vol["tibia"]
+    bml = _value(df, "bone_marrow_lesion", "volume", "femur")
+    assert abs(bml.change - truth_dv) <= 0.10 * abs(truth_dv)
+
+
+def test_change_maps_in_baseline_space(visits, change):
+    result, out = change
+    cmap = read_volume(out / "thickness_change.nii.gz")
+    seg = read_volume(visits["baseline"] / "segmentation.nii.gz", kind="labels")
+    assert cmap.geometry == seg.geometry or np.allclose(cmap.geometry.affine, seg.geometry.affine, atol=1e-4)
+    fem = cmap.array[seg.array == 4]
+    assert -0.25 < float(np.median(fem)) < -0.1  # truth: -0.2 mm nominal
+    for plate in PLATES:
+        assert (out / "meshes" / f"{plate}_change.vtk").stat().st_size > 1000
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and not manifest["mismatch"]["suspected"]
+    assert "change.csv" in manifest["outputs"]
+
+
+def test_mocart_scores_at_both_visits(change):
+    result, out = change
+    if not (out / "mocart.csv").is_file():
+        pytest.fail("mocart.csv missing: " + "; ".join(result.warnings))
+    df = pd.read_csv(out / "mocart.csv")
+    totals = df[df["item"] == "total"]
+    ids = {d["baseline_defect_id"] for d in result.defect_rows if d.get("baseline_defect_id")}
+    for visit in ("baseline", "followup"):
+        assert set(totals[totals.visit == visit].site_id) == ids
+
+
+def test_no_change_pair_within_sdc(nochange):
+    result, out = nochange
+    df = pd.read_csv(out / "change.csv")
+    flagged = df[df.exceeds_sdc == True]  # noqa: E712
+    assert flagged.empty, flagged[["structure", "region", "metric", "change"]].to_string()
+    for plate in PLATES:
+        assert abs(_value(df, plate, "thickness_mean").change) < 0.05
+    assert result.status == "ok" and not result.mismatch_reasons
+    assert all(r.converged and not r.residual_flag for r in result.registrations.values())
+    dt = pd.read_csv(out / "defect_tracking.csv")
+    full = dt[dt.baseline_kind == "full"].iloc[0]
+    assert full.status == "stable"
+    lt = pd.read_csv(out / "lesion_tracking.csv")
+    assert set(lt.status) == {"persisting"}
+
+
+def test_mismatched_pair_detected(visits, tmp_path):
+    out = tmp_path / "cmp"
+    with pytest.raises(InputError, match="do not look like the same knee"):
+        compare_scans(visits["baseline"], visits["other"], out, config=NO_INTENSITY)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "mismatch" and manifest["mismatch"]["suspected"]
+    assert not (out / "change.csv").exists()
+    doc = json.loads((out / "registration.json").read_text())
+    assert any(b["residual_flag"] for b in doc["bones"].values())
+
+
+def test_different_sides_exit_2(visits, tmp_path, capsys):
+    from pipeline.cli import main
+
+    left = tmp_path / "left"
+    shutil.copytree(visits["nochange"], left)
+    manifest = json.loads((left / "manifest.json").read_text())
+    manifest["side"] = "left"
+    (left / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--baseline", str(visits["baseline"]), "--followup", str(left),
+              "-o", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "right knee but follow-up is a left knee" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "failed"
+
+
+def test_unfinished_folder_exit_2(visits, tmp_path, capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--baseline", str(visits["baseline"]), "--followup", str(tmp_path),
+              "-o", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_missing_plate_is_nan_with_reason(visits, tmp_path):
+    seg = read_volume(visits["nochange"] / "segmentation.nii.gz", kind="labels")
+    arr = seg.array.copy()
+    arr[arr == 7] = 0  # patellar cartilage missing at follow-up
+    from pipeline.io import write_volume
+
+    write_volume(tmp_path / "seg.nii.gz", arr, seg.geometry)
+    image = json.loads((visits["nochange"] / "manifest.json").read_text())["inputs"]["image"]["path"]
+    run_measure(Path(image), tmp_path / "seg.nii.gz", tmp_path / "fu", side="right")
+    result = compare_scans(visits["baseline"], tmp_path / "fu", tmp_path / "cmp", config=NO_INTENSITY)
+    assert result.status == "partial"
+    df = pd.read_csv(tmp_path / "cmp" / "change.csv")
+    row = _value(df, "patellar_cartilage", "thickness_mean")
+    assert np.isnan(row.change) and "missing at follow-up" in row.note
+    assert any("patellar_cartilage missing at follow-up" in w for w in result.warnings)
+    # the other plates are still compared
+    assert abs(_value(df, "femoral_cartilage", "thickness_mean").change) < 0.05
