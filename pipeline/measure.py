@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from pipeline.config import MeasureConfig, config_hash, load_config, resolved
@@ -185,7 +186,8 @@ def _lesion_rows(lesions: list[Lesion], slice_axis: int, spacing: np.ndarray) ->
 
 def _measure_plate(name: str, labels: np.ndarray, bone_mask: np.ndarray, geometry: Geometry,
                    frame: KneeFrame | None, config: MeasureConfig,
-                   thickness_map: np.ndarray) -> PlateResult:
+                   thickness_map: np.ndarray, offset_index: np.ndarray) -> PlateResult:
+    """Measure one plate in a crop of the volume starting at voxel ``offset_index``."""
     scheme = default_scheme()
     bone_name = scheme.plates[name]
     cart = labels == scheme[name]
@@ -200,6 +202,7 @@ def _measure_plate(name: str, labels: np.ndarray, bone_mask: np.ndarray, geometr
     if surf is None:
         return PlateResult(name=name, bone=bone_name, present=False,
                            volume_mm3=float(cart.sum()) * geometry.voxel_volume_mm3)
+    surf.points_mm = surf.points_mm + offset_index * spacing
     world = geometry.physical_to_world(surf.points_mm)
     if frame is not None:
         region = assign_regions(name, world, surf.vertex_area_mm2, frame,
@@ -218,7 +221,7 @@ def _measure_plate(name: str, labels: np.ndarray, bone_mask: np.ndarray, geometr
     vox = np.argwhere(cart)
     region_volume: dict[str, float] = {}
     if len(vox):
-        _, nearest = cKDTree(surf.points_mm).query(vox * spacing, workers=-1)
+        _, nearest = cKDTree(surf.points_mm).query((vox + offset_index) * spacing, workers=-1)
         t_vox = thickness[nearest]
         ok = np.isfinite(t_vox)
         thickness_map[tuple(vox[ok].T)] = t_vox[ok]
@@ -288,13 +291,27 @@ def measure_labels(labels: np.ndarray, geometry: Geometry, *, side: str | None,
         warnings.append("knee side unknown: subregions not assigned (pass --side)")
     thickness_map = np.zeros(labels.shape, dtype=np.float32)
     plates: dict[str, PlateResult] = {}
+    boxes = ndimage.find_objects(labels)
+    margin = np.ceil(config.thickness.crop_margin_mm / spacing).astype(int) + 2
     for name in PLATES:
-        bone_mask = labels == scheme[scheme.plates[name]]
+        value = scheme[name]
+        box = boxes[value - 1] if value <= len(boxes) else None
+        if box is None:
+            plates[name] = PlateResult(name=name, bone=scheme.plates[name], present=False)
+            warnings.append(f"{name}: plate absent or not on its bone; reported as missing")
+            continue
+        crop = tuple(slice(max(b.start - m, 0), min(b.stop + m, n))
+                     for b, m, n in zip(box, margin, labels.shape))
+        start = np.array([c.start for c in crop])
+        sub = labels[crop]
+        bone_mask = sub == scheme[scheme.plates[name]]
         for c in comps:  # lesion voxels are marrow of their bone
             if c.bone == scheme.plates[name]:
-                bone_mask[tuple(c.voxels.T)] = True
-        plates[name] = _measure_plate(name, labels, bone_mask, geometry, frame, config,
-                                      thickness_map)
+                local = c.voxels - start
+                inside = np.all((local >= 0) & (local < np.array(sub.shape)), axis=1)
+                bone_mask[tuple(local[inside].T)] = True
+        plates[name] = _measure_plate(name, sub, bone_mask, geometry, frame, config,
+                                      thickness_map[crop], start)
         if not plates[name].present:
             warnings.append(f"{name}: plate absent or not on its bone; reported as missing")
     defects: list[Defect] = []
