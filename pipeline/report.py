@@ -72,7 +72,7 @@ tr.hi td{background:#fff1c9}.muted{color:#777}.err{color:#a00}
 .pass{color:#060;font-weight:bold}.warn{color:#b60;font-weight:bold}.fail{color:#c00;font-weight:bold}
 .grid{display:flex;flex-wrap:wrap;gap:18px}.card{border:1px solid #ccd;padding:8px 12px;border-radius:6px}
 img{max-width:100%}details{margin:8px 0}summary{cursor:pointer;color:#335}
-.meta td{text-align:left;font-family:monospace;font-size:11.5px}
+.meta td{text-align:left;font-family:monospace;font-size:11.5px;word-break:break-all}
 """
 
 
@@ -101,6 +101,7 @@ def _fmt(v: Any) -> str:
         return esc(v)
     if not np.isfinite(f):
         return ""
+    f = f + 0.0 if f != 0 else 0.0  # no "-0"
     return f"{f:.0f}" if abs(f) >= 1000 or f.is_integer() else f"{f:.3g}" if abs(f) < 0.01 else f"{f:.2f}"
 
 
