@@ -70,7 +70,9 @@ class MeasurementConfig(Strict):
     ``bone_percentile`` of the deviation.  BML within ``bml_margin_mm`` of the footprint and
     ``subchondral_depth_mm`` below the bone.  Cysts: bone voxels brighter than
     ``cyst_intensity_ratio`` x the median bone intensity (null: not assessed).  The
-    ``min_*`` values set the confidence flags.
+    ``min_*`` values set the confidence flags (``min_ring_coverage``: share of the ring
+    annulus with native cartilage; less means the site is at a plate edge or in a denuded
+    area).
     """
 
     grid_mm: float = Field(0.5, gt=0, le=2)
@@ -87,7 +89,7 @@ class MeasurementConfig(Strict):
     min_native_thickness_mm: float = Field(0.3, ge=0)
     interior_fraction: float = Field(0.9, gt=0, le=1)
     fit_trim_mm: float = Field(0.5, gt=0)
-    fill_tolerance_pct: float = Field(5.0, ge=0, le=20)
+    fill_tolerance_pct: float = Field(2.5, ge=0, le=20)
     fill_levels_pct: list[float] = Field([25.0, 50.0, 75.0, 100.0])
     border_band_mm: float = Field(2.5, gt=0)
     border_sectors: int = Field(36, ge=4, le=360)
@@ -99,13 +101,14 @@ class MeasurementConfig(Strict):
     irregular_min_mm: float = Field(0.5, gt=0)
     irregular_fraction: float = Field(0.25, gt=0)
     irregular_min_area_mm2: float = Field(1.0, ge=0)
-    bone_percentile: float = Field(95.0, gt=50, le=100)
+    bone_percentile: float = Field(75.0, ge=50, le=100)
     bml_margin_mm: float = Field(2.0, ge=0)
     subchondral_depth_mm: float = Field(10.0, gt=0)
     cyst_intensity_ratio: float | None = Field(None, gt=1)
     cyst_min_voxels: int = Field(5, ge=1)
     min_site_area_mm2: float = Field(10.0, ge=0)
     min_ring_area_mm2: float = Field(20.0, ge=0)
+    min_ring_coverage: float = Field(0.5, ge=0, le=1)
     min_native_voxels: float = Field(30.0, ge=0)
     min_repair_voxels: float = Field(10.0, ge=0)
     min_bone_column_fraction: float = Field(0.8, ge=0, le=1)
@@ -335,12 +338,14 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     d_in = ndimage.distance_transform_edt(site) * g
     ring = (~site) & valid & (d_out > p.ring_gap_mm) & (d_out <= p.ring_gap_mm + p.ring_width_mm)
     ring &= t >= p.min_native_thickness_mm
-    outer = (~site) & valid & (d_out > p.ring_gap_mm)
+    outer = (~site) & valid & (d_out > p.ring_gap_mm) & (t >= p.min_native_thickness_mm)
     ev: dict[str, Any] = {
         "site_columns": int(site.sum()), "site_columns_with_bone": int(site_valid.sum()),
         "site_area_mm2": round(float(site.sum() * cell_area), 3),
         "ring_columns": int(ring.sum()),
         "ring_area_mm2": round(float(ring.sum() * cell_area), 3),
+        "ring_coverage": round(float(ring.sum() / max(1, ((~site) & cols.inside & (
+            d_out > p.ring_gap_mm) & (d_out <= p.ring_gap_mm + p.ring_width_mm)).sum())), 3),
     }
     m: dict[str, float] = {}
     nan = float("nan")
@@ -416,24 +421,28 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     rep_level = float(np.median(tc[interior_site])) if interior_site.any() else (
         float(np.median(rep_t)) if rep_t.size else nan)
     level = min(exp_t, rep_level) if np.isfinite(exp_t) and np.isfinite(rep_level) else nan
-    eff_t = tc.copy()
+    eff_t = tc.copy()     # thickness with fluid-bright samples counted as missing
     if p.fluid_bright_ratio is not None and has_image and img is not None and np.isfinite(med_nat):
         ref = max(med_nat, med_rep if np.isfinite(med_rep) else med_nat)
         bright = (cart >= 0.5) & base & (img > p.fluid_bright_ratio * ref)
         eff_t = eff_t - (bright * cart).sum(-1) * cols.step_mm * cos
-    gapc = band & ((eff_t < (1.0 - p.cleft_depth_fraction) * level) if np.isfinite(level)
-                   else np.zeros_like(band))
     cu, cv = _cells_mm(cols, site).mean(0) if site.any() else (0.0, 0.0)
     ang = np.arctan2(cols.v - cv, cols.u - cu)
     rad = np.hypot(cols.u - cu, cols.v - cv)
     sector = ((ang + np.pi) / (2 * np.pi) * p.border_sectors).astype(int) % p.border_sectors
+    beyond = valid & (sd > p.border_band_mm) & (sd <= p.border_band_mm + p.ring_width_mm)
     affected, widths, present = 0, [], 0
     for s in range(p.border_sectors):
         in_s = band & (sector == s)
-        if not in_s.any():
+        out_s = beyond & (sector == s)
+        if not in_s.any() or not out_s.any() or not np.isfinite(rep_level):
             continue
+        # a cleft is a dip below both the repair level and this sector's native level
+        native_s = float(np.median(tc[out_s]))
+        if native_s < p.min_native_thickness_mm:
+            continue                     # no native cartilage beside this part of the border
         present += 1
-        gs = gapc & in_s
+        gs = in_s & (eff_t < (1.0 - p.cleft_depth_fraction) * min(native_s, rep_level))
         if gs.sum() < max(1, p.cleft_min_sector_fraction * in_s.sum()):
             continue
         width = float(rad[gs].max() - rad[gs].min() + g)
@@ -549,7 +558,9 @@ class LazyDiameters:
 
 
 def plate_near(labels: np.ndarray, geom: Geometry, idx: np.ndarray, search_mm: float
-                ) -> str | None:
+               ) -> str | None:
+    """The cartilage plate of a site (voxel indices ``idx``): the plate label most present
+    inside the site, else the one with most voxels within ``search_mm`` of it."""
     scheme = default_scheme()
     margin = np.ceil(search_mm / np.asarray(geom.spacing)).astype(int) + 1
     lo = np.maximum(idx.min(0) - margin, 0)
@@ -557,6 +568,9 @@ def plate_near(labels: np.ndarray, geom: Geometry, idx: np.ndarray, search_mm: f
     sub = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
     mask = np.zeros(sub.shape, bool)
     mask[tuple((idx - lo).T)] = True
+    inside = {p: int((sub[mask] == scheme[p]).sum()) for p in scheme.plates}
+    if max(inside.values()) >= 3:       # the site covers cartilage (repair tissue): its plate
+        return max(inside, key=inside.get)
     near = ndimage.distance_transform_edt(~mask, sampling=geom.spacing) <= search_mm
     counts = {p: int(((sub == scheme[p]) & near).sum()) for p in scheme.plates}
     best = max(counts, key=counts.get)
@@ -564,15 +578,47 @@ def plate_near(labels: np.ndarray, geom: Geometry, idx: np.ndarray, search_mm: f
 
 
 def bone_normal(labels: np.ndarray, geom: Geometry, c: np.ndarray, radius: float,
-            bone_vals: list[int], plate_val: int) -> np.ndarray | None:
+                bone_vals: list[int], plate_val: int, sigma_mm: float = 2.0) -> np.ndarray | None:
+    """Unit normal of the bone surface near ``c`` (LPS), pointing out of the bone.
+
+    Minus the gradient, at ``c``, of the bone indicator smoothed with a Gaussian of
+    ``sigma_mm`` (central differences at world offsets, so independent of the file's axis
+    order).  Far from any bone (flat field) it falls back to the direction from the bone's
+    to the plate's cartilage centroid within ``radius``.
+    """
+    sp = np.asarray(geom.spacing)
+    sigma = max(sigma_mm, 1.5 * float(sp.max()))
     ci = geom.world_to_index(c)[0]
+    r = np.ceil((4 * sigma + 2.0) / sp).astype(int) + 1
+    lo = np.maximum(np.floor(ci).astype(int) - r, 0)
+    hi = np.minimum(np.ceil(ci).astype(int) + r + 1, labels.shape)
+    if np.any(hi <= lo):
+        return None
+    sub = np.isin(labels[tuple(slice(a, b) for a, b in zip(lo, hi))], bone_vals)
+    if sub.any():
+        sm = ndimage.gaussian_filter(sub.astype(np.float32), sigma / sp, mode="nearest")
+        h = 0.5
+        offs = np.concatenate([np.eye(3) * h, -np.eye(3) * h]) + c
+        f = ndimage.map_coordinates(sm, (geom.world_to_index(offs) - lo).T, order=1,
+                                    mode="nearest")
+        grad = (f[:3] - f[3:]) / (2 * h)
+        if np.linalg.norm(grad) > 1e-3:
+            return -grad / np.linalg.norm(grad)
+    return _centroid_normal(labels, geom, c, radius, bone_vals, plate_val)
+
+
+def _centroid_normal(labels: np.ndarray, geom: Geometry, c: np.ndarray, radius: float,
+                     bone_vals: list[int], plate_val: int) -> np.ndarray | None:
+    ci = geom.world_to_index(c)[0]
+    step = np.maximum(1, np.ceil(2 * radius / np.asarray(geom.spacing) / 48)).astype(int)
     r = np.ceil(radius / np.asarray(geom.spacing)).astype(int) + 1
     lo = np.maximum(np.floor(ci).astype(int) - r, 0)
     hi = np.minimum(np.ceil(ci).astype(int) + r + 1, labels.shape)
     if np.any(hi <= lo):
         return None
-    sub = labels[tuple(slice(a, b) for a, b in zip(lo, hi))]
-    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij"), -1)
+    ax = [np.arange(a, b, s) for a, b, s in zip(lo, hi, step)]
+    sub = labels[np.ix_(*ax)]
+    grid = np.stack(np.meshgrid(*ax, indexing="ij"), -1)
     world = geom.index_to_world(grid.reshape(-1, 3)).reshape(grid.shape)
     ball = ((world - c) ** 2).sum(-1) <= radius ** 2
     bone = ball & np.isin(sub, bone_vals)

@@ -245,6 +245,9 @@ def _confidence(name: str, item: ItemConfig, m: dict[str, float], ev: dict[str, 
                    f"{100 * ev.get('site_columns_with_bone', 0) / cols:.0f}% of the site")
     if ev.get("ring_area_mm2", 0) < p.min_ring_area_mm2:
         why.append(f"native reference ring small ({ev.get('ring_area_mm2', 0):.1f} mm2)")
+    elif ev.get("ring_coverage", 0) < p.min_ring_coverage:
+        why.append(f"native cartilage around only {100 * ev.get('ring_coverage', 0):.0f}% "
+                   "of the site (plate edge or denuded surroundings)")
     if item.measure in _INTENSITY:
         if ev.get("native_voxels", 0) < p.min_native_voxels:
             why.append(f"few native reference voxels ({ev.get('native_voxels', 0):.0f})")

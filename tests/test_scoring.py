@@ -125,7 +125,7 @@ def test_bony_overgrowth_step(baseline):
     assert it.value == pytest.approx(1.5, abs=0.4)            # + = overgrowth into the joint
     # repair tissue up to the native level over the raised bone is complete fill
     assert _item(site, "volume_fill").points == 20
-    small = _item(_score(RepairSpec(bone_step_mm=0.8)), "bony_defect")
+    small = _item(_score(RepairSpec(bone_step_mm=1.0)), "bony_defect")
     assert small.points == 5
 
 
