@@ -294,6 +294,9 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
     t0 = time.perf_counter()
     cfg = config or load_compare_config()
     out = Path(out_dir)
+    for name, folder in (("baseline", baseline_dir), ("follow-up", followup_dir)):
+        if Path(folder).resolve() == out.resolve():
+            raise InputError(f"the output folder is the {name} folder; choose another", out)
     check_writable(out)
     bl, fu = load_visit(baseline_dir, "baseline"), load_visit(followup_dir, "follow-up")
     warnings = bl.warnings + fu.warnings + _acquisition_warnings(bl, fu)
