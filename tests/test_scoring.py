@@ -288,3 +288,37 @@ def test_project_phantom_measure_then_score(tmp_path):
     # the tibial partial defect keeps 40% of the thickness (depth fraction 0.6)
     t = min(tib, key=lambda s: float(s["volume_fill"]["value"]))
     assert 30 <= float(t["volume_fill"]["value"]) <= 50 and t["volume_fill"]["points"] == "5"
+
+
+@pytest.mark.slow
+def test_real_label_map_healthy_cartilage_scores_intact(data_mirror, tmp_path):
+    """Sites placed on healthy cartilage of a real label map (pymskt DESS, right knee):
+    the geometric items must not invent fill defects, clefts, surface or bone changes."""
+    from scipy import ndimage
+
+    from pipeline.fetch import fetch_sample
+    from pipeline.io import read_volume
+    from pipeline.labels import default_scheme, load_mapping, to_default_scheme
+
+    path = fetch_sample("pymskt_dess_labels", mirror=data_mirror, cache_dir=tmp_path)
+    vol = read_volume(path, kind="labels")
+    lab, _ = to_default_scheme(vol.array, load_mapping("pymskt_dess"), vol.geometry.affine)
+    sc = default_scheme()
+    rng = np.random.default_rng(0)
+    specs = []
+    for plate in ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage"):
+        iface = (lab == sc[sc.plates[plate]]) & ndimage.binary_dilation(lab == sc[plate])
+        idx = np.argwhere(iface)
+        for ijk in idx[rng.choice(len(idx), 8, replace=False)]:
+            specs.append(SiteSpec(len(specs) + 1, vol.geometry.index_to_world(ijk[None]), 4.0,
+                                  plate=plate))
+    res = score_sites(None, lab, specs, geometry=vol.geometry)
+    interior = [s for s in res.sites if s.evidence["ring_coverage"] >= 0.85]
+    assert len(interior) >= 6
+    for s in interior:
+        assert 80 <= s.measures["fill_pct"] <= 130
+        assert _item(s, "bony_defect").points == 10
+        assert _item(s, "surface").points == 10
+        assert _item(s, "subchondral").points == 20
+        assert math.isnan(_item(s, "signal").points)          # no image given
+    assert np.mean([_item(s, "integration").points == 15 for s in interior]) >= 0.8
