@@ -74,7 +74,8 @@ def source_datasets(folder: Path, geometry: Geometry, *, series_uid: str | None 
         raise InputError(f"source series has no echo {chosen}", folder)
     iop = np.asarray(items[0][1].ImageOrientationPatient, float)
     normal = np.cross(iop[:3], iop[3:])
-    items = sorted(items, key=lambda it: float(np.dot(normal, np.asarray(it[1].ImagePositionPatient, float))))
+    items = sorted(items, key=lambda it: float(
+        np.dot(normal, np.asarray(it[1].ImagePositionPatient, float))))
     if len(items) != geometry.shape[2]:
         raise InputError(f"source series has {len(items)} slices, the segmentation "
                          f"{geometry.shape[2]}", folder)
@@ -256,7 +257,8 @@ def _measurement_groups(seg, numbers: dict[str, int], rows: list[dict[str, str]]
             if v is not None:
                 meas.append(sr.Measurement(name=name, value=v, unit=unit))
         groups.append(sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(f"BML {les.get('lesion_id')} {les.get('bone')} {les.get('region')}"),
+            tracking_identifier=_tracking(
+                f"BML {les.get('lesion_id')} {les.get('bone')} {les.get('region')}"),
             referenced_segment=ref("bone_marrow_lesion"), finding_type=codes.SCT.Edema,
             finding_sites=[sr.FindingSite(codes.SCT.BoneMarrow)], measurements=meas))
     for d in defects:
@@ -302,7 +304,8 @@ def write_dicom_outputs(scan_dir: Path, *, source: Path | None = None,
     src = Path(source) if source is not None else Path(info.get("path") or "")
     if source is None and info.get("format") != "dicom" or not src.is_dir():
         raise InputError("the input image was not a DICOM series; DICOM SEG/SR need the "
-                         "source DICOM series (give it with --source DICOM_FOLDER)", src if str(src) != "." else scan_dir)
+                         "source DICOM series (give it with --source DICOM_FOLDER)",
+                         src if str(src) != "." else scan_dir)
     seg_vol = read_volume(scan_dir / "segmentation.nii.gz", kind="labels")
     sources = source_datasets(src, seg_vol.geometry, series_uid=info.get("series_instance_uid"),
                               echo=info.get("echo"))
@@ -319,10 +322,11 @@ def write_dicom_outputs(scan_dir: Path, *, source: Path | None = None,
     observer = sr.ObserverContext(observer_type=codes.DCM.Device,
                                   observer_identifying_attributes=sr.DeviceObserverIdentifyingAttributes(
                                       uid=hd.UID(), name="cartiq", model_name=f"cartiq {__version__}"))
-    report = sr.MeasurementReport(observation_context=sr.ObservationContext(observer_device_context=observer),
-                                  procedure_reported=codes.SCT.MagneticResonanceImagingProcedure
-                                  if hasattr(codes.SCT, "MagneticResonanceImagingProcedure")
-                                  else codes.SCT.Knee, imaging_measurements=groups)
+    mri = sr.CodedConcept(value="113091000", scheme_designator="SCT",
+                          meaning="Magnetic resonance imaging")
+    report = sr.MeasurementReport(
+        observation_context=sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=mri, imaging_measurements=groups)
     doc = sr.Comprehensive3DSR(evidence=[*sources, seg], content=report, series_instance_uid=hd.UID(),
                                series_number=902, sop_instance_uid=hd.UID(), instance_number=1,
                                manufacturer="cartiq", is_complete=True,

@@ -251,8 +251,9 @@ def _change_figure(compare: Path, scans: list[Path]) -> str:
     change = read_volume(compare / "thickness_change.nii.gz")
     named = ((_manifest(compare).get("inputs") or {}).get("baseline") or {}).get("folder")
     candidates = ([Path(named)] if named and Path(named).is_dir() else []) + scans
-    base = next((s for s in candidates if (s / "segmentation.nii.gz").is_file() and
-                 read_volume(s / "segmentation.nii.gz", kind="labels").array.shape == change.array.shape), None)
+    base = next((s for s in candidates if (s / "segmentation.nii.gz").is_file()
+                 and read_volume(s / "segmentation.nii.gz", kind="labels").array.shape
+                 == change.array.shape), None)
     if base is None:
         raise ValueError("no visit's segmentation matches thickness_change.nii.gz")
     seg = read_volume(base / "segmentation.nii.gz", kind="labels")
@@ -285,7 +286,8 @@ def _qc_flags(scans: list[Path], compares: list[Path]) -> tuple[str, list[QCFlag
         rows.append(f"<div class='card'><h3>{esc(_visit_name(s))}: <span class='{esc(status)}'>"
                     f"{esc(status).upper()}</span></h3>" +
                     ("<ul>" + "".join(f"<li>[{esc(f.get('severity'))}] {esc(f.get('message'))}</li>"
-                                      for f in flags) + "</ul>" if flags else "<p class='muted'>no flags</p>")
+                                      for f in flags) + "</ul>"
+                     if flags else "<p class='muted'>no flags</p>")
                     + "</div>")
     for c in compares:
         m = _manifest(c)
@@ -375,7 +377,8 @@ def _mocart_section(scans: list[Path], compares: list[Path]) -> str:
             keys = sorted({(r.get("visit") or "", r.get("site_id")) for r in rows},
                           key=lambda x: (x[0] != "baseline", _natural(x[0]), _natural(str(x[1]))))
             for visit, site in keys:
-                site_rows = [r for r in rows if (r.get("visit") or "") == visit and r.get("site_id") == site]
+                site_rows = [r for r in rows
+                             if (r.get("visit") or "") == visit and r.get("site_id") == site]
                 where = f"{name} ({visit})" if visit else name
                 parts.append(f"<div class='card'><h3>{esc(where)} - site {esc(site)}</h3>" + html_table(
                     site_rows, ["item", "measure", "value", "unit", "category", "points", "max_points",
@@ -397,7 +400,8 @@ def _provenance(folders: list[Path]) -> str:
         model = _model_of(m)
         rows.append({"folder": str(f), "stage": m.get("stage"), "cartiq": m.get("cartiq_version"),
                      "commit": str(m.get("git_commit") or "")[:10], "created": m.get("created"),
-                     "config hash": m.get("config_hash"), "side": f"{m.get('side')} ({m.get('side_source')})",
+                     "config hash": m.get("config_hash"),
+                     "side": f"{m.get('side')} ({m.get('side_source')})",
                      "model": json.dumps(model)[:120] if model else "", "inputs": inp,
                      "warnings": "; ".join(m.get("warnings") or [])[:400]})
     cols = ["folder", "stage", "cartiq", "commit", "created", "config hash", "side", "model",
@@ -441,7 +445,8 @@ def write_subject_report(subject_dir: Path, *, out: Path | None = None,
     head = (f"<h1>cartiq subject report: {esc(subject)}</h1><p>side <b>{esc(first.get('side'))}</b>"
             f" - arm <b>{esc(batch.get('arm') or 'n/a')}</b> - KL grade <b>"
             f"{esc(batch.get('kl_grade') if batch.get('kl_grade') is not None else 'n/a')}</b> - visits: "
-            f"{esc(', '.join(visits) or 'none')} - comparisons: {esc(', '.join(c.name for c in compares) or 'none')}</p>")
+            f"{esc(', '.join(visits) or 'none')} - comparisons: "
+            f"{esc(', '.join(c.name for c in compares) or 'none')}</p>")
     qc_html = _guarded(errors, "QC summary", lambda: _qc_flags(scans, compares)[0])
     sections = [head, "<h2>Quality control</h2>", qc_html]
     sections.append("<h2>Visits side by side</h2>")
@@ -451,8 +456,9 @@ def write_subject_report(subject_dir: Path, *, out: Path | None = None,
                         + _guarded(errors, "key measurements", lambda: _measure_table(scans)))
         for s in scans:
             if (s / "qc.png").is_file():
-                sections.append(f"<details><summary>QC figure {esc(_visit_name(s))}</summary>"
-                                f"<img alt='qc {esc(_visit_name(s))}' src='{file_data_uri(s / 'qc.png')}'></details>")
+                name = esc(_visit_name(s))
+                sections.append(f"<details><summary>QC figure {name}</summary><img alt='qc {name}' "
+                                f"src='{file_data_uri(s / 'qc.png')}'></details>")
     for c in compares:
         sections.append(f"<h2>Change: {esc(c.name)}</h2>")
         if (c / "thickness_change.nii.gz").is_file():

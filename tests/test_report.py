@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -95,10 +94,9 @@ def test_subject_report_content(subject, report):
                     "Tracked bone-marrow lesions", "MOCART (per repair site)", "Provenance"):
         assert heading in html
     # visits in order, with the values of their measurements.csv
-    bl = {(r["structure"], r["metric"]): float(r["value"]) for r in read_csv(subject / "BL/measurements.csv")
-          if r["region"] == "all" and r["value"]}
-    fu = {(r["structure"], r["metric"]): float(r["value"]) for r in read_csv(subject / "FU/measurements.csv")
-          if r["region"] == "all" and r["value"]}
+    bl, fu = ({(r["structure"], r["metric"]): float(r["value"])
+               for r in read_csv(subject / v / "measurements.csv") if r["region"] == "all" and r["value"]}
+              for v in ("BL", "FU"))
     cells = _cell_values(html, ("femoral_cartilage", "mean thickness (mm)"))
     key = ("femoral_cartilage", "thickness_mean")
     assert [float(c) for c in cells] == pytest.approx([bl[key], fu[key], fu[key] - bl[key]], abs=0.006)
@@ -159,7 +157,8 @@ def test_find_folders_orders_visits(tmp_path):
 def batch(tmp_path_factory):
     out = tmp_path_factory.mktemp("batch")
     rng = np.random.default_rng(1)
-    ch = ["subject_id,baseline_timepoint,timepoint,structure,region,metric,baseline,followup,change,unit,exceeds_sdc"]
+    ch = ["subject_id,baseline_timepoint,timepoint,structure,region,metric,baseline,followup,"
+          "change,unit,exceeds_sdc"]
     mo = ["subject_id,timepoint,site_id,item,measure,value,unit,category,points,max_points,automation"]
     truth = {}
     for i in range(8):
