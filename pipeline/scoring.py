@@ -248,7 +248,9 @@ def _confidence(name: str, item: ItemConfig, m: dict[str, float], ev: dict[str, 
     elif ev.get("ring_coverage", 0) < p.min_ring_coverage:
         why.append(f"native cartilage around only {100 * ev.get('ring_coverage', 0):.0f}% "
                    "of the site (plate edge or denuded surroundings)")
-    if item.measure in _INTENSITY:
+    if item.measure in _INTENSITY and not ev.get("image_used", True):
+        why.append("no image: intensities not measured")
+    elif item.measure in _INTENSITY:
         if ev.get("native_voxels", 0) < p.min_native_voxels:
             why.append(f"few native reference voxels ({ev.get('native_voxels', 0):.0f})")
         if ev.get("repair_voxels", 0) < p.min_repair_voxels and m.get("fill_pct", 0) >= 10:
@@ -352,7 +354,7 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
                           voxel_volume_mm3=geom.voxel_volume_mm3)
     ev.update({"frame_center_lps_mm": [round(float(x), 3) for x in center],
                "frame_normal_lps": [round(float(x), 5) for x in normal],
-               "column_radius_mm": round(R, 3)})
+               "column_radius_mm": round(R, 3), "image_used": image is not None})
     items = _score_items(cfg, m, ev)
     total, mx = _total(items)
     notes = []
