@@ -4,8 +4,8 @@ Slice views
     The three index planes of the scan, named after the patient plane they are closest to
     (sagittal, coronal, axial), shown in radiological orientation: patient right on the
     screen's left, anterior on the left of sagittal views, superior (axial: anterior) up,
-    with millimetre aspect.  A strongly oblique grid whose axes do not map one-to-one to the
-    patient axes is shown as stored, named ``plane i/j/k``.
+    with millimetre aspect.  A grid with an axis more than 35 degrees from every patient
+    axis is shown as stored, named ``plane i/j/k``.
 
 Plate maps (values binned on a 2D grid; mean per bin; empty bins with most neighbours set
 are filled with their neighbours' mean)
@@ -55,7 +55,8 @@ def plate_views(geometry: Geometry) -> list[View]:
     m = geometry.matrix
     world_of = np.argmax(np.abs(m), axis=0)  # index axis -> world axis
     sign = np.sign(m[world_of, np.arange(3)])
-    if len(set(world_of.tolist())) < 3:  # highly oblique: show index planes as stored
+    aligned = np.abs(m[world_of, np.arange(3)]).min() >= np.cos(np.radians(35.0))
+    if len(set(world_of.tolist())) < 3 or not aligned:  # very oblique: index planes as stored
         return [View(f"plane {'ijk'[a]}", a, *[b for b in range(3) if b != a], False, False,
                      ("", "", "", "")) for a in range(3)]
     axis_of = {int(w): a for a, w in enumerate(world_of)}

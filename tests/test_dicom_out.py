@@ -138,3 +138,16 @@ def test_model_provenance_sets_algorithm():
     assert _model_of({"batch": {"segmentation": "model", "model": m}}) == m
     assert _model_of({"batch": {"segmentation": "given", "model": m}}) == {}
     assert _model_of({"inputs": {}}) == {}
+
+
+@pytest.mark.slow
+def test_segmentation_on_another_grid_is_refused(qdess_echo1, tmp_path):
+    from pipeline.dicom_out import write_dicom_outputs
+    from pipeline.io import Geometry
+
+    lab, g = _scan_dir(qdess_echo1, tmp_path)
+    shifted = Geometry(g.shape, g.spacing, tuple(np.add(g.origin, (0.0, 0.0, 5.0))), g.direction)
+    write_volume(tmp_path / "segmentation.nii.gz", lab, shifted)
+    with pytest.raises(InputError, match="slice positions do not match"):
+        write_dicom_outputs(tmp_path)
+    assert not (tmp_path / "dicom" / "segmentation.seg.dcm").exists()

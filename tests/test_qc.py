@@ -214,3 +214,19 @@ def test_real_label_maps_pass_and_swaps_are_caught(data_mirror, tmp_path, sample
     assert qc_checks(lab, vol.geometry, side=side) == []
     wrong = qc_checks(lab, vol.geometry, side="left" if side == "right" else "right")
     assert [(f.code, f.structure) for f in wrong] == [("position", "lateral_tibial_cartilage")]
+
+
+def test_very_oblique_grid_shown_as_stored():
+    c, s = np.cos(np.radians(40)), np.sin(np.radians(40))
+    m = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])  # i and j 40 deg from x and y
+    g = Geometry(shape=(4, 5, 6), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                 direction=tuple(m.ravel()))
+    views = plate_views(g)
+    assert [v.name for v in views] == ["plane i", "plane j", "plane k"]
+    vol = np.arange(4 * 5 * 6).reshape(4, 5, 6)
+    assert np.array_equal(_plane(vol, views[2], 3), vol[:, :, 3])
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))  # 30 deg: still named
+    m = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+    g30 = Geometry(shape=(4, 5, 6), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                   direction=tuple(m.ravel()))
+    assert [v.name for v in plate_views(g30)] == ["sagittal", "coronal", "axial"]
