@@ -1,40 +1,34 @@
 """Trial batch runner: manifest in, per-scan folders, comparisons and cohort tables out.
 
-Layout of ``OUT``::
-
-    OUT/<subject_id>/<timepoint>/                 one scan: measurement contract, score/,
-                                                  scan.log, manifest.json (written last)
-    OUT/<subject_id>/compare_<baseline>_<followup>/   baseline vs follow-up (longitudinal)
-    OUT/measurements.csv, change.csv, mocart.csv, failures.csv, cohort_summary.csv (+ .parquet)
-    OUT/batch.log
-
-Per scan (a task on a worker): segment (unless the row gives ``seg``) -> measure -> score.
-A scan counts as done only when its ``manifest.json`` exists and carries the batch
-``fingerprint`` (sha256 of the inputs, model and config); re-running skips such scans and
-recomputes the others.  Any exception inside a scan is recorded (stage + one line) and the
-rest of the batch goes on.  Execution: in-process for one worker, a Dask ``LocalCluster`` for
-several, or an existing Dask cluster (``scheduler="tcp://host:8786"``); workers lost
-mid-scan are replaced by Dask (the scan reruns elsewhere).
+Per scan (one task on a worker): segment (unless the row gives ``seg``) -> measure -> score
+into ``OUT/<subject_id>/<timepoint>/``; per subject, each follow-up against its baseline into
+``OUT/<subject_id>/compare_<baseline>_<followup>/``; then the cohort tables
+(:mod:`pipeline.cohort`).  A scan is done only when its ``manifest.json`` (written last)
+carries the batch ``fingerprint`` (sha256 of inputs, model and configs): re-runs skip such
+scans.  A failing scan is recorded (stage + one line) and the batch goes on.  Runs
+in-process (one worker), on a Dask ``LocalCluster`` or on an existing Dask cluster, where
+Dask reruns the scans of lost workers elsewhere.  User guide: ``docs/batch.md``.
 """
-
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from pipeline.cohort import failure_rows, write_cohort_tables
 from pipeline.errors import InputError
 from pipeline.manifest import Manifest, ScanRow, read_manifest_csv
 
 __all__ = ["BatchOptions", "ScanTask", "CompareTask", "Outcome", "BatchResult", "run_batch",
-           "process_scan", "process_compare", "RichProgress", "EXIT_FAILED"]
+           "process_scan", "process_compare", "EXIT_FAILED"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +65,8 @@ class ScanTask:
 
 @dataclass(frozen=True)
 class CompareTask:
+    """One follow-up against its baseline (``force``: a scan of the pair was recomputed)."""
+
     subject_id: str
     baseline: str
     followup: str
@@ -91,12 +87,13 @@ class Outcome:
     stage: str = ""
     error: str = ""
     seconds: float = 0.0
-    timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
 @dataclass
 class BatchResult:
+    """Outcomes of a batch; ``exit_code`` 3 when anything failed."""
+
     out: Path
     scans: list[Outcome]
     compares: list[Outcome]
@@ -111,9 +108,6 @@ class BatchResult:
         return sum(1 for o in self.scans if o.status == status)
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if not isinstance(exc, Exception) or type(exc).__module__ != "pipeline.errors":
@@ -124,25 +118,17 @@ def _one_line(exc: BaseException) -> str:
 def _sha(path: Path | None) -> str | None:
     from pipeline.io import sha256_file
 
-    return None if path is None else sha256_file(path)
-
-
-def _file_hash(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    except OSError:
-        return None
+    return None if path is None or not path.exists() else sha256_file(path)
 
 
 @contextmanager
 def _log_to(path: Path, level: int = logging.DEBUG) -> Iterator[None]:
     """Copy the ``pipeline`` logger's records to ``path`` while the block runs."""
-    root = logging.getLogger("pipeline")
+    root, old_level = logging.getLogger("pipeline"), logging.getLogger("pipeline").level
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    old_level = root.level
     root.setLevel(logging.DEBUG)
     root.addHandler(handler)
     try:
@@ -154,25 +140,19 @@ def _log_to(path: Path, level: int = logging.DEBUG) -> Iterator[None]:
 
 
 def _resolve_device(device: str) -> str:
-    """``auto`` -> CUDA when present; on a multi-GPU host a local worker takes GPU name % n."""
-    if device not in ("auto", "cuda"):
-        return device
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
+    """On a multi-GPU host, local worker *i* takes GPU *i* mod n for ``auto``/``cuda``."""
+    import torch
+
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if n == 0:
-        return "cpu"
-    idx = 0
+    if device not in ("auto", "cuda") or n <= 1:
+        return device  # the segmenter resolves auto / reports a missing GPU
     try:
         from distributed import get_worker
 
-        name = get_worker().name
-        idx = int(name) % n if str(name).isdigit() else 0
-    except (ImportError, ValueError):
-        idx = 0
-    return f"cuda:{idx}"
+        name = str(get_worker().name)
+    except ValueError:  # not inside a Dask worker
+        name = ""
+    return f"cuda:{int(name) % n if name.isdigit() else 0}"
 
 
 def _segmenter(model: str | None, device: str) -> Any:
@@ -186,18 +166,15 @@ def _segmenter(model: str | None, device: str) -> Any:
 
 
 def model_identity(model: str | None) -> dict[str, Any]:
-    """Model name and weights sha256 (as recorded in its metadata), for fingerprints."""
-    from pipeline.models import model_info
+    """Model name, version and weights sha256 (checked against the weights at load)."""
+    from pipeline.models import DEFAULT_MODEL, model_info
 
-    info = model_info(model) if model else model_info(_default_model())
-    return {"name": info.get("name"), "version": info.get("version"),
-            "weights_sha256": info.get("sha256") or info.get("weights_sha256")}
-
-
-def _default_model() -> str:
-    from pipeline.models import DEFAULT_MODEL
-
-    return DEFAULT_MODEL
+    info = model_info(model or DEFAULT_MODEL)
+    sha = info.get("weights_sha256")
+    weights = Path(info["folder"]) / str(info.get("weights") or "model.pt")
+    if not sha and weights.is_file():
+        sha = _sha(weights)
+    return {"name": info.get("name"), "version": info.get("version"), "weights_sha256": sha}
 
 
 # ----------------------------------------------------------------------------- one scan
@@ -211,13 +188,16 @@ def _fingerprint(task: ScanTask, inputs: dict[str, str | None], model: dict[str,
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def scan_is_current(out_dir: Path, fingerprint: str) -> bool:
     """A finished batch scan folder whose recorded fingerprint matches."""
-    try:
-        m = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (m.get("batch") or {}).get("fingerprint") == fingerprint
+    return (_read_json(out_dir / "manifest.json").get("batch") or {}).get("fingerprint") == fingerprint
 
 
 def process_scan(task: ScanTask) -> Outcome:
@@ -243,26 +223,21 @@ def process_scan(task: ScanTask) -> Outcome:
                                seconds=time.perf_counter() - t0)
             log.info("%s/%s: processing (image %s)", r.subject_id, r.timepoint, r.image)
             begin_folder(out)  # removes an old manifest: incomplete until the end
-            (out / "score" / "manifest.json").unlink(missing_ok=True)
-            seg, labels = r.seg, r.labels
-            if seg is None:
-                stage = "segment"
-                t = time.perf_counter()
-                seg = _run_segment(r, out, task.model, device)
-                labels = None
-                timings["segment"] = round(time.perf_counter() - t, 3)
-            stage = "measure"
-            t = time.perf_counter()
+            for sub in ("score", "segment"):
+                (out / sub / "manifest.json").unlink(missing_ok=True)
             from pipeline.measure import run_measure
 
+            seg, labels = r.seg, r.labels
+            if seg is None:
+                stage, t = "segment", time.perf_counter()
+                (seg, device), labels = _run_segment(r, out, task.model, device), None
+                timings["segment"] = round(time.perf_counter() - t, 3)
+            stage, t = "measure", time.perf_counter()
             run = run_measure(r.image, seg, out, labels=labels, side=r.side,
                               config_path=task.measure_config)
             timings["measure"] = round(time.perf_counter() - t, 3)
-            stage = "score"
-            t = time.perf_counter()
-            note = _run_score(r, out)
-            if note:
-                notes.append(note)
+            stage, t = "score", time.perf_counter()
+            notes += [n for n in [_run_score(r, out)] if n]
             timings["score"] = round(time.perf_counter() - t, 3)
             stage = "manifest"
             _finish_scan(task, out, run.manifest, inputs, model, device, fp, timings, notes)
@@ -271,25 +246,18 @@ def process_scan(task: ScanTask) -> Outcome:
             log.debug("traceback:\n%s", traceback.format_exc())
             (out / "manifest.json").unlink(missing_ok=True)
             return Outcome(r.subject_id, r.timepoint, "failed", stage=stage,
-                           error=_one_line(exc), seconds=time.perf_counter() - t0,
-                           timings_s=timings)
+                           error=_one_line(exc), seconds=time.perf_counter() - t0)
     return Outcome(r.subject_id, r.timepoint, "done", seconds=time.perf_counter() - t0,
-                   timings_s=timings, notes=notes)
+                   notes=notes)
 
 
-def _run_segment(r: ScanRow, out: Path, model: str | None, device: str) -> Path:
-    """Segment with the worker's cached model; the label map goes to ``out/segment/``."""
-    from pipeline.io import write_volume
+def _run_segment(r: ScanRow, out: Path, model: str | None, device: str) -> tuple[Path, str]:
+    """Segment with the worker's cached model into ``out/segment/`` (its own manifest)."""
+    from pipeline.segment import segment_file
 
-    seg_dir = out / "segment"
-    seg_dir.mkdir(parents=True, exist_ok=True)
-    segmenter = _segmenter(model, device)
-    result = segmenter.segment_file(r.image, side=r.side) if hasattr(
-        segmenter, "segment_file") else segmenter(r.image)
-    labels = getattr(result, "labels", result)
-    array = getattr(labels, "array", labels)
-    geometry = getattr(labels, "geometry", None) or getattr(result, "geometry")
-    return write_volume(seg_dir / "segmentation.nii.gz", array, geometry)
+    path, manifest = segment_file(r.image, out / "segment", side=r.side,
+                                  segmenter=_segmenter(model, device))
+    return path, str(manifest.get("device", device))
 
 
 def _run_score(r: ScanRow, out: Path) -> str | None:
@@ -308,10 +276,8 @@ def _finish_scan(task: ScanTask, out: Path, measure_manifest: dict[str, Any],
     from pipeline.outputs import write_manifest
 
     r = task.row
-    manifest = dict(measure_manifest)
-    manifest["stage"] = "batch_scan"
-    manifest["timings_s"] = {**manifest.get("timings_s", {}),
-                             **{f"stage_{k}": v for k, v in timings.items()}}
+    manifest = {**measure_manifest, "timings_s": {**measure_manifest.get("timings_s", {}),
+                                                  **{f"stage_{k}": v for k, v in timings.items()}}}
     manifest["batch"] = {
         "subject_id": r.subject_id, "timepoint": r.timepoint, "arm": r.arm,
         "kl_grade": r.kl_grade, "manifest_line": r.line,
@@ -331,12 +297,12 @@ def _finish_scan(task: ScanTask, out: Path, measure_manifest: dict[str, Any],
 def compare_is_current(task: CompareTask) -> bool:
     """Finished with the same config, and newer than both scans' manifests."""
     m = task.out_dir / "manifest.json"
+    if _read_json(m).get("config_hash") != task.config_hash:
+        return False
     try:
-        t = m.stat().st_mtime
-        same = json.loads(m.read_text(encoding="utf-8")).get("config_hash") == task.config_hash
-        return same and t >= (task.baseline_dir / "manifest.json").stat().st_mtime and \
-            t >= (task.followup_dir / "manifest.json").stat().st_mtime
-    except (OSError, ValueError):
+        return all(m.stat().st_mtime >= (d / "manifest.json").stat().st_mtime
+                   for d in (task.baseline_dir, task.followup_dir))
+    except OSError:
         return False
 
 
@@ -350,10 +316,8 @@ def process_compare(task: CompareTask) -> Outcome:
         try:
             from pipeline.longitudinal import compare_scans
         except ImportError:
-            note = "compare: stage not available in this build (pipeline.longitudinal); skipped"
-            log.warning(note)
-            return Outcome(task.subject_id, task.followup, "skipped", stage="compare",
-                           notes=[note])
+            return Outcome(task.subject_id, task.followup, "skipped", stage="compare", notes=[
+                "compare: stage not available in this build (pipeline.longitudinal); skipped"])
         try:
             (task.out_dir / "manifest.json").unlink(missing_ok=True)
             compare_scans(task.baseline_dir, task.followup_dir, task.out_dir)
@@ -367,39 +331,6 @@ def process_compare(task: CompareTask) -> Outcome:
     return Outcome(task.subject_id, task.followup, "done", seconds=time.perf_counter() - t0)
 
 
-# ----------------------------------------------------------------------------- driver
-
-
-class RichProgress:
-    """Progress bar on stderr: scans done/failed/skipped with an ETA (used by the CLI)."""
-
-    def __init__(self) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                           MofNCompleteColumn(), TextColumn("{task.fields[counts]}"),
-                           TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                           transient=False)
-        self._task = None
-        self._counts = {"done": 0, "failed": 0, "skipped": 0}
-
-    def start(self, total: int) -> None:
-        self._p.start()
-        self._task = self._p.add_task("scans", total=total, counts=self._text())
-
-    def _text(self) -> str:
-        c = self._counts
-        return f"done {c['done']} failed {c['failed']} skipped {c['skipped']}"
-
-    def __call__(self, outcome: Outcome) -> None:
-        self._counts[outcome.status] = self._counts.get(outcome.status, 0) + 1
-        self._p.update(self._task, advance=1, counts=self._text())
-
-    def stop(self) -> None:
-        self._p.stop()
-
-
 def _config_hashes(measure_config: Path | None) -> dict[str, str]:
     """Hashes of every config that shapes a scan's results (resolved where typed)."""
     from pipeline.config import MeasureConfig, config_hash, load_config
@@ -407,50 +338,29 @@ def _config_hashes(measure_config: Path | None) -> dict[str, str]:
 
     out = {"measure": config_hash(load_config(measure_config, MeasureConfig,
                                               default_name="measure.yaml"))}
-    try:
-        from pipeline.scoring import load_scoring_config
-
-        out["score"] = config_hash(load_scoring_config(None))
-    except ImportError:
-        pass
-    try:
-        from pipeline.longitudinal import load_compare_config
-
-        out["compare"] = config_hash(load_compare_config())
-    except ImportError:
-        pass
-    h = _file_hash(CONFIG_DIR / "labels.yaml")
-    if h:
-        out["labels"] = h
+    for key, module, loader in (("score", "scoring", "load_scoring_config"),
+                                ("compare", "longitudinal", "load_compare_config")):
+        try:
+            load = getattr(importlib.import_module(f"pipeline.{module}"), loader)
+            out[key] = config_hash(load(None))
+        except (ImportError, AttributeError):
+            log.warning("%s stage not available: its config is not part of the fingerprint", key)
+    out["labels"] = (_sha(CONFIG_DIR / "labels.yaml") or "")[:16]
     return out
 
 
-class _Serial:
-    """In-process execution (one worker): no pool overhead."""
-
-    def __init__(self) -> None:
-        self._queue: list[tuple[Callable, Any]] = []
-
-    def submit(self, fn: Callable, task: Any) -> None:
-        self._queue.append((fn, task))
-
-    def results(self) -> Iterator[tuple[Any, Outcome]]:
-        while self._queue:
-            fn, task = self._queue.pop(0)
-            yield task, fn(task)
-
-    def close(self) -> None:
-        pass
-
-
-class _Dask:
-    """A Dask client on a LocalCluster (``workers``) or an existing ``scheduler``."""
+class _Executor:
+    """Runs tasks in this process (one local worker, no pool overhead, submit order), on a
+    Dask ``LocalCluster`` of single-threaded worker processes, or on ``scheduler``."""
 
     def __init__(self, workers: int, scheduler: str | None, retries: int, gpu: bool) -> None:
+        self._queue: list[tuple[Callable, Any]] = []
+        self._client = self._cluster = None
+        if workers == 1 and not scheduler:
+            return
         import dask
         from distributed import Client, LocalCluster, as_completed
 
-        self._cluster = None
         if scheduler:
             try:
                 self._client = Client(scheduler, timeout="20s")
@@ -466,56 +376,45 @@ class _Dask:
         self._gpu_resource = gpu and any("GPU" in (w.get("resources") or {}) for w in info.values())
         log.info("dask: %d worker(s) at %s%s", len(info), self._client.scheduler.address,
                  " (GPU resources)" if self._gpu_resource else "")
-        self._retries = retries
-        self._ac = as_completed()
-        self._tasks: dict[str, Any] = {}
-        self._n = 0
+        self._retries, self._ac, self._tasks = retries, as_completed(), {}
 
     def submit(self, fn: Callable, task: Any) -> None:
+        if self._client is None:
+            self._queue.append((fn, task))
+            return
         needs_gpu = self._gpu_resource and isinstance(task, ScanTask) and task.row.seg is None
-        self._n += 1
-        fut = self._client.submit(fn, task, key=f"cartiq-{fn.__name__}-{self._n}-{time.time_ns()}",
-                                  pure=False, retries=self._retries,
+        fut = self._client.submit(fn, task, pure=False, retries=self._retries,
                                   resources={"GPU": 1} if needs_gpu else None)
         self._tasks[fut.key] = task
         self._ac.add(fut)
 
     def results(self) -> Iterator[tuple[Any, Outcome]]:
-        for fut in self._ac:
+        while self._client is None and self._queue:
+            fn, task = self._queue.pop(0)
+            yield task, fn(task)
+        for fut in self._ac if self._client is not None else ():
             task = self._tasks.pop(fut.key)
             try:
                 outcome = fut.result()
             except Exception as exc:  # KilledWorker, lost connection...
-                sid, tp = _task_ids(task)
+                sid, tp = (task.row.key if isinstance(task, ScanTask)
+                           else (task.subject_id, task.followup))
                 outcome = Outcome(sid, tp, "failed", stage="worker", error=_one_line(exc))
             fut.release()
             yield task, outcome
 
     def close(self) -> None:
-        self._client.close()
-        if self._cluster is not None:
-            self._cluster.close()
+        for closable in (self._client, self._cluster):
+            if closable is not None:
+                closable.close()
 
 
-def _task_ids(task: Any) -> tuple[str, str]:
-    if isinstance(task, ScanTask):
-        return task.row.subject_id, task.row.timepoint
-    return task.subject_id, task.followup
+def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> BatchResult:
+    """Run a trial batch (see the module docstring); returns outcomes and failures.
 
-
-def _verify(task: ScanTask, outcome: Outcome) -> Outcome:
-    """A scan counts as done only when its manifest exists where the client can see it."""
-    if outcome.status == "done" and not (task.out_dir / "manifest.json").is_file():
-        return Outcome(outcome.subject_id, outcome.timepoint, "failed", stage="manifest",
-                       error=f"worker reported success but {task.out_dir}/manifest.json is "
-                             "missing (is OUT on a shared file system?)")
-    return outcome
-
-
-def run_batch(manifest_csv: Path, opts: BatchOptions,
-              progress: RichProgress | Callable[[Outcome], None] | None = None) -> BatchResult:
-    """Run a trial batch; see the module docstring.  Returns counts and failures."""
-    from pipeline.cohort import write_cohort_tables
+    ``progress``: optional callable, called with each scan's :class:`Outcome`; its
+    ``start(total)`` and ``stop()`` methods are called too when it has them.
+    """
     from pipeline.outputs import check_writable
 
     t0 = time.perf_counter()
@@ -528,7 +427,7 @@ def run_batch(manifest_csv: Path, opts: BatchOptions,
             log.warning("skipped invalid manifest row: %s", bad)
         if manifest.unknown_columns:
             log.warning("ignored unknown manifest column(s): %s", ", ".join(manifest.unknown_columns))
-        result = _run(manifest, opts, out, progress, t0)
+        result = _run(manifest, opts, out, progress)
         write_cohort_tables(out, manifest, result.scans, result.compares, result.failures)
         result.wall_s = time.perf_counter() - t0
         log.info("batch finished in %.1f s: %d done, %d skipped (up to date), %d failed; "
@@ -539,8 +438,7 @@ def run_batch(manifest_csv: Path, opts: BatchOptions,
     return result
 
 
-def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any,
-         t0: float) -> BatchResult:
+def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> BatchResult:
     hashes = _config_hashes(opts.measure_config)
     rows = manifest.rows
     tasks = [ScanTask(row=r, out_dir=out / r.subject_id / r.timepoint,
@@ -552,19 +450,20 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any,
     log.info("batch: %d scan(s) of %d subject(s) from %s -> %s (%s)", len(tasks),
              len(manifest.subjects()), manifest.path, out,
              f"scheduler {opts.scheduler}" if opts.scheduler else f"{workers} local worker(s)")
-    pairs = {(b.subject_id, f.timepoint): (b, f) for b, f in manifest.pairs()}
-    executor = (_Serial() if workers == 1 and not opts.scheduler
-                else _Dask(workers, opts.scheduler, opts.retries, gpu=needs_model))
+    pairs = manifest.pairs()
+    executor = _Executor(workers, opts.scheduler, opts.retries, gpu=needs_model)
     scans: dict[tuple[str, str], Outcome] = {}
     compares: list[Outcome] = []
-    if isinstance(progress, RichProgress):
-        progress.start(len(tasks))
+    getattr(progress, "start", lambda n: None)(len(tasks))
     try:
         for t in tasks:
             executor.submit(process_scan, t)
         for task, outcome in executor.results():
             if isinstance(task, ScanTask):
-                outcome = _verify(task, outcome)
+                if outcome.status == "done" and not (task.out_dir / "manifest.json").is_file():
+                    outcome = Outcome(*task.row.key, "failed", stage="manifest", error=(
+                        f"worker reported success but {task.out_dir}/manifest.json is missing "
+                        "(is OUT on a file system shared with the workers?)"))
                 scans[task.row.key] = outcome
                 if progress is not None:
                     progress(outcome)
@@ -573,36 +472,28 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any,
             else:
                 compares.append(outcome)
     finally:
-        if isinstance(progress, RichProgress):
-            progress.stop()
+        getattr(progress, "stop", lambda: None)()
         executor.close()
     order = {r.key: i for i, r in enumerate(rows)}
     scan_list = sorted(scans.values(), key=lambda o: order[(o.subject_id, o.timepoint)])
-    failures = [{"subject_id": b.subject_id, "timepoint": b.timepoint, "stage": "manifest",
-                 "error": str(b)} for b in manifest.invalid]
-    failures += [{"subject_id": o.subject_id, "timepoint": o.timepoint, "stage": o.stage,
-                  "error": o.error} for o in scan_list + compares if o.status == "failed"]
     for o in scan_list + compares:
         for n in o.notes:
             log.warning("%s/%s: %s", o.subject_id, o.timepoint, n)
-    return BatchResult(out=out, scans=scan_list, compares=compares, failures=failures,
-                       wall_s=time.perf_counter() - t0)
+    return BatchResult(out=out, scans=scan_list, compares=compares, wall_s=0.0,
+                       failures=failure_rows(manifest.invalid, scan_list + compares))
 
 
 def _ready_compares(row: ScanRow, scans: dict[tuple[str, str], Outcome],
-                    pairs: dict[tuple[str, str], tuple[ScanRow, ScanRow]],
-                    out: Path, config_hash: str | None) -> list[CompareTask]:
-    """Comparisons whose two scans have both just become available."""
+                    pairs: list[tuple[ScanRow, ScanRow]], out: Path,
+                    config_hash: str | None) -> list[CompareTask]:
+    """Comparisons involving ``row`` whose two scans are now both finished."""
     ready = []
-    for (sid, fu), (b, f) in pairs.items():
-        if sid != row.subject_id or row.timepoint not in (b.timepoint, f.timepoint):
-            continue
+    for b, f in pairs:
         ob, of = scans.get(b.key), scans.get(f.key)
-        if ob is None or of is None or "failed" in (ob.status, of.status):
-            continue
-        ready.append(CompareTask(
-            subject_id=sid, baseline=b.timepoint, followup=f.timepoint,
-            baseline_dir=out / sid / b.timepoint, followup_dir=out / sid / f.timepoint,
-            out_dir=out / sid / f"compare_{b.timepoint}_{f.timepoint}",
-            force="done" in (ob.status, of.status), config_hash=config_hash))
+        if row.key in (b.key, f.key) and ob and of and "failed" not in (ob.status, of.status):
+            d = out / b.subject_id
+            ready.append(CompareTask(b.subject_id, b.timepoint, f.timepoint, d / b.timepoint,
+                                     d / f.timepoint, d / f"compare_{b.timepoint}_{f.timepoint}",
+                                     force="done" in (ob.status, of.status),
+                                     config_hash=config_hash))
     return ready

@@ -269,6 +269,34 @@ def compare(
 # -- commands: batch (batch) --
 
 
+class _BatchProgress:
+    """Progress bar on stderr for ``cartiq batch``: scans done/failed/skipped and an ETA."""
+
+    def __init__(self) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self._bar = Progress(TextColumn("[bold]scans"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[counts]}"), TimeElapsedColumn(),
+                             TextColumn("ETA"), TimeRemainingColumn())
+        self._counts = {"done": 0, "failed": 0, "skipped": 0}
+        self._task = None
+
+    def _text(self) -> str:
+        return " ".join(f"{k} {v}" for k, v in self._counts.items())
+
+    def start(self, total: int) -> None:
+        self._bar.start()
+        self._task = self._bar.add_task("scans", total=total, counts=self._text())
+
+    def __call__(self, outcome) -> None:
+        self._counts[outcome.status] = self._counts.get(outcome.status, 0) + 1
+        self._bar.update(self._task, advance=1, counts=self._text())
+
+    def stop(self) -> None:
+        self._bar.stop()
+
+
 @app.command()
 def batch(
     manifest: Path = typer.Argument(..., help="Manifest CSV: subject_id,timepoint,image[,seg,"
@@ -290,11 +318,11 @@ def batch(
     Exit code 0 when every scan succeeded, 3 when any failed (see OUT/failures.csv),
     2 for a bad manifest.  Re-running skips scans whose outputs are up to date.
     """
-    from pipeline.batch import BatchOptions, RichProgress, run_batch
+    from pipeline.batch import BatchOptions, run_batch
 
     opts = BatchOptions(out=out, workers=workers, scheduler=scheduler, device=device,
                         model=model, measure_config=config, skip_invalid=skip_invalid)
-    result = run_batch(manifest, opts, progress=None if no_progress else RichProgress())
+    result = run_batch(manifest, opts, progress=None if no_progress else _BatchProgress())
     log.info("%d done, %d skipped (up to date), %d failed -> %s", result.count("done"),
              result.count("skipped"), result.count("failed"), out)
     return result.exit_code

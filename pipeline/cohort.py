@@ -32,7 +32,7 @@ import pandas as pd
 from pipeline.labels import PLATES
 from pipeline.manifest import Manifest, timepoint_sort_key
 
-__all__ = ["write_cohort_tables", "summarize_change", "FAILURE_COLUMNS", "SUMMARY_COLUMNS"]
+__all__ = ["write_cohort_tables", "summarize_change", "failure_rows", "FAILURE_COLUMNS", "SUMMARY_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +169,14 @@ def summarize_change(values: pd.DataFrame, subjects: dict[str, dict[str, Any]]) 
     df["_t"] = df["timepoint"].map(lambda t: timepoint_sort_key(str(t)))
     return (df.sort_values(["_a", "arm", "_g", "_t", "measure", "structure"], kind="stable")
               .drop(columns=["_a", "_g", "_t"]).reset_index(drop=True))
+
+
+def failure_rows(invalid: Iterable[Any], outcomes: Iterable[Any]) -> list[dict[str, str]]:
+    """``failures.csv`` rows: skipped manifest rows, then failed scans and comparisons."""
+    rows = [{"subject_id": b.subject_id, "timepoint": b.timepoint, "stage": "manifest",
+             "error": str(b)} for b in invalid]
+    return rows + [{"subject_id": o.subject_id, "timepoint": o.timepoint, "stage": o.stage,
+                    "error": o.error} for o in outcomes if o.status == "failed"]
 
 
 def write_cohort_tables(out: Path, manifest: Manifest, scans: list[Any], compares: list[Any],

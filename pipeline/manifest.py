@@ -27,6 +27,7 @@ subjects left without a baseline - are dropped and listed in :attr:`Manifest.inv
 from __future__ import annotations
 
 import csv
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +157,7 @@ def _visit_key(r: ScanRow) -> tuple:
 
 def _resolve(cell: str, base: Path) -> Path:
     p = Path(cell).expanduser()
-    return p if p.is_absolute() else (base / p)
+    return Path(os.path.normpath(p if p.is_absolute() else base / p))
 
 
 def _parse_kl(cell: str) -> int:

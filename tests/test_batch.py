@@ -280,3 +280,50 @@ def test_dask_cluster_survives_a_killed_worker(trial, tmp_path):
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_segmenter_loaded_once_per_worker(monkeypatch):
+    import pipeline.batch as batch
+    import pipeline.segment as segment
+
+    made = []
+
+    class FakeSegmenter:
+        def __init__(self, model, *, device):
+            made.append((model, device))
+
+    monkeypatch.setattr(segment, "Segmenter", FakeSegmenter)
+    monkeypatch.setattr(batch, "_SEGMENTERS", {})
+    first = batch._segmenter(None, "cpu")
+    assert batch._segmenter(None, "cpu") is first
+    assert batch._segmenter("other_model", "cpu") is not first
+    assert made == [(None, "cpu"), ("other_model", "cpu")]
+
+
+def test_cohort_summary_statistics():
+    from pipeline.cohort import SUMMARY_COLUMNS, summarize_change
+
+    values = pd.DataFrame({
+        "subject_id": ["a1", "a2", "a3", "b1"], "timepoint": "m12", "measure": "thickness",
+        "structure": "femoral_cartilage", "region": "all", "metric": "thickness_mean",
+        "unit": "mm", "change": [-0.1, -0.3, -0.2, 0.5], "exceeds": [1.0, 1.0, 0.0, np.nan]})
+    subjects = {"a1": {"arm": "MSC", "stage_group": "early"},
+                "a2": {"arm": "MSC", "stage_group": "early"},
+                "a3": {"arm": "MSC", "stage_group": "early"},
+                "b1": {"arm": "placebo", "stage_group": "late"}}
+    s = summarize_change(values, subjects)
+    assert list(s.columns) == SUMMARY_COLUMNS
+    got = {(r.arm, r.stage_group): r for r in s.itertuples()}
+    assert list(got) == [("MSC", "early"), ("MSC", "all"), ("placebo", "late"),
+                         ("placebo", "all"), ("all", "early"), ("all", "late"), ("all", "all")]
+    a = got[("MSC", "early")]
+    assert (a.n, a.n_exceeding_sdc) == (3, 2)
+    assert a.mean_change == pytest.approx(-0.2) and a.sd_change == pytest.approx(0.1)
+    assert a.srm == pytest.approx(-2.0) and a.pct_exceeding_sdc == pytest.approx(200 / 3)
+    b = got[("placebo", "late")]
+    assert b.n == 1 and b.mean_change == pytest.approx(0.5)
+    assert np.isnan(b.sd_change) and np.isnan(b.srm) and np.isnan(b.pct_exceeding_sdc)
+    t = got[("all", "all")]
+    assert t.n == 4 and t.mean_change == pytest.approx(-0.025)
+    assert t.sd_change == pytest.approx(np.std([-0.1, -0.3, -0.2, 0.5], ddof=1))
+    assert t.pct_exceeding_sdc == pytest.approx(200 / 3)  # unknown flags are not counted
