@@ -254,3 +254,15 @@ def test_cohort_report_renders_in_chromium(batch, tmp_path):
     out, _ = batch
     res = write_cohort_report(out, out=tmp_path / "cohort.html")
     _check_not_blank(screenshot(res.path, tmp_path / "shot.png", tmp_path, height=1600))
+
+
+@pytest.mark.slow
+def test_compare_folder_finds_its_visits(subject, tmp_path):
+    """`cartiq report COMPARE_DIR`: the visits come from the comparison's manifest."""
+    from pipeline.report import find_folders, write_subject_report
+
+    scans, compares = find_folders(subject / "compare_BL_FU")
+    assert [s.name for s in scans] == ["BL", "FU"] and compares == [subject / "compare_BL_FU"]
+    res = write_subject_report(subject / "compare_BL_FU", out=tmp_path / "c.html")
+    html = res.path.read_text()
+    assert res.errors == [] and "visits: BL, FU" in html
