@@ -42,6 +42,8 @@ from pipeline.errors import InputError
 from pipeline.io import Geometry
 from pipeline.labels import default_scheme
 
+NAN = float("nan")
+
 __all__ = ["MeasurementConfig", "LazyDiameters", "plate_near", "bone_normal", "LocalFrame",
            "Columns", "make_frame", "sample_columns", "column_profiles", "index_crop_getter",
            "footprint_from_samples", "footprint_from_points", "SiteSpec", "site_inputs",
@@ -306,8 +308,230 @@ def _cells_mm(cols: Columns, mask: np.ndarray) -> np.ndarray:
     return np.stack([cols.u[mask], cols.v[mask]], -1)
 
 
+@dataclass
+class _Site:
+    """Column masks and reference values shared by the item measurements of one site."""
+
+    cols: Columns
+    b: np.ndarray                # bone surface height per column, mm (NaN: no bone)
+    a: np.ndarray                # articular surface height, mm
+    tc: np.ndarray               # tilt-corrected cartilage thickness, mm
+    cos: np.ndarray              # tilt correction
+    valid: np.ndarray            # columns with bone
+    site: np.ndarray             # the footprint
+    site_valid: np.ndarray
+    d_in: np.ndarray             # distance into the footprint from its border, mm
+    d_out: np.ndarray            # distance outside the footprint, mm
+    ring: np.ndarray             # native reference columns
+    outer: np.ndarray            # cartilage-covered surroundings (bone fit)
+    bfit: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    native_mm: float             # median native thickness
+    repair_level_mm: float       # median repair thickness inside the site
+    diameter_mm: float           # repair (footprint) Feret diameter
+
+
+def _site(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndarray, p: Any
+          ) -> tuple[_Site, dict[str, Any]]:
+    g = cols.grid_mm
+    b, t = prof["b"], prof["t"]
+    valid = np.isfinite(b) & cols.inside
+    site = footprint & cols.inside
+    d_out = ndimage.distance_transform_edt(~site) * g
+    d_in = ndimage.distance_transform_edt(site) * g
+    annulus = (~site) & cols.inside & (d_out > p.ring_gap_mm) & \
+        (d_out <= p.ring_gap_mm + p.ring_width_mm)
+    ring = annulus & valid & (t >= p.min_native_thickness_mm)
+    outer = (~site) & valid & (d_out > p.ring_gap_mm) & (t >= p.min_native_thickness_mm)
+    _, bfit = quad_fit(cols.u[outer], cols.v[outer], b[outer], trim_mm=p.fit_trim_mm)
+    du = (bfit(cols.u + 0.5 * g, cols.v) - bfit(cols.u - 0.5 * g, cols.v)) / g
+    dv = (bfit(cols.u, cols.v + 0.5 * g) - bfit(cols.u, cols.v - 0.5 * g)) / g
+    cos = 1.0 / np.sqrt(1.0 + du ** 2 + dv ** 2)
+    cos = np.where(np.isfinite(cos), cos, 1.0)
+    tc = t * cos
+    native = tc[ring]
+    site_valid = site & valid
+    inner = site_valid & (d_in > p.border_band_mm)
+    level = tc[inner] if inner.any() else tc[site_valid]
+    s = _Site(cols, b, prof["a"], tc, cos, valid, site, site_valid, d_in, d_out, ring, outer,
+              bfit, float(np.median(native)) if native.size else NAN,
+              float(np.median(level)) if level.size else NAN,
+              feret_diameter_mm(_cells_mm(cols, site), g) if site.any() else 0.0)
+    cell = g * g
+    ev = {"site_columns": int(site.sum()), "site_columns_with_bone": int(site_valid.sum()),
+          "site_area_mm2": float(site.sum() * cell), "ring_columns": int(ring.sum()),
+          "ring_area_mm2": float(ring.sum() * cell),
+          "ring_coverage": float(ring.sum() / max(1, annulus.sum())),
+          "native_thickness_median_mm": s.native_mm,
+          "native_thickness_mean_mm": float(native.mean()) if native.size else None,
+          "repair_level_mm": s.repair_level_mm, "bone_fit_columns": int(outer.sum())}
+    return s, ev
+
+
+def _fill(s: _Site, p: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """Volume fill: repair thickness over the space between the actual bone surface and the
+    native articular surface expected from the ring (so bony overgrowth or a bony defect
+    under the site changes the defect's depth, not the fill)."""
+    cols = s.cols
+    rep_t = s.tc[s.site_valid]
+    nat_top = s.ring & np.isfinite(s.a)
+    _, natfit = quad_fit(cols.u[nat_top], cols.v[nat_top], s.a[nat_top], trim_mm=p.fit_trim_mm)
+    exp_site = (np.clip(natfit(cols.u, cols.v) - s.b, 0.0, None) * s.cos)[s.site_valid]
+    total = float(exp_site.sum()) if exp_site.size else NAN
+    fill = 100.0 * float(rep_t.sum()) / total if np.isfinite(total) and total > 0 else NAN
+    # the published 25% steps: a fill just below a step (within the measurement tolerance)
+    # counts as reaching it, one just above 150% as 150%
+    level = fill
+    for step in p.fill_levels_pct:
+        if np.isfinite(fill) and step - p.fill_tolerance_pct <= fill < step:
+            level = step
+    if np.isfinite(fill) and 150 < fill <= 150 + p.fill_tolerance_pct:
+        level = 150.0
+    m = {"fill_pct": fill, "fill_level_pct": level,
+         "repair_thickness_mm": float(rep_t.mean()) if rep_t.size else NAN,
+         "native_thickness_mm": s.native_mm, "repair_diameter_mm": s.diameter_mm,
+         "site_area_mm2": float(s.site.sum() * cols.grid_mm ** 2),
+         "denuded_pct": (100.0 * float((rep_t < 0.1 * s.native_mm).mean())
+                         if rep_t.size and s.native_mm > 0 else NAN)}
+    return m, {"expected_defect_depth_mm": float(exp_site.mean()) if exp_site.size else None}
+
+
+def _intensity(s: _Site, p: Any, prof: dict[str, np.ndarray], img: np.ndarray | None,
+               voxel_volume_mm3: float) -> tuple[dict[str, float], dict[str, Any]]:
+    """Signal (median ratio) and structure (robust-SD ratio, internal clefts)."""
+    cols = s.cols
+    base = cols.w[None, None, :] > (s.b - p.bone_margin_mm)[..., None]
+    interior = (cols.samples["cart"] >= p.interior_fraction) & base
+    rep_i = img[s.site_valid[..., None] & interior] if img is not None else np.array([])
+    nat_i = img[s.ring[..., None] & interior] if img is not None else np.array([])
+    per_sample = cols.grid_mm ** 2 * cols.step_mm / voxel_volume_mm3
+    med_rep = float(np.median(rep_i)) if rep_i.size else NAN
+    med_nat = float(np.median(nat_i)) if nat_i.size else NAN
+    sd_rep, sd_nat = _robust_sd(rep_i), _robust_sd(nat_i)
+    # internal clefts: away from the border (border clefts belong to integration)
+    filled = s.site_valid & (s.tc >= p.min_native_thickness_mm) & \
+        (s.d_in > p.surface_edge_margin_mm)
+    clefted = filled & (prof["gap_mm"] >= p.cleft_min_mm)
+    m = {"signal_ratio": med_rep / med_nat if rep_i.size and med_nat > 0 else NAN,
+         "heterogeneity_ratio": sd_rep / sd_nat if np.isfinite(sd_rep) and sd_nat > 0 else NAN,
+         "internal_cleft_pct": 100.0 * float(clefted.sum() / filled.sum()) if filled.any()
+         else 0.0}
+    ev = {"repair_voxels": round(float(rep_i.size * per_sample), 1),
+          "native_voxels": round(float(nat_i.size * per_sample), 1),
+          "repair_intensity_median": med_rep, "native_intensity_median": med_nat,
+          "repair_intensity_sd": sd_rep, "native_intensity_sd": sd_nat}
+    return m, ev
+
+
+def _integration(s: _Site, p: Any, img: np.ndarray | None, ref_intensity: float
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Clefts along the border: per angular sector, a dip of the cartilage in a band around
+    the border below both the repair level and the sector's native level beyond the band."""
+    cols, g = s.cols, s.cols.grid_mm
+    sd = np.where(s.site, -s.d_in, s.d_out)
+    band = s.valid & (np.abs(sd) <= p.border_band_mm)
+    beyond = s.valid & (sd > p.border_band_mm) & (sd <= p.border_band_mm + p.ring_width_mm)
+    eff_t = s.tc.copy()          # thickness with fluid-bright samples counted as missing
+    if p.fluid_bright_ratio is not None and img is not None and np.isfinite(ref_intensity):
+        cart = cols.samples["cart"]
+        base = cols.w[None, None, :] > (s.b - p.bone_margin_mm)[..., None]
+        bright = (cart >= 0.5) & base & (img > p.fluid_bright_ratio * ref_intensity)
+        eff_t = eff_t - (bright * cart).sum(-1) * cols.step_mm * s.cos
+    cu, cv = _cells_mm(cols, s.site).mean(0) if s.site.any() else (0.0, 0.0)
+    ang = np.arctan2(cols.v - cv, cols.u - cu)
+    rad = np.hypot(cols.u - cu, cols.v - cv)
+    sector = ((ang + np.pi) / (2 * np.pi) * p.border_sectors).astype(int) % p.border_sectors
+    affected, widths, present = 0, [], 0
+    for k in range(p.border_sectors):
+        in_s, out_s = band & (sector == k), beyond & (sector == k)
+        if not in_s.any() or not out_s.any() or not np.isfinite(s.repair_level_mm):
+            continue
+        native_s = float(np.median(s.tc[out_s]))
+        if native_s < p.min_native_thickness_mm:
+            continue                     # no native cartilage beside this part of the border
+        present += 1
+        gs = in_s & (eff_t < (1.0 - p.cleft_depth_fraction) * min(native_s, s.repair_level_mm))
+        if gs.sum() < max(1, p.cleft_min_sector_fraction * in_s.sum()):
+            continue
+        width = float(rad[gs].max() - rad[gs].min() + g)
+        if width >= p.cleft_min_mm:
+            affected += 1
+            widths.append(width)
+    m = {"cleft_border_pct": 100.0 * affected / present if present else NAN,
+         "cleft_width_mm": max(widths) if widths else 0.0}
+    return m, {"border_sectors_assessed": present}
+
+
+def _surface(s: _Site, p: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """Irregularity of the repair surface against a robust quadratic fit to itself."""
+    cols, g = s.cols, s.cols.grid_mm
+    a = s.a
+    core = s.site_valid & (s.d_in > p.surface_edge_margin_mm) & np.isfinite(a) & (s.tc > 0)
+    if core.sum() < 4:           # small site: use its edge columns too
+        core = s.site_valid & np.isfinite(a) & (s.tc > 0)
+    exp_t = s.native_mm
+    thr = max(p.irregular_min_mm, p.irregular_fraction * exp_t if np.isfinite(exp_t) else 0.0)
+    ev = {"surface_threshold_mm": thr, "surface_columns": int(core.sum())}
+    if core.sum() < 4:
+        return {"irregular_extent_pct": NAN, "irregular_depth_pct": NAN}, ev
+    _, afit = quad_fit(cols.u[core], cols.v[core], a[core], trim_mm=thr)
+    res = np.where(core, a - afit(cols.u, cols.v), 0.0)
+    irr = core & (np.abs(res) > thr)
+    level = min(exp_t, s.repair_level_mm)
+    if np.isfinite(level) and level > 0:   # holes in the repair count as irregular
+        irr |= s.site_valid & (s.d_in > p.surface_edge_margin_mm) & (s.tc < 0.25 * level)
+    lab, nlab = ndimage.label(irr, structure=np.ones((3, 3)))
+    keep = irr
+    if nlab:
+        sizes = ndimage.sum(irr, lab, index=np.arange(1, nlab + 1)) * g * g
+        keep = np.isin(lab, 1 + np.flatnonzero(sizes >= p.irregular_min_area_mm2))
+    ext = feret_diameter_mm(_cells_mm(cols, keep), g) if keep.any() else 0.0
+    depth = float(np.abs(res[keep]).max()) if keep.any() else 0.0
+    return {"irregular_extent_pct": 100.0 * ext / s.diameter_mm if s.diameter_mm > 0 else NAN,
+            "irregular_depth_pct": (100.0 * depth / s.repair_level_mm
+                                    if s.repair_level_mm > 0 else NAN)}, ev
+
+
+def _bone(s: _Site, p: Any) -> dict[str, float]:
+    """Bone surface under the site against the fit of the covered surroundings."""
+    dev = (s.b - s.bfit(s.cols.u, s.cols.v))[s.site_valid]
+    if not dev.size:
+        return {k: NAN for k in ("bone_defect_mm", "bone_overgrowth_mm", "bone_deviation_mm",
+                                 "bone_defect_ratio", "bone_overgrowth_ratio")}
+    depth = max(0.0, -float(np.percentile(dev, 100 - p.bone_percentile)))
+    over = max(0.0, float(np.percentile(dev, p.bone_percentile)))
+    e = s.native_mm
+    return {"bone_defect_mm": depth, "bone_overgrowth_mm": over,
+            "bone_deviation_mm": over if over >= depth else -depth,
+            "bone_defect_ratio": depth / e if e > 0 else NAN,
+            "bone_overgrowth_ratio": over / e if e > 0 else NAN}
+
+
+def _subchondral(s: _Site, p: Any, diameters: dict[str, Any]
+                 ) -> tuple[dict[str, float], dict[str, Any]]:
+    """BML (and cyst) components reached below the bone surface under or beside the site."""
+    cols = s.cols
+    zone = s.valid & (np.where(s.site, -s.d_in, s.d_out) <= p.bml_margin_mm)
+    w = cols.w[None, None, :]
+    below = (w <= s.b[..., None]) & (w >= (s.b - p.subchondral_depth_mm)[..., None])
+
+    def hit(name: str) -> set[int]:
+        comp = cols.samples.get(f"{name}_cc")
+        if comp is None:
+            return set()
+        return {int(i) for i in np.unique(comp[zone[..., None] & below]) if i > 0}
+
+    ids = hit("bml")
+    bml = max((diameters.get("bml", {}).get(i, 0.0) for i in ids), default=0.0)
+    m = {"bml_diameter_mm": bml,
+         "bml_diameter_pct": 100.0 * bml / s.diameter_mm if s.diameter_mm > 0 else NAN,
+         "cyst_diameter_mm": (max((diameters["cyst"].get(i, 0.0) for i in hit("cyst")),
+                                  default=0.0)
+                              if "cyst_cc" in cols.samples and "cyst" in diameters else NAN)}
+    return m, {"bml_components": sorted(ids)}
+
+
 def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndarray,
-                  p: Any, *, has_image: bool, diameters: dict[str, dict[int, float]],
+                  p: Any, *, has_image: bool, diameters: dict[str, Any],
                   voxel_volume_mm3: float) -> tuple[dict[str, float], dict[str, Any]]:
     """All measured quantities of one site.
 
@@ -315,7 +539,7 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     ----------
     cols, prof : sampled columns and their profiles (:func:`column_profiles`).
     footprint : (m, m) bool, the site's columns.
-    p : the measurement settings (``pipeline.scoring.MeasurementConfig``).
+    p : the measurement settings (:class:`MeasurementConfig`).
     has_image : whether the intensity samples ``"image"`` are meaningful.
     diameters : ``{"bml": {component id: max diameter mm}, "cyst": {...}}``; components are
         sampled as ``"bml_cc"`` / ``"cyst_cc"``.
@@ -325,196 +549,21 @@ def site_measures(cols: Columns, prof: dict[str, np.ndarray], footprint: np.ndar
     -------
     measures : name -> value (NaN when not measurable); the names are what the scoring
         config's category conditions refer to.
-    evidence : ROI sizes, reference values, fitted surfaces' summaries, confidence inputs.
+    evidence : ROI sizes, reference values, confidence inputs.
     """
-    g = cols.grid_mm
-    cell_area = g * g
-    b, t, a = prof["b"], prof["t"], prof["a"]
-    valid = np.isfinite(b) & cols.inside
-    site = footprint & cols.inside
-    site_valid = site & valid
-    # native ring: columns near the footprint, with cartilage
-    d_out = ndimage.distance_transform_edt(~site) * g
-    d_in = ndimage.distance_transform_edt(site) * g
-    ring = (~site) & valid & (d_out > p.ring_gap_mm) & (d_out <= p.ring_gap_mm + p.ring_width_mm)
-    ring &= t >= p.min_native_thickness_mm
-    outer = (~site) & valid & (d_out > p.ring_gap_mm) & (t >= p.min_native_thickness_mm)
-    ev: dict[str, Any] = {
-        "site_columns": int(site.sum()), "site_columns_with_bone": int(site_valid.sum()),
-        "site_area_mm2": round(float(site.sum() * cell_area), 3),
-        "ring_columns": int(ring.sum()),
-        "ring_area_mm2": round(float(ring.sum() * cell_area), 3),
-        "ring_coverage": round(float(ring.sum() / max(1, ((~site) & cols.inside & (
-            d_out > p.ring_gap_mm) & (d_out <= p.ring_gap_mm + p.ring_width_mm)).sum())), 3),
-    }
-    m: dict[str, float] = {}
-    nan = float("nan")
-    # bone surface fit from the surroundings, tilt correction
-    _, bfit = quad_fit(cols.u[outer], cols.v[outer], b[outer], trim_mm=p.fit_trim_mm)
-    du = (bfit(cols.u + 0.5 * g, cols.v) - bfit(cols.u - 0.5 * g, cols.v)) / g
-    dv = (bfit(cols.u, cols.v + 0.5 * g) - bfit(cols.u, cols.v - 0.5 * g)) / g
-    cos = 1.0 / np.sqrt(1.0 + du ** 2 + dv ** 2)
-    cos = np.where(np.isfinite(cos), cos, 1.0)
-    tc = t * cos
-    native = tc[ring]
-    exp_t = float(np.median(native)) if native.size else nan
-    ev["native_thickness_median_mm"] = round(exp_t, 4) if np.isfinite(exp_t) else None
-    ev["native_thickness_mean_mm"] = round(float(native.mean()), 4) if native.size else None
-    repair_diam = feret_diameter_mm(_cells_mm(cols, site), g) if site.any() else 0.0
-    m["repair_diameter_mm"] = repair_diam
-    m["site_area_mm2"] = float(site.sum() * cell_area)
-    m["native_thickness_mm"] = exp_t
-    rep_t = tc[site_valid]
-    m["repair_thickness_mm"] = float(rep_t.mean()) if rep_t.size else nan
-    # 1 volume fill: repair thickness over the space between the actual bone surface and the
-    # native articular surface expected from the ring (so bony overgrowth or defects under
-    # the site change the defect's depth, not the fill)
-    nat_top = ring & np.isfinite(a)
-    _, natfit = quad_fit(cols.u[nat_top], cols.v[nat_top], a[nat_top], trim_mm=p.fit_trim_mm)
-    depth_exp = np.clip(natfit(cols.u, cols.v) - b, 0.0, None) * cos
-    exp_site = depth_exp[site_valid]
-    ev["expected_defect_depth_mm"] = round(float(exp_site.mean()), 4) if exp_site.size else None
-    fill = (100.0 * float(rep_t.sum() / exp_site.sum())
-            if exp_site.size and np.isfinite(exp_site.sum()) and exp_site.sum() > 0 else nan)
-    m["fill_pct"] = fill
-    # for the published 25% steps: a fill just below a step (within the measurement
-    # tolerance) counts as reaching it, one just above 150% as 150%
-    level = fill
-    for step in p.fill_levels_pct:
-        if np.isfinite(fill) and step - p.fill_tolerance_pct <= fill < step:
-            level = step
-    if np.isfinite(fill) and 150 < fill <= 150 + p.fill_tolerance_pct:
-        level = 150.0
-    m["fill_level_pct"] = level
-    m["denuded_pct"] = (100.0 * float((rep_t < 0.1 * exp_t).mean())
-                        if rep_t.size and exp_t > 0 else nan)
-    # intensity samples
-    cart = cols.samples["cart"]
-    base = (cols.w[None, None, :] > (b - p.bone_margin_mm)[..., None])
-    interior = (cart >= p.interior_fraction) & base
-    img = cols.samples.get("image")
-    use_img = has_image and img is not None
-    rep_i = img[site_valid[..., None] & interior] if use_img else np.array([])
-    nat_i = img[ring[..., None] & interior] if use_img else np.array([])
-    vox_per_sample = cell_area * cols.step_mm / voxel_volume_mm3
-    ev["repair_voxels"] = round(float(rep_i.size * vox_per_sample), 1)
-    ev["native_voxels"] = round(float(nat_i.size * vox_per_sample), 1)
-    med_rep = float(np.median(rep_i)) if rep_i.size else nan
-    med_nat = float(np.median(nat_i)) if nat_i.size else nan
-    ev["repair_intensity_median"] = med_rep if rep_i.size else None
-    ev["native_intensity_median"] = med_nat if nat_i.size else None
-    # 5 signal intensity
-    m["signal_ratio"] = med_rep / med_nat if (rep_i.size and med_nat > 0) else nan
-    # 4 structure: heterogeneity (robust SD ratio) and internal clefts
-    sd_rep, sd_nat = _robust_sd(rep_i), _robust_sd(nat_i)
-    ev["repair_intensity_sd"] = sd_rep if np.isfinite(sd_rep) else None
-    ev["native_intensity_sd"] = sd_nat if np.isfinite(sd_nat) else None
-    m["heterogeneity_ratio"] = sd_rep / sd_nat if (np.isfinite(sd_rep) and sd_nat > 0) else nan
-    # internal clefts: away from the border (border clefts belong to integration)
-    filled = site_valid & (tc >= p.min_native_thickness_mm) & (d_in > p.surface_edge_margin_mm)
-    clefted = filled & (prof["gap_mm"] >= p.cleft_min_mm)
-    m["internal_cleft_pct"] = 100.0 * float(clefted.sum() / filled.sum()) if filled.any() else 0.0
-    # 2 integration: clefts in a band along the footprint border
-    sd = np.where(site, -d_in, d_out)
-    band = valid & (np.abs(sd) <= p.border_band_mm)
-    interior_site = site_valid & (sd < -p.border_band_mm)
-    rep_level = float(np.median(tc[interior_site])) if interior_site.any() else (
-        float(np.median(rep_t)) if rep_t.size else nan)
-    level = min(exp_t, rep_level) if np.isfinite(exp_t) and np.isfinite(rep_level) else nan
-    eff_t = tc.copy()     # thickness with fluid-bright samples counted as missing
-    if p.fluid_bright_ratio is not None and has_image and img is not None and np.isfinite(med_nat):
-        ref = max(med_nat, med_rep if np.isfinite(med_rep) else med_nat)
-        bright = (cart >= 0.5) & base & (img > p.fluid_bright_ratio * ref)
-        eff_t = eff_t - (bright * cart).sum(-1) * cols.step_mm * cos
-    cu, cv = _cells_mm(cols, site).mean(0) if site.any() else (0.0, 0.0)
-    ang = np.arctan2(cols.v - cv, cols.u - cu)
-    rad = np.hypot(cols.u - cu, cols.v - cv)
-    sector = ((ang + np.pi) / (2 * np.pi) * p.border_sectors).astype(int) % p.border_sectors
-    beyond = valid & (sd > p.border_band_mm) & (sd <= p.border_band_mm + p.ring_width_mm)
-    affected, widths, present = 0, [], 0
-    for s in range(p.border_sectors):
-        in_s = band & (sector == s)
-        out_s = beyond & (sector == s)
-        if not in_s.any() or not out_s.any() or not np.isfinite(rep_level):
-            continue
-        # a cleft is a dip below both the repair level and this sector's native level
-        native_s = float(np.median(tc[out_s]))
-        if native_s < p.min_native_thickness_mm:
-            continue                     # no native cartilage beside this part of the border
-        present += 1
-        gs = in_s & (eff_t < (1.0 - p.cleft_depth_fraction) * min(native_s, rep_level))
-        if gs.sum() < max(1, p.cleft_min_sector_fraction * in_s.sum()):
-            continue
-        width = float(rad[gs].max() - rad[gs].min() + g)
-        if width >= p.cleft_min_mm:
-            affected += 1
-            widths.append(width)
-    m["cleft_border_pct"] = 100.0 * affected / present if present else nan
-    m["cleft_width_mm"] = max(widths) if widths else 0.0
-    ev["border_sectors_assessed"] = present
-    ev["repair_level_mm"] = rep_level if np.isfinite(rep_level) else None
-    # 3 surface: irregularity of the repair surface against its own smooth fit
-    core = site_valid & (d_in > p.surface_edge_margin_mm) & np.isfinite(a) & (tc > 0)
-    if core.sum() < 4:          # small site: use its edge columns too
-        core = site_valid & np.isfinite(a) & (tc > 0)
-    thr = max(p.irregular_min_mm, p.irregular_fraction * exp_t if np.isfinite(exp_t) else 0.0)
-    ev["surface_threshold_mm"] = round(thr, 4)
-    if core.sum() >= 4:
-        _, afit = quad_fit(cols.u[core], cols.v[core], a[core], trim_mm=thr)
-        res = np.where(core, a - afit(cols.u, cols.v), 0.0)
-        irr = core & (np.abs(res) > thr)
-        thin = site_valid & (d_in > p.surface_edge_margin_mm) & (tc < 0.25 * level) \
-            if np.isfinite(level) and level > 0 else irr & False
-        irr |= thin
-        lab, nlab = ndimage.label(irr, structure=np.ones((3, 3)))
-        if nlab:
-            sizes = ndimage.sum(irr, lab, index=np.arange(1, nlab + 1)) * cell_area
-            keep = np.isin(lab, 1 + np.flatnonzero(sizes >= p.irregular_min_area_mm2))
-        else:
-            keep = irr
-        ext = feret_diameter_mm(_cells_mm(cols, keep), g) if keep.any() else 0.0
-        m["irregular_extent_pct"] = 100.0 * ext / repair_diam if repair_diam > 0 else nan
-        depth = float(np.abs(res[keep]).max()) if keep.any() else 0.0
-        m["irregular_depth_pct"] = 100.0 * depth / rep_level if rep_level > 0 else nan
-        ev["surface_columns"] = int(core.sum())
-    else:
-        m["irregular_extent_pct"] = nan
-        m["irregular_depth_pct"] = nan
-        ev["surface_columns"] = int(core.sum())
-    # 6 bony defect / overgrowth: bone surface under the site against the surroundings' fit
-    dev = (b - bfit(cols.u, cols.v))[site_valid]
-    if dev.size:
-        depth = max(0.0, -float(np.percentile(dev, 100 - p.bone_percentile)))
-        over = max(0.0, float(np.percentile(dev, p.bone_percentile)))
-    else:
-        depth = over = nan
-    m["bone_defect_mm"] = depth
-    m["bone_overgrowth_mm"] = over
-    m["bone_deviation_mm"] = (over if over >= depth else -depth) if dev.size else nan
-    m["bone_defect_ratio"] = depth / exp_t if exp_t > 0 else nan
-    m["bone_overgrowth_ratio"] = over / exp_t if exp_t > 0 else nan
-    ev["bone_fit_columns"] = int(outer.sum())
-    # 7 subchondral changes: BML components reached under (or next to) the site
-    zone = valid & (np.where(site, -d_in, d_out) <= p.bml_margin_mm)
-    below = (cols.w[None, None, :] <= b[..., None]) & \
-        (cols.w[None, None, :] >= (b - p.subchondral_depth_mm)[..., None])
-    comp = cols.samples.get("bml_cc")
-    ids: set[int] = set()
-    if comp is not None:
-        hit = comp[zone[..., None] & below]
-        ids = {int(i) for i in np.unique(hit) if i > 0}
-    bml = max((diameters.get("bml", {}).get(i, 0.0) for i in ids), default=0.0)
-    m["bml_diameter_mm"] = bml
-    m["bml_diameter_pct"] = 100.0 * bml / repair_diam if repair_diam > 0 else nan
-    ev["bml_components"] = sorted(ids)
-    cyst = cols.samples.get("cyst_cc")
-    if cyst is not None:
-        hit = cyst[zone[..., None] & below]
-        cids = {int(i) for i in np.unique(hit) if i > 0}
-        m["cyst_diameter_mm"] = max((diameters.get("cyst", {}).get(i, 0.0) for i in cids),
-                                    default=0.0)
-    else:
-        m["cyst_diameter_mm"] = nan
+    s, ev = _site(cols, prof, footprint, p)
+    img = cols.samples.get("image") if has_image else None
+    m, e = _fill(s, p)
+    ev.update(e)
+    mi, e = _intensity(s, p, prof, img, voxel_volume_mm3)
+    m.update(mi)
+    ev.update(e)
+    ref = np.nanmax([e["native_intensity_median"], e["repair_intensity_median"]]) \
+        if np.isfinite(e["native_intensity_median"]) else NAN
+    for part in (_integration(s, p, img, ref), _surface(s, p), (_bone(s, p), {}),
+                 _subchondral(s, p, diameters)):
+        m.update(part[0])
+        ev.update(part[1])
     return m, ev
 
 
