@@ -723,7 +723,8 @@ class SiteSpec:
     """A site given by LPS points (bone-surface vertices or one centre) and a radius in mm.
 
     The footprint is every column within ``radius_mm`` (in the tangent plane) of a point.
-    ``plate`` (a cartilage plate name) skips the plate search when known.
+    ``plate`` (a cartilage plate name) skips the plate search when known; ``info`` (e.g.
+    the defect's region, kind, area) is copied into the site's evidence.
     """
 
     site_id: int
@@ -731,6 +732,7 @@ class SiteSpec:
     radius_mm: float
     plate: str | None = None
     source: str = "points"
+    info: dict[str, Any] | None = None
 
 
 def site_inputs(sites: Any, shape: tuple[int, ...]) -> list[tuple[int, Any]]:
@@ -781,6 +783,8 @@ def sites_from_defects_csv(path: Path) -> list[SiteSpec]:
                          np.array([[float(r["centroid_x_mm"]), float(r["centroid_y_mm"]),
                                     float(r["centroid_z_mm"])]]),
                          math.sqrt(max(float(r["area_mm2"]), 0.0) / math.pi),
-                         plate=r.get("plate") or None, source="defect") for r in rows]
+                         plate=r.get("plate") or None, source="defect",
+                         info={k: r[k] for k in ("region", "kind", "area_mm2", "depth_pct")
+                               if k in r}) for r in rows]
     except (KeyError, ValueError) as exc:
         raise InputError(f"malformed defects table ({exc})", path) from None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -354,7 +354,8 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
                           voxel_volume_mm3=geom.voxel_volume_mm3)
     ev.update({"frame_center_lps_mm": [round(float(x), 3) for x in center],
                "frame_normal_lps": [round(float(x), 5) for x in normal],
-               "column_radius_mm": round(R, 3), "image_used": image is not None})
+               "column_radius_mm": round(R, 3), "image_used": image is not None,
+               **({"site_info": spec.info} if is_points and spec.info else {})})
     items = _score_items(cfg, m, ev)
     total, mx = _total(items)
     notes = []
@@ -443,7 +444,7 @@ def _default_sites(scan_dir: Path, manifest: dict[str, Any], seg: Volume
         log.warning("re-measuring %s failed (%s); defects scored as discs", scan_dir, exc)
         ok = False
     if ok:
-        return [patches[d.site_id] for d in discs], f"{dcsv} (vertex patches)"
+        return [replace(patches[d.site_id], info=d.info) for d in discs], f"{dcsv} (patches)"
     log.info("defect patches not reproducible; scoring defects.csv rows as discs")
     return discs, f"{dcsv} (discs of the defect area)"
 
