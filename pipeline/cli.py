@@ -88,13 +88,15 @@ def measure(
     config: Optional[Path] = typer.Option(None, "--config", help="Measurement config YAML."),
     series: Optional[str] = typer.Option(None, "--series", help="DICOM series number or description."),
     echo: Optional[int] = typer.Option(None, "--echo", help="DICOM echo number (default: first)."),
+    dicom_out: bool = typer.Option(False, "--dicom-out", help="Also write DICOM SEG + SR "
+                                   "(TID 1500) referencing the input series (DICOM input)."),
 ) -> None:
     """Measure thickness, defects and bone-marrow lesions from an image and its label map."""
     from pipeline.measure import run_measure
 
     _check_side(side)
     result = run_measure(image, seg, out, labels=labels, side=side, config_path=config,
-                         series=series, echo=echo)
+                         series=series, echo=echo, dicom_out=dicom_out)
     log.info("results in %s", result.out_dir)
     typer.echo(str(result.out_dir))
 
@@ -318,8 +320,12 @@ def batch(
     Exit code 0 when every scan succeeded, 3 when any failed (see OUT/failures.csv),
     2 for a bad manifest.  Re-running skips scans whose outputs are up to date.
     """
+    import re
+
     from pipeline.batch import BatchOptions, run_batch
 
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise click.BadParameter("must be auto, cpu, cuda or cuda:N", param_hint="--device")
     opts = BatchOptions(out=out, workers=workers, scheduler=scheduler, device=device,
                         model=model, measure_config=config, skip_invalid=skip_invalid)
     result = run_batch(manifest, opts, progress=None if no_progress else _BatchProgress())

@@ -345,14 +345,23 @@ def measure_labels(labels: np.ndarray, geometry: Geometry, *, side: str | None,
 def run_measure(image: Path, seg: Path, out_dir: Path, *, labels: str | None = None,
                 side: str | None = None, config_path: Path | None = None,
                 series: str | None = None, echo: int | None = None,
-                extra_manifest: dict[str, Any] | None = None) -> MeasureRun:
-    """Read, check, measure and write one scan's results (see module docstring)."""
+                extra_manifest: dict[str, Any] | None = None,
+                dicom_out: bool = False) -> MeasureRun:
+    """Read, check, measure and write one scan's results (see module docstring).
+
+    ``dicom_out``: also write the segmentation as DICOM SEG and the measurements as a DICOM
+    SR (TID 1500) into ``out_dir/dicom`` (the input must be a DICOM series).
+    """
     from pipeline.measure_io import load_inputs, write_results
 
     t0 = time.perf_counter()
     config = load_config(config_path, MeasureConfig, default_name="measure.yaml")
     inputs = load_inputs(Path(image), Path(seg), Path(out_dir), labels=labels, side=side,
                          series=series, echo=echo)
+    if dicom_out and inputs.image.meta.get("format") != "dicom":
+        from pipeline.errors import InputError
+
+        raise InputError("--dicom-out needs a DICOM input series", image)
     t1 = time.perf_counter()
     result = measure_labels(inputs.labels, inputs.geometry, side=inputs.side, config=config)
     t2 = time.perf_counter()
@@ -367,5 +376,6 @@ def run_measure(image: Path, seg: Path, out_dir: Path, *, labels: str | None = N
         "timings_s": {"read": round(t1 - t0, 3), "measure": round(t2 - t1, 3)},
         **(extra_manifest or {}),
     }
-    manifest = write_results(Path(out_dir), result, inputs, config, manifest, t_start=t2)
+    manifest = write_results(Path(out_dir), result, inputs, config, manifest, t_start=t2,
+                             dicom_out=dicom_out)
     return MeasureRun(out_dir=Path(out_dir), result=result, manifest=manifest)

@@ -98,7 +98,8 @@ def _region_ids(plate: str, codes: np.ndarray) -> np.ndarray:
 
 
 def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureConfig,
-                  manifest: dict[str, Any], *, t_start: float) -> dict[str, Any]:
+                  manifest: dict[str, Any], *, t_start: float,
+                  dicom_out: bool = False) -> dict[str, Any]:
     """Write the output contract; the manifest goes last."""
     begin_folder(out_dir)
     geometry = inputs.geometry
@@ -128,6 +129,8 @@ def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureC
                              "write": round(time.perf_counter() - t_start, 3)}
     manifest["outputs"] = sorted(str(Path(p).relative_to(out_dir)) for p in outputs)
     manifest["geometry"] = geometry.to_json()
+    if dicom_out:
+        manifest["dicom_out"] = _run_dicom_out(out_dir, manifest)
     write_manifest(out_dir, manifest)
     log.info("wrote %d files to %s", len(outputs) + 1, out_dir)
     return manifest
@@ -144,4 +147,17 @@ def _run_qc(out_dir: Path, result, inputs: MeasureInputs) -> dict[str, Any]:
         return qc if isinstance(qc, dict) else getattr(qc, "to_json", lambda: {"status": "ok"})()
     except Exception as exc:  # reports never fail the analysis
         log.warning("QC figure failed: %s", exc)
+        return {"status": "failed", "error": str(exc)[:300]}
+
+
+def _run_dicom_out(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """DICOM SEG + SR (pipeline.dicom_out); a failure is recorded, never fatal."""
+    try:
+        from pipeline.dicom_out import write_dicom_outputs
+
+        res = write_dicom_outputs(out_dir, manifest=manifest)
+        return {"status": "ok", "seg": str(Path(res.seg).relative_to(out_dir)),
+                "sr": str(Path(res.sr).relative_to(out_dir)), "n_segments": res.n_segments}
+    except Exception as exc:  # the numbers are written already; DICOM export is extra
+        log.warning("DICOM SEG/SR export failed: %s", exc)
         return {"status": "failed", "error": str(exc)[:300]}

@@ -112,3 +112,38 @@ def test_rerun_replaces_a_complete_folder(scan, tmp_path):
     first = json.loads((out / "manifest.json").read_text())["created"]
     assert _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o", out).returncode == 0
     assert (out / "manifest.json").is_file() and first
+
+
+def test_dicom_out_needs_dicom_input(scan, tmp_path):
+    res = _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o",
+                  tmp_path / "o", "--dicom-out")
+    _one_line_error(res, "image.nii.gz", "DICOM")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_dicom_out_on_real_dicom_series(data_mirror, tmp_path):
+    import pydicom
+
+    from pipeline.fetch import fetch_sample
+    from pipeline.io import read_volume
+
+    folder = fetch_sample("pykneer_qdess", mirror=data_mirror, cache_dir=tmp_path / "cache")
+    img = read_volume(folder)
+    lab = np.zeros(img.array.shape, np.uint8)
+    lab[200:300, 200:300, 30:50] = 1
+    lab[200:300, 300:310, 30:50] = 4
+    write_volume(tmp_path / "seg.nii.gz", lab, img.geometry)
+    out = tmp_path / "out"
+    res = _cartiq("measure", folder, "--seg", tmp_path / "seg.nii.gz", "-o", out, "--dicom-out",
+                  "--side", "right")
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dicom_out"]["status"] == "ok"
+    seg = pydicom.dcmread(out / manifest["dicom_out"]["seg"])
+    assert seg.Modality == "SEG"
+    src_uid = manifest["inputs"]["image"]["series_instance_uid"]
+    refs = [r.SeriesInstanceUID for r in seg.ReferencedSeriesSequence]
+    assert src_uid in refs
+    sr = pydicom.dcmread(out / manifest["dicom_out"]["sr"])
+    assert sr.Modality == "SR"
