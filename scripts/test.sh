@@ -8,6 +8,11 @@ python -m pip install -q --upgrade pip >/dev/null
 # torch first, pinned: the CPU wheel 2.13.0 (a looser request could pull a CUDA build)
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# headless Chromium for the HTML report screenshot tests (skipped when it cannot be installed)
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+    >/dev/null 2>&1 || echo "note: chromium not installed; report screenshot tests will skip"
+fi
 # public sample data: a local mirror (CI has ../shared/data) instead of downloading
 if [ -z "${CARTIQ_DATA_MIRROR:-}" ] && [ -d ../shared/data ]; then
   export CARTIQ_DATA_MIRROR="$(cd ../shared/data && pwd)"
