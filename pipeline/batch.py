@@ -177,9 +177,6 @@ def model_identity(model: str | None) -> dict[str, Any]:
     return {"name": info.get("name"), "version": info.get("version"), "weights_sha256": sha}
 
 
-# ----------------------------------------------------------------------------- one scan
-
-
 def _fingerprint(task: ScanTask, inputs: dict[str, str | None], model: dict[str, Any] | None) -> str:
     r = task.row
     data = {"v": FINGERPRINT_VERSION, "inputs": inputs, "model": model,
@@ -205,10 +202,7 @@ def process_scan(task: ScanTask) -> Outcome:
     from pipeline.outputs import begin_folder
 
     r, out = task.row, task.out_dir
-    t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    notes: list[str] = []
-    stage = "hash"
+    t0, stage, timings, notes = time.perf_counter(), "hash", {}, []
     out.mkdir(parents=True, exist_ok=True)
     with _log_to(out / "scan.log"):
         try:
@@ -282,16 +276,12 @@ def _finish_scan(task: ScanTask, out: Path, measure_manifest: dict[str, Any],
         "subject_id": r.subject_id, "timepoint": r.timepoint, "arm": r.arm,
         "kl_grade": r.kl_grade, "manifest_line": r.line,
         "inputs_sha256": inputs,
-        "paths": {k: str(v) for k, v in (("image", r.image), ("seg", r.seg),
-                                          ("sites", r.sites)) if v is not None},
+        "paths": {k: str(getattr(r, k)) for k in ("image", "seg", "sites") if getattr(r, k)},
         "segmentation": "given" if r.seg is not None else "model",
         "model": model, "device": device, "config_hashes": task.config_hashes,
         "stage_timings_s": timings, "notes": notes, "fingerprint": fp,
     }
     write_manifest(out, manifest)
-
-
-# ----------------------------------------------------------------------------- compare
 
 
 def compare_is_current(task: CompareTask) -> bool:
@@ -445,7 +435,7 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
                       measure_config=opts.measure_config, config_hashes=hashes,
                       model=opts.model, device=opts.device) for r in rows]
     needs_model = any(r.seg is None for r in rows)
-    workers = opts.workers or os.cpu_count() or 1
+    workers = opts.workers or _default_workers(opts.device if needs_model else "cpu")
     workers = max(1, min(workers, len(tasks))) if not opts.scheduler else workers
     log.info("batch: %d scan(s) of %d subject(s) from %s -> %s (%s)", len(tasks),
              len(manifest.subjects()), manifest.path, out,
@@ -481,6 +471,16 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
             log.warning("%s/%s: %s", o.subject_id, o.timepoint, n)
     return BatchResult(out=out, scans=scan_list, compares=compares, wall_s=0.0,
                        failures=failure_rows(manifest.invalid, scan_list + compares))
+
+
+def _default_workers(device: str) -> int:
+    """One worker per CPU core; when segmenting on GPUs, one worker (one model) per GPU."""
+    if device.startswith("cuda") or device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return 1 if ":" in device else torch.cuda.device_count()
+    return os.cpu_count() or 1
 
 
 def _ready_compares(row: ScanRow, scans: dict[tuple[str, str], Outcome],
