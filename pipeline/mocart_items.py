@@ -784,7 +784,8 @@ def sites_from_defects_csv(path: Path) -> list[SiteSpec]:
                                     float(r["centroid_z_mm"])]]),
                          math.sqrt(max(float(r["area_mm2"]), 0.0) / math.pi),
                          plate=r.get("plate") or None, source="defect",
-                         info={k: r[k] for k in ("region", "kind", "area_mm2", "depth_pct")
-                               if k in r}) for r in rows]
+                         info={"region": r.get("region"), "kind": r.get("kind"),
+                               "area_mm2": float(r["area_mm2"]),
+                               "depth_pct": float(r.get("depth_pct") or "nan")}) for r in rows]
     except (KeyError, ValueError) as exc:
         raise InputError(f"malformed defects table ({exc})", path) from None
