@@ -5,23 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _scoring_phantoms import RepairSpec, make_repair_phantom, reorient, write_scan_folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _scoring_phantoms import (RepairSpec, make_repair_phantom, reorient,  # noqa: E402
-                               write_scan_folder)
-
-from pipeline.cli import main  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import ConfigError  # noqa: E402
-from pipeline.io import Volume, write_volume  # noqa: E402
-from pipeline.scoring import (CSV_COLUMNS, ScoringConfig, SiteSpec,  # noqa: E402
-                              load_scoring_config, score_sites)
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.io import Volume, write_volume
+from pipeline.scoring import (CSV_COLUMNS, ScoringConfig, SiteSpec, load_scoring_config,
+                              score_sites)
 
 REPO = Path(__file__).resolve().parent.parent
 
