@@ -574,6 +574,7 @@ class LazyDiameters:
         self.cc, self.geometry = cc, geometry
         self.boxes = ndimage.find_objects(cc)
         self.cache: dict[int, float] = {}
+        self.owners: dict[int, list[int]] = {}
 
     def get(self, i: int, default: float = 0.0) -> float:
         if i in self.cache:
@@ -588,7 +589,10 @@ class LazyDiameters:
 
     def in_bone(self, labels: np.ndarray, bone_value: int) -> list[int]:
         """Components whose 1-voxel shell touches ``bone_value`` more than any other label."""
-        out = []
+        if bone_value in self.owners:
+            return self.owners[bone_value]
+        out: list[int] = []
+        self.owners[bone_value] = out
         for i, box in enumerate(self.boxes, start=1):
             if box is None:
                 continue
