@@ -44,7 +44,7 @@ from pipeline.outputs import begin_folder, provenance, read_manifest, write_csv,
 
 __all__ = ["ScoringConfig", "MeasurementConfig", "SiteSpec", "ItemScore", "SiteScore",
            "ScoreResult", "ScoreRun", "score_sites", "run_score", "load_scoring_config",
-           "sites_from_defects_csv", "CSV_COLUMNS"]
+           "sites_from_defects_csv", "sites_from_scan_result", "CSV_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
