@@ -47,7 +47,7 @@ from pipeline.io import Geometry, Volume
 from pipeline.labels import BONES, default_scheme
 
 __all__ = ["RegistrationConfig", "BoneRegistration", "bone_mask", "register_bone",
-           "register_visits", "apply_matrix", "rotation_angle_deg"]
+           "register_visits", "apply_matrix", "rotation_angle_deg", "to_sitk_image"]
 
 log = logging.getLogger(__name__)
 
@@ -176,12 +176,6 @@ class _Crop:
     pad: np.ndarray  # (3, 2) voxels padded before/after per axis
 
 
-def _sub_geometry(geom: Geometry, start: np.ndarray, shape: tuple[int, ...]) -> Geometry:
-    origin = geom.index_to_world(start[None, :].astype(float))[0]
-    return Geometry(shape=tuple(int(s) for s in shape), spacing=geom.spacing,
-                    origin=tuple(float(v) for v in origin), direction=geom.direction)
-
-
 def _make_crop(mask: np.ndarray, geom: Geometry, cfg: RegistrationConfig) -> _Crop:
     spacing = np.asarray(geom.spacing, dtype=float)
     idx = np.argwhere(mask)
@@ -204,7 +198,9 @@ def _make_crop(mask: np.ndarray, geom: Geometry, cfg: RegistrationConfig) -> _Cr
         last = sub.shape[ax] - pad[ax, 1] - (fm[ax] if hi_c[ax] == mask.shape[ax] else 0)
         inner.append(slice(int(first), int(max(last, first))))
     interior[tuple(inner)] = True
-    g = _sub_geometry(geom, lo_c - pad[:, 0], sub.shape)
+    origin = geom.index_to_world((lo_c - pad[:, 0])[None, :].astype(float))[0]
+    g = Geometry(shape=tuple(int(n) for n in sub.shape), spacing=geom.spacing,
+                 origin=tuple(float(v) for v in origin), direction=geom.direction)
     return _Crop(geometry=g, mask=sub, sdm=_signed_distance(sub, spacing, cfg), interior=interior,
                  box=box, pad=pad)
 
@@ -223,7 +219,8 @@ def _signed_distance(mask: np.ndarray, spacing: np.ndarray, cfg: RegistrationCon
     return np.clip(sdm, -cfg.distance_clamp_mm, cfg.distance_clamp_mm)
 
 
-def _to_sitk(array: np.ndarray, geom: Geometry, dtype=np.float32):
+def to_sitk_image(array: np.ndarray, geom: Geometry, dtype=np.float32):
+    """SimpleITK image of an ITK-index-order array with ``geom``."""
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype).transpose(2, 1, 0)))
@@ -235,19 +232,17 @@ def _isotropic(crop: _Crop, cfg: RegistrationConfig):
     """Distance map and interior mask of a crop on an isotropic grid (SimpleITK images)."""
     import SimpleITK as sitk
 
-    sdm = _to_sitk(crop.sdm, crop.geometry)
+    sdm = to_sitk_image(crop.sdm, crop.geometry)
     extent = np.asarray(crop.geometry.shape) * np.asarray(crop.geometry.spacing)
     size = [max(int(np.ceil(e / cfg.work_spacing_mm)), 4) for e in extent]
     spacing = [cfg.work_spacing_mm] * 3
     origin = crop.geometry.index_to_world(np.full((1, 3), -0.5))[0] + \
         crop.geometry.matrix @ np.full(3, 0.5 * cfg.work_spacing_mm)
-    args = (size, sitk.Transform(), None, tuple(origin), tuple(spacing),
-            crop.geometry.direction)
-    iso = sitk.Resample(sdm, args[0], args[1], sitk.sitkLinear, args[3], args[4], args[5],
-                        float(cfg.distance_clamp_mm), sitk.sitkFloat32)
-    interior = sitk.Resample(_to_sitk(crop.interior, crop.geometry, np.uint8), args[0], args[1],
-                             sitk.sitkNearestNeighbor, args[3], args[4], args[5], 0,
-                             sitk.sitkUInt8)
+    grid = (size, sitk.Transform(), None, tuple(origin), tuple(spacing), crop.geometry.direction)
+    iso = sitk.Resample(sdm, *grid[:2], sitk.sitkLinear, *grid[3:], float(cfg.distance_clamp_mm),
+                        sitk.sitkFloat32)
+    interior = sitk.Resample(to_sitk_image(crop.interior, crop.geometry, np.uint8), *grid[:2],
+                             sitk.sitkNearestNeighbor, *grid[3:], 0, sitk.sitkUInt8)
     return iso, interior
 
 
@@ -256,7 +251,7 @@ def _surface_points(crop: _Crop, cfg: RegistrationConfig) -> np.ndarray:
     from skimage.measure import marching_cubes
 
     if crop.sdm.min() >= 0 or crop.sdm.max() <= 0:
-        return np.zeros((0, 3))
+        return np.zeros((0, 3))  # no surface: the residual becomes infinite
     verts, _, _, _ = marching_cubes(crop.sdm, level=0.0)
     keep = ndimage.map_coordinates(crop.interior.astype(np.float32), verts.T, order=0) > 0.5
     verts = verts[keep]
@@ -266,12 +261,10 @@ def _surface_points(crop: _Crop, cfg: RegistrationConfig) -> np.ndarray:
     return crop.geometry.index_to_world(verts)
 
 
-def _sample(crop: _Crop, points_world: np.ndarray, values: np.ndarray | None = None,
-            order: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Values at world points, and whether each point lies in ``crop.interior``."""
+def _sample(crop: _Crop, points_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Signed distance at world points, and whether each point lies in ``crop.interior``."""
     ijk = crop.geometry.world_to_index(points_world)
-    vals = ndimage.map_coordinates(crop.sdm if values is None else values, ijk.T, order=order,
-                                   mode="nearest")
+    vals = ndimage.map_coordinates(crop.sdm, ijk.T, order=1, mode="nearest")
     inside = ndimage.map_coordinates(crop.interior.astype(np.float32), ijk.T, order=0,
                                      mode="constant", cval=0.0) > 0.5
     return vals, inside
@@ -301,17 +294,9 @@ def _moments(mask: np.ndarray, geom: Geometry) -> tuple[np.ndarray, np.ndarray]:
 
 def _principal_rotation(vf: np.ndarray, vm: np.ndarray) -> np.ndarray:
     """Rotation taking fixed principal axes onto moving ones, closest to the identity."""
-    best, best_angle = np.eye(3), np.inf
-    for sx in (1, -1):
-        for sy in (1, -1):
-            s = np.diag([sx, sy, sx * sy])  # keep a proper rotation
-            r = vm @ s @ vf.T
-            if np.linalg.det(r) < 0:
-                continue
-            ang = rotation_angle_deg(r)
-            if ang < best_angle:
-                best, best_angle = r, ang
-    return best
+    vf, vm = vf * np.sign(np.linalg.det(vf)), vm * np.sign(np.linalg.det(vm))  # proper frames
+    cands = [vm @ np.diag([sx, sy, sx * sy]) @ vf.T for sx in (1, -1) for sy in (1, -1)]
+    return min(cands, key=rotation_angle_deg)
 
 
 def _register_stage(fixed, moving, init, *, metric: str, fixed_mask, moving_mask,
@@ -391,6 +376,7 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
     moving, moving_in = _isotropic(mc, cfg)
     band = sitk.And(sitk.Cast(sitk.Abs(fixed) < cfg.band_mm, sitk.sitkUInt8), fixed_in)
     fixed_mask, moving_mask = band, moving_in
+    surfaces = (_surface_points(fc, cfg), _surface_points(mc, cfg))
 
     c_f, v_f = _moments(fm, fgeo)
     c_m, v_m = _moments(mm, mgeo)
@@ -417,7 +403,7 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
     if not 3.0 < rotation_angle_deg(starts["principal_axes"]) < 60.0:
         del starts["principal_axes"]  # same as the first start, or uninformative axes
     run_starts(starts)
-    res = _residual(best[0], fc, mc, cfg) if best is not None else (np.inf,) * 3
+    res = _residual(best[0], fc, mc, surfaces) if best is not None else (np.inf,) * 3
     if res[0] > limit:  # a local minimum? try rotated starts about each world axis
         from scipy.spatial.transform import Rotation
 
@@ -429,13 +415,13 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
                                 reason=f"{bone}: registration failed ({tried})",
                                 details={"starts": tried})
     tx, _, stop, start = best
-    res = _residual(tx, fc, mc, cfg)
+    res = _residual(tx, fc, mc, surfaces)
     stage = "distance_map"
     intensity = "skipped (no images)"
     if cfg.intensity_refinement and baseline_image is not None and followup_image is not None:
         tx2, intensity = _refine_intensity(tx, baseline_image, followup_image, fc, mc, cfg)
         if tx2 is not None:
-            res2 = _residual(tx2, fc, mc, cfg)
+            res2 = _residual(tx2, fc, mc, surfaces)
             if res2[0] <= res[0] + cfg.intensity_keep_tolerance_mm:
                 tx, res, stage = tx2, res2, "distance_map+intensity"
                 intensity = "kept"
@@ -463,14 +449,12 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
                  "followup_bone_volume_mm3": round(float(mm.sum()) * mgeo.voxel_volume_mm3, 1)})
 
 
-def _residual(tx, fc: _Crop, mc: _Crop, cfg: RegistrationConfig) -> tuple[float, float, float]:
+def _residual(tx, fc: _Crop, mc: _Crop, surfaces: tuple[np.ndarray, np.ndarray]
+              ) -> tuple[float, float, float]:
     """Symmetric bone-surface distance (mean, rms, p95; mm) after registration."""
     m = _euler_to_matrix(tx)  # baseline -> follow-up
-    pf = _surface_points(fc, cfg)
-    pm = _surface_points(mc, cfg)
-    d1, in1 = _sample(mc, apply_matrix(m, pf)) if len(pf) else (np.zeros(0), np.zeros(0, bool))
-    d2, in2 = (_sample(fc, apply_matrix(np.linalg.inv(m), pm)) if len(pm)
-               else (np.zeros(0), np.zeros(0, bool)))
+    d1, in1 = _sample(mc, apply_matrix(m, surfaces[0]))
+    d2, in2 = _sample(fc, apply_matrix(np.linalg.inv(m), surfaces[1]))
     d = np.abs(np.concatenate([d1[in1], d2[in2]]))
     if d.size < 20:
         return float("inf"), float("inf"), float("inf")
@@ -481,9 +465,9 @@ def _overlap(tx, fc: _Crop, mc: _Crop) -> tuple[float, float]:
     """Dice and volume ratio (follow-up / baseline) of the bone masks in the common FOV."""
     import SimpleITK as sitk
 
-    ref = _to_sitk(fc.mask, fc.geometry, np.uint8)
-    mov = _to_sitk(mc.mask, mc.geometry, np.uint8)
-    movi = _to_sitk(mc.interior, mc.geometry, np.uint8)
+    ref = to_sitk_image(fc.mask, fc.geometry, np.uint8)
+    mov = to_sitk_image(mc.mask, mc.geometry, np.uint8)
+    movi = to_sitk_image(mc.interior, mc.geometry, np.uint8)
     warped = sitk.GetArrayFromImage(sitk.Resample(mov, ref, tx, sitk.sitkNearestNeighbor, 0)
                                     ).transpose(2, 1, 0).astype(bool)
     inside = sitk.GetArrayFromImage(sitk.Resample(movi, ref, tx, sitk.sitkNearestNeighbor, 0)
@@ -506,11 +490,11 @@ def _refine_intensity(tx, bimg: Volume, fimg: Volume, fc: _Crop, mc: _Crop,
         return None, "skipped (band too small)"
     msub = fimg.array[mc.box].astype(np.float32)
     moving_arr = np.pad(msub, mc.pad, mode="edge")
-    fixed = _to_sitk(fixed_arr, fc.geometry)
-    moving = _to_sitk(moving_arr, mc.geometry)
+    fixed = to_sitk_image(fixed_arr, fc.geometry)
+    moving = to_sitk_image(moving_arr, mc.geometry)
     tx2, _, stop = _register_stage(
-        fixed, moving, tx, metric="mattes", fixed_mask=_to_sitk(band, fc.geometry, np.uint8),
-        moving_mask=_to_sitk(mc.interior, mc.geometry, np.uint8), cfg=cfg, sigmas=[0.0],
+        fixed, moving, tx, metric="mattes", fixed_mask=to_sitk_image(band, fc.geometry, np.uint8),
+        moving_mask=to_sitk_image(mc.interior, mc.geometry, np.uint8), cfg=cfg, sigmas=[0.0],
         learning_rate=0.5, iterations=100)
     if tx2 is None:
         return None, f"skipped ({stop})"

@@ -316,7 +316,7 @@ def track_lesions(bl_result, fu_result, bl_geometry: Geometry, fu_geometry: Geom
     """Match BMLs across visits (groups of overlapping lesions form one row)."""
     import SimpleITK as sitk
 
-    from pipeline.register import _to_sitk
+    from pipeline.register import to_sitk_image
 
     rows: list[dict[str, Any]] = []
     bl_map = _lesion_id_map(bl_result.lesions, bl_geometry.shape)
@@ -331,8 +331,8 @@ def track_lesions(bl_result, fu_result, bl_geometry: Geometry, fu_geometry: Geom
             rows += [_lesion_row("not compared", bone, [], [l], note) for l in fus]
             continue
         fu_map = _lesion_id_map(fus, fu_geometry.shape)
-        warped = sitk.Resample(_to_sitk(fu_map, fu_geometry, np.uint16),
-                               _to_sitk(np.zeros(bl_geometry.shape, np.uint8), bl_geometry, np.uint8),
+        warped = sitk.Resample(to_sitk_image(fu_map, fu_geometry, np.uint16),
+                               to_sitk_image(np.zeros(bl_geometry.shape, np.uint8), bl_geometry, np.uint8),
                                reg.sitk_transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16)
         warped = sitk.GetArrayFromImage(warped).transpose(2, 1, 0)
         edges: set[tuple[int, int]] = set()
