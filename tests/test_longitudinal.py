@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.io import read_volume
-from pipeline.longitudinal import CHANGE_COLUMNS, CompareConfig, compare_scans, load_compare_config
+from pipeline.io import read_volume, write_volume
+from pipeline.longitudinal import (CHANGE_COLUMNS, CompareConfig, compare_inputs, compare_scans,
+                                   load_compare_config)
 from pipeline.measure import run_measure
 from pipeline.phantom import PhantomSpec, make_phantom, model_to_world, world_to_model, write_phantom
 from pipeline.labels import default_scheme
@@ -157,7 +158,7 @@ def test_change_maps_in_baseline_space(visits, change):
     cmap = read_volume(out / "thickness_change.nii.gz")
     seg = read_volume(visits["baseline"] / "segmentation.nii.gz", kind="labels")
     assert cmap.geometry == seg.geometry or np.allclose(cmap.geometry.affine, seg.geometry.affine, atol=1e-4)
-    fem = cmap.array[seg.array == 4]
+    fem = cmap.array[seg.array == default_scheme()["femoral_cartilage"]]
     assert -0.25 < float(np.median(fem)) < -0.1  # truth: -0.2 mm nominal
     for plate in PLATES:
         assert (out / "meshes" / f"{plate}_change.vtk").stat().st_size > 1000
@@ -231,19 +232,23 @@ def test_unfinished_folder_exit_2(visits, tmp_path, capsys):
 
 
 def test_missing_plate_is_nan_with_reason(visits, tmp_path):
+    """Image + label-map inputs (measured first), patellar cartilage missing at follow-up."""
     seg = read_volume(visits["nochange"] / "segmentation.nii.gz", kind="labels")
     arr = seg.array.copy()
-    arr[arr == 7] = 0  # patellar cartilage missing at follow-up
-    from pipeline.io import write_volume
-
+    arr[arr == default_scheme()["patellar_cartilage"]] = 0
     write_volume(tmp_path / "seg.nii.gz", arr, seg.geometry)
-    image = json.loads((visits["nochange"] / "manifest.json").read_text())["inputs"]["image"]["path"]
-    run_measure(Path(image), tmp_path / "seg.nii.gz", tmp_path / "fu", side="right")
-    result = compare_scans(visits["baseline"], tmp_path / "fu", tmp_path / "cmp", config=NO_INTENSITY)
+    image = {k: visits[k].parent / "image.nii.gz" for k in ("baseline", "nochange")}
+    result = compare_inputs(image["baseline"], visits["baseline"].parent / "seg.nii.gz",
+                            image["nochange"], tmp_path / "seg.nii.gz", tmp_path / "cmp",
+                            side="right", config=NO_INTENSITY)
+    assert (tmp_path / "cmp" / "baseline" / "manifest.json").is_file()
+    assert (tmp_path / "cmp" / "followup" / "manifest.json").is_file()
     assert result.status == "partial"
     df = pd.read_csv(tmp_path / "cmp" / "change.csv")
-    row = _value(df, "patellar_cartilage", "thickness_mean")
-    assert np.isnan(row.change) and "missing at follow-up" in row.note
+    for metric in ("thickness_mean", "volume", "thinning"):
+        row = _value(df, "patellar_cartilage", metric)
+        assert np.isnan(row.change) and "missing at follow-up" in row.note, metric
     assert any("patellar_cartilage missing at follow-up" in w for w in result.warnings)
     # the other plates are still compared
     assert abs(_value(df, "femoral_cartilage", "thickness_mean").change) < 0.05
+    assert result.registrations["patella"].converged  # the bone is still there
