@@ -74,7 +74,7 @@ class MeasurementConfig(Strict):
     ``cyst_intensity_ratio`` x the median bone intensity (null: not assessed).  The
     ``min_*`` values set the confidence flags (``min_ring_coverage``: share of the ring
     annulus with native cartilage; less means the site is at a plate edge or in a denuded
-    area).
+    area; ``max_spacing_mm``: coarser voxels flag the geometric items).
     """
 
     grid_mm: float = Field(0.5, gt=0, le=2)
@@ -114,6 +114,7 @@ class MeasurementConfig(Strict):
     min_native_voxels: float = Field(30.0, ge=0)
     min_repair_voxels: float = Field(10.0, ge=0)
     min_bone_column_fraction: float = Field(0.8, ge=0, le=1)
+    max_spacing_mm: float = Field(1.5, gt=0)
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,8 @@ def _confidence(name: str, item: ItemConfig, m: dict[str, float], ev: dict[str, 
     elif ev.get("ring_coverage", 0) < p.min_ring_coverage:
         why.append(f"native cartilage around only {100 * ev.get('ring_coverage', 0):.0f}% "
                    "of the site (plate edge or denuded surroundings)")
+    if ev.get("max_spacing_mm", 0) > p.max_spacing_mm and item.measure not in _INTENSITY:
+        why.append(f"coarse voxels ({ev['max_spacing_mm']:.2g} mm): geometry approximate")
     if item.measure in _INTENSITY and not ev.get("image_used", True):
         why.append("no image: intensities not measured")
     elif item.measure in _INTENSITY:
@@ -323,17 +325,14 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
         return _unscorable(cfg, sid, plate, source, "no bone surface with cartilage near the site")
     frame = make_frame(center, normal)
 
-    def indicator(values: list[int]):
-        return lambda sl: np.isin(labels[sl], values).astype(np.float32)
-
     def bone_ind(sl: tuple[slice, ...]) -> np.ndarray:   # the bone and its own BMLs
         ind = labels[sl] == bone_val
         if own_bml:
             ind |= np.isin(comps["bml"][0][sl], own_bml)
         return ind.astype(np.float32)
 
-    arrays: dict[str, Any] = {"bone": (bone_ind, 1),
-                              "cart": (indicator([plate_val]), 1)}
+    arrays: dict[str, Any] = {
+        "bone": (bone_ind, 1), "cart": (lambda sl: (labels[sl] == plate_val).astype(np.float32), 1)}
     if image is not None:
         arrays["image"] = (lambda sl: image.array[sl].astype(np.float32), 1)
     if not is_points:
@@ -355,6 +354,7 @@ def _score_one(image: Volume | None, labels: np.ndarray, geom: Geometry, sid: in
     ev.update({"frame_center_lps_mm": [round(float(x), 3) for x in center],
                "frame_normal_lps": [round(float(x), 5) for x in normal],
                "column_radius_mm": round(R, 3), "image_used": image is not None,
+               "max_spacing_mm": float(max(geom.spacing)),
                **({"site_info": spec.info} if is_points and spec.info else {})})
     items = _score_items(cfg, m, ev)
     total, mx = _total(items)
