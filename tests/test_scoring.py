@@ -317,3 +317,24 @@ def test_real_label_map_healthy_cartilage_scores_intact(data_mirror, tmp_path):
         assert _item(s, "subchondral").points == 20
         assert math.isnan(_item(s, "signal").points)          # no image given
     assert np.mean([_item(s, "integration").points == 15 for s in interior]) >= 0.8
+
+
+def test_cli_reoriented_files_same_scores(tmp_path):
+    ph = make_repair_phantom(RepairSpec(fill=0.5, bml_diameter_mm=4.0))
+    g = ph["image"].geometry
+    img, g2 = reorient(ph["image"].array, g, (2, 0, 1), (1,))
+    lab, _ = reorient(ph["labels"], g, (2, 0, 1), (1,))
+    sit, _ = reorient(ph["sites"], g, (2, 0, 1), (1,))
+    ph2 = {"image": Volume(img, g2), "labels": lab}
+    tables = []
+    for name, p, sites, geom in (("a", ph, ph["sites"], g), ("b", ph2, sit, g2)):
+        scan = write_scan_folder(p, tmp_path / name)
+        write_volume(tmp_path / f"{name}_sites.nii.gz", sites, geom)
+        assert _cli("score", scan, "--sites", tmp_path / f"{name}_sites.nii.gz",
+                    "-o", tmp_path / f"{name}_out") == 0
+        tables.append(_read_csv(tmp_path / f"{name}_out" / "mocart.csv"))
+    a, b = tables
+    assert [(r["item"], r["points"], r["category"]) for r in a] == \
+        [(r["item"], r["points"], r["category"]) for r in b]
+    for ra, rb in zip(a, b):
+        assert float(rb["value"]) == pytest.approx(float(ra["value"]), rel=1e-3, abs=1e-3)
