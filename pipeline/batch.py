@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.cohort import failure_rows, write_cohort_tables
+from pipeline.cohort import failure_rows, write_cohort_tables, write_reports
 from pipeline.errors import InputError
 from pipeline.manifest import Manifest, ScanRow, read_manifest_csv
 
@@ -49,6 +49,7 @@ class BatchOptions:
     measure_config: Path | None = None
     skip_invalid: bool = False
     retries: int = 3
+    reports: bool = True
 
 
 @dataclass(frozen=True)
@@ -239,10 +240,9 @@ def process_scan(task: ScanTask) -> Outcome:
             log.error("%s/%s failed in %s: %s", r.subject_id, r.timepoint, stage, _one_line(exc))
             log.debug("traceback:\n%s", traceback.format_exc())
             (out / "manifest.json").unlink(missing_ok=True)
-            return Outcome(r.subject_id, r.timepoint, "failed", stage=stage,
-                           error=_one_line(exc), seconds=time.perf_counter() - t0)
-    return Outcome(r.subject_id, r.timepoint, "done", seconds=time.perf_counter() - t0,
-                   notes=notes)
+            return Outcome(*r.key, "failed", stage=stage, error=_one_line(exc),
+                           seconds=time.perf_counter() - t0)
+    return Outcome(*r.key, "done", seconds=time.perf_counter() - t0, notes=notes)
 
 
 def _run_segment(r: ScanRow, out: Path, model: str | None, device: str) -> tuple[Path, str]:
@@ -419,6 +419,8 @@ def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> B
             log.warning("ignored unknown manifest column(s): %s", ", ".join(manifest.unknown_columns))
         result = _run(manifest, opts, out, progress)
         write_cohort_tables(out, manifest, result.scans, result.compares, result.failures)
+        for err in write_reports(out, manifest.subjects()) if opts.reports else []:
+            log.warning("report: %s", err)
         result.wall_s = time.perf_counter() - t0
         log.info("batch finished in %.1f s: %d done, %d skipped (up to date), %d failed; "
                  "%d comparison(s) done, %d skipped", result.wall_s, result.count("done"),
@@ -431,17 +433,15 @@ def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> B
 def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> BatchResult:
     hashes = _config_hashes(opts.measure_config)
     rows = manifest.rows
-    tasks = [ScanTask(row=r, out_dir=out / r.subject_id / r.timepoint,
-                      measure_config=opts.measure_config, config_hashes=hashes,
-                      model=opts.model, device=opts.device) for r in rows]
+    tasks = [ScanTask(r, out / r.subject_id / r.timepoint, opts.measure_config, hashes,
+                      opts.model, opts.device) for r in rows]
     needs_model = any(r.seg is None for r in rows)
     workers = opts.workers or _default_workers(opts.device if needs_model else "cpu")
     workers = max(1, min(workers, len(tasks))) if not opts.scheduler else workers
     log.info("batch: %d scan(s) of %d subject(s) from %s -> %s (%s)", len(tasks),
              len(manifest.subjects()), manifest.path, out,
              f"scheduler {opts.scheduler}" if opts.scheduler else f"{workers} local worker(s)")
-    pairs = manifest.pairs()
-    executor = _Executor(workers, opts.scheduler, opts.retries, gpu=needs_model)
+    pairs, executor = manifest.pairs(), _Executor(workers, opts.scheduler, opts.retries, needs_model)
     scans: dict[tuple[str, str], Outcome] = {}
     compares: list[Outcome] = []
     getattr(progress, "start", lambda n: None)(len(tasks))

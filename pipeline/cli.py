@@ -314,6 +314,8 @@ def batch(
     skip_invalid: bool = typer.Option(False, "--skip-invalid",
                                       help="Run the valid rows; list the bad ones in failures.csv."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+    report: bool = typer.Option(True, "--report/--no-report",
+                                help="Write each subject's report.html and OUT/cohort.html."),
 ) -> int:
     """Process a trial: every scan, every follow-up against its baseline, cohort tables.
 
@@ -327,7 +329,8 @@ def batch(
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise click.BadParameter("must be auto, cpu, cuda or cuda:N", param_hint="--device")
     opts = BatchOptions(out=out, workers=workers, scheduler=scheduler, device=device,
-                        model=model, measure_config=config, skip_invalid=skip_invalid)
+                        model=model, measure_config=config, skip_invalid=skip_invalid,
+                        reports=report)
     result = run_batch(manifest, opts, progress=None if no_progress else _BatchProgress())
     log.info("%d done, %d skipped (up to date), %d failed -> %s", result.count("done"),
              result.count("skipped"), result.count("failed"), out)

@@ -13,7 +13,8 @@ Written to the batch's ``OUT`` (CSV, each with a Parquet copy):
                       change, standardized response mean (mean / SD), and the number and %
                       of knees whose change exceeds the smallest detectable change (SDC)
 
-Summary measures: ``thickness_mean`` per plate, ``denuded_area`` per plate, BML
+Summary measures: ``thickness_mean`` per plate, ``denuded_area`` per plate and summed
+over the plates (``all_plates``, no SDC), BML
 ``volume`` (all bones) - from ``change.csv`` with its ``exceeds_sdc`` flags - and the
 MOCART total (mean over a scan's sites, follow-up minus baseline, from ``mocart.csv``; no
 SDC is published for it, so its exceedance columns are empty).
@@ -32,7 +33,7 @@ import pandas as pd
 from pipeline.labels import PLATES
 from pipeline.manifest import Manifest, timepoint_sort_key
 
-__all__ = ["write_cohort_tables", "summarize_change", "failure_rows", "FAILURE_COLUMNS", "SUMMARY_COLUMNS"]
+__all__ = ["write_cohort_tables", "summarize_change", "failure_rows", "write_reports", "FAILURE_COLUMNS", "SUMMARY_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,12 @@ def _summary_inputs(change: pd.DataFrame, mocart: pd.DataFrame,
                          "metric": r.metric, "unit": r.unit,
                          "change": pd.to_numeric(r.change, errors="coerce"),
                          "exceeds": r.exceeds})
+    den = [r for r in rows if r["measure"] == "denuded_area"]
+    for (sid, tp), g in pd.DataFrame(den).groupby(["subject_id", "timepoint"]) if den else []:
+        rows.append({"subject_id": sid, "timepoint": tp, "measure": "denuded_area",
+                     "structure": "all_plates", "region": "all", "metric": "denuded_area",
+                     "unit": g["unit"].iloc[0], "change": g["change"].sum(min_count=1),
+                     "exceeds": math.nan})  # no SDC for the sum over plates
     if len(mocart) and {"item", "points"} <= set(mocart.columns):
         tot = mocart[mocart["item"].astype(str) == "total"].copy()
         tot["points"] = pd.to_numeric(tot["points"], errors="coerce")
@@ -169,6 +176,25 @@ def summarize_change(values: pd.DataFrame, subjects: dict[str, dict[str, Any]]) 
     df["_t"] = df["timepoint"].map(lambda t: timepoint_sort_key(str(t)))
     return (df.sort_values(["_a", "arm", "_g", "_t", "measure", "structure"], kind="stable")
               .drop(columns=["_a", "_g", "_t"]).reset_index(drop=True))
+
+
+def write_reports(out: Path, subjects: Iterable[str]) -> list[str]:
+    """Each subject's ``report.html`` and ``OUT/cohort.html`` (:mod:`pipeline.report`).
+
+    Reports never fail the batch: problems are returned as messages.
+    """
+    try:
+        from pipeline.report import write_cohort_report, write_subject_report
+    except ImportError:
+        return ["pipeline.report not available in this build; no HTML reports"]
+    errors: list[str] = []
+    jobs = [(write_subject_report, out / s) for s in subjects if (out / s).is_dir()]
+    for fn, folder in jobs + [(write_cohort_report, out)]:
+        try:
+            errors += [f"{folder}: {e}" for e in fn(folder).errors]
+        except Exception as exc:  # a figure must never cost the numbers
+            errors.append(f"{folder}: {type(exc).__name__}: {exc}")
+    return errors
 
 
 def failure_rows(invalid: Iterable[Any], outcomes: Iterable[Any]) -> list[dict[str, str]]:

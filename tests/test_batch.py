@@ -70,7 +70,8 @@ def trial(tmp_path_factory):
 
 def _run_cli(manifest: Path, out: Path, *extra: str) -> int:
     with pytest.raises(SystemExit) as e:
-        main(["batch", str(manifest), "-o", str(out), "--no-progress", "--workers", "1", *extra])
+        main(["batch", str(manifest), "-o", str(out), "--no-progress", "--workers", "1",
+              "--no-report", *extra])
     return e.value.code
 
 
@@ -104,7 +105,7 @@ def test_interrupted_batch_resumes_and_tables_are_exact(trial, tmp_path):
     scans = [("S01", "baseline"), ("S01", "m6"), ("S02", "bl"), ("S02", "m6")]
     # 1. a run killed with SIGKILL as soon as its first scan is complete
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "batch", str(trial / "manifest.csv"),
-                             "-o", str(out), "--workers", "1", "--no-progress"],
+                             "-o", str(out), "--workers", "1", "--no-progress", "--no-report"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -183,6 +184,13 @@ def test_interrupted_batch_resumes_and_tables_are_exact(trial, tmp_path):
         assert float(row.mean_change) == pytest.approx(-v_bl / 2, rel=0.05)
         assert float(row.srm) == pytest.approx(-1 / np.sqrt(2), rel=0.05)
         assert (out / "S01" / "compare_baseline_m6" / "manifest.json").is_file()
+        # 7 groups (arm x stage group + all) x (4 plates thickness + 4 plates and their sum
+        # denuded area + BML volume), one follow-up timepoint
+        core = summ[summ.measure != "mocart_total"]
+        assert len(core) == 7 * 10 and set(core.timepoint) == {"m6"}
+        tot = core[(core.structure == "all_plates") & (core.arm == "all")
+                   & (core.stage_group == "all")].iloc[0]
+        assert tot.n == 2 and tot.n_exceeding_sdc == ""
     else:
         assert len(change) == 0
         assert "compare: stage not available" in (out / "batch.log").read_text()
@@ -241,7 +249,7 @@ def test_dask_cluster_survives_a_killed_worker(trial, tmp_path):
         out = tmp_path / "out"
         result = {}
         runner = threading.Thread(target=lambda: result.update(r=run_batch(
-            trial / "manifest_ok.csv", BatchOptions(out=out, scheduler=addr))))
+            trial / "manifest_ok.csv", BatchOptions(out=out, scheduler=addr, reports=False))))
         runner.start()
         victim = None
         deadline = time.monotonic() + 120
@@ -327,3 +335,30 @@ def test_cohort_summary_statistics():
     assert t.n == 4 and t.mean_change == pytest.approx(-0.025)
     assert t.sd_change == pytest.approx(np.std([-0.1, -0.3, -0.2, 0.5], ddof=1))
     assert t.pct_exceeding_sdc == pytest.approx(200 / 3)  # unknown flags are not counted
+
+
+def test_reports_are_written_and_never_fail_the_batch(tmp_path, monkeypatch):
+    import pipeline.report as report
+    from pipeline.cohort import write_reports
+
+    for sid in ("S01", "S02"):
+        (tmp_path / sid).mkdir()
+    calls = []
+
+    class Result:
+        def __init__(self, errors):
+            self.errors = errors
+
+    def subject(folder):
+        calls.append(folder.name)
+        if folder.name == "S02":
+            raise RuntimeError("figure exploded")
+        return Result([])
+
+    monkeypatch.setattr(report, "write_subject_report", subject)
+    monkeypatch.setattr(report, "write_cohort_report",
+                        lambda folder: calls.append("cohort") or Result(["no MOCART data"]))
+    errors = write_reports(tmp_path, ["S01", "S02", "S03"])  # S03: no folder, no report
+    assert calls == ["S01", "S02", "cohort"]
+    assert errors == [f"{tmp_path / 'S02'}: RuntimeError: figure exploded",
+                      f"{tmp_path}: no MOCART data"]
