@@ -9,6 +9,7 @@ scans.  A failing scan is recorded (stage + one line) and the batch goes on.  Ru
 in-process (one worker), on a Dask ``LocalCluster`` or on an existing Dask cluster, where
 Dask reruns the scans of lost workers elsewhere.  User guide: ``docs/batch.md``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,7 +88,6 @@ class Outcome:
     status: str
     stage: str = ""
     error: str = ""
-    seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -178,7 +178,7 @@ def model_identity(model: str | None) -> dict[str, Any]:
     return {"name": info.get("name"), "version": info.get("version"), "weights_sha256": sha}
 
 
-def _fingerprint(task: ScanTask, inputs: dict[str, str | None], model: dict[str, Any] | None) -> str:
+def _fingerprint(task: ScanTask, inputs: dict[str, Any], model: dict[str, Any] | None) -> str:
     r = task.row
     data = {"v": FINGERPRINT_VERSION, "inputs": inputs, "model": model,
             "configs": {k: v for k, v in task.config_hashes.items() if k != "compare"},
@@ -195,7 +195,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def scan_is_current(out_dir: Path, fingerprint: str) -> bool:
     """A finished batch scan folder whose recorded fingerprint matches."""
-    return (_read_json(out_dir / "manifest.json").get("batch") or {}).get("fingerprint") == fingerprint
+    recorded = _read_json(out_dir / "manifest.json").get("batch") or {}
+    return recorded.get("fingerprint") == fingerprint
 
 
 def process_scan(task: ScanTask) -> Outcome:
@@ -214,8 +215,7 @@ def process_scan(task: ScanTask) -> Outcome:
             timings["hash"] = round(time.perf_counter() - t0, 3)
             if scan_is_current(out, fp):
                 log.info("%s/%s: up to date, skipped", r.subject_id, r.timepoint)
-                return Outcome(r.subject_id, r.timepoint, "skipped",
-                               seconds=time.perf_counter() - t0)
+                return Outcome(*r.key, "skipped")
             log.info("%s/%s: processing (image %s)", r.subject_id, r.timepoint, r.image)
             begin_folder(out)  # removes an old manifest: incomplete until the end
             for sub in ("score", "segment"):
@@ -240,9 +240,8 @@ def process_scan(task: ScanTask) -> Outcome:
             log.error("%s/%s failed in %s: %s", r.subject_id, r.timepoint, stage, _one_line(exc))
             log.debug("traceback:\n%s", traceback.format_exc())
             (out / "manifest.json").unlink(missing_ok=True)
-            return Outcome(*r.key, "failed", stage=stage, error=_one_line(exc),
-                           seconds=time.perf_counter() - t0)
-    return Outcome(*r.key, "done", seconds=time.perf_counter() - t0, notes=notes)
+            return Outcome(*r.key, "failed", stage=stage, error=_one_line(exc))
+    return Outcome(*r.key, "done", notes=notes)
 
 
 def _run_segment(r: ScanRow, out: Path, model: str | None, device: str) -> tuple[Path, str]:
@@ -298,7 +297,6 @@ def compare_is_current(task: CompareTask) -> bool:
 
 def process_compare(task: CompareTask) -> Outcome:
     """Compare a follow-up with its baseline (``pipeline.longitudinal.compare_scans``)."""
-    t0 = time.perf_counter()
     if not task.force and compare_is_current(task):
         return Outcome(task.subject_id, task.followup, "skipped")
     task.out_dir.mkdir(parents=True, exist_ok=True)
@@ -317,8 +315,8 @@ def process_compare(task: CompareTask) -> Outcome:
             log.debug("traceback:\n%s", traceback.format_exc())
             (task.out_dir / "manifest.json").unlink(missing_ok=True)
             return Outcome(task.subject_id, task.followup, "failed", stage="compare",
-                           error=_one_line(exc), seconds=time.perf_counter() - t0)
-    return Outcome(task.subject_id, task.followup, "done", seconds=time.perf_counter() - t0)
+                           error=_one_line(exc))
+    return Outcome(task.subject_id, task.followup, "done")
 
 
 def _config_hashes(measure_config: Path | None) -> dict[str, str]:
@@ -416,7 +414,7 @@ def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> B
         for bad in manifest.invalid:
             log.warning("skipped invalid manifest row: %s", bad)
         if manifest.unknown_columns:
-            log.warning("ignored unknown manifest column(s): %s", ", ".join(manifest.unknown_columns))
+            log.warning("ignored unknown column(s): %s", ", ".join(manifest.unknown_columns))
         result = _run(manifest, opts, out, progress)
         write_cohort_tables(out, manifest, result.scans, result.compares, result.failures)
         for err in write_reports(out, manifest.subjects()) if opts.reports else []:
@@ -441,7 +439,8 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
     log.info("batch: %d scan(s) of %d subject(s) from %s -> %s (%s)", len(tasks),
              len(manifest.subjects()), manifest.path, out,
              f"scheduler {opts.scheduler}" if opts.scheduler else f"{workers} local worker(s)")
-    pairs, executor = manifest.pairs(), _Executor(workers, opts.scheduler, opts.retries, needs_model)
+    pairs = manifest.pairs()
+    executor = _Executor(workers, opts.scheduler, opts.retries, needs_model)
     scans: dict[tuple[str, str], Outcome] = {}
     compares: list[Outcome] = []
     getattr(progress, "start", lambda n: None)(len(tasks))

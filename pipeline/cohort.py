@@ -33,7 +33,8 @@ import pandas as pd
 from pipeline.labels import PLATES
 from pipeline.manifest import Manifest, timepoint_sort_key
 
-__all__ = ["write_cohort_tables", "summarize_change", "failure_rows", "write_reports", "FAILURE_COLUMNS", "SUMMARY_COLUMNS"]
+__all__ = ["write_cohort_tables", "summarize_change", "failure_rows", "write_reports",
+           "FAILURE_COLUMNS", "SUMMARY_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,8 @@ def _summary_inputs(change: pd.DataFrame, mocart: pd.DataFrame,
     if len(change):
         c = change.copy()
         c["exceeds"] = _truthy(c["exceeds_sdc"]) if "exceeds_sdc" in c else math.nan
-        wanted = ((c["structure"].isin(PLATES) & c["metric"].isin(["thickness_mean", "denuded_area"]))
+        plate_metric = c["metric"].isin(["thickness_mean", "denuded_area"])
+        wanted = ((c["structure"].isin(PLATES) & plate_metric)
                   | ((c["structure"] == "bone_marrow_lesion") & (c["metric"] == "volume")))
         c = c[wanted & (c["region"].astype(str) == "all")]
         for r in c.itertuples(index=False):
@@ -153,7 +155,8 @@ def summarize_change(values: pd.DataFrame, subjects: dict[str, dict[str, Any]]) 
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     v = values.copy()
     v["arm"] = v["subject_id"].map(lambda s: subjects.get(s, {}).get("arm") or "unspecified")
-    v["stage_group"] = v["subject_id"].map(lambda s: subjects.get(s, {}).get("stage_group", "unknown"))
+    v["stage_group"] = v["subject_id"].map(
+        lambda s: subjects.get(s, {}).get("stage_group", "unknown"))
     v = v[np.isfinite(v["change"].astype(float))]
     both = pd.concat([v, v.assign(stage_group="all"), v.assign(arm="all"),
                       v.assign(arm="all", stage_group="all")], ignore_index=True)

@@ -35,8 +35,8 @@ from typing import Any
 
 from pipeline.errors import InputError
 
-__all__ = ["ScanRow", "InvalidRow", "Manifest", "read_manifest_csv", "timepoint_sort_key", "is_baseline_name",
-           "stage_group", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS"]
+__all__ = ["ScanRow", "InvalidRow", "Manifest", "read_manifest_csv", "timepoint_sort_key",
+           "is_baseline_name", "stage_group", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS"]
 
 REQUIRED_COLUMNS = ("subject_id", "timepoint", "image")
 OPTIONAL_COLUMNS = ("seg", "side", "arm", "kl_grade", "visit_order", "sites", "labels")

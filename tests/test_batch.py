@@ -121,7 +121,8 @@ def test_interrupted_batch_resumes_and_tables_are_exact(trial, tmp_path):
     assert ("S01", "baseline") in done_before and len(done_before) < 4
     for sid, tp in scans:  # nothing half-written looks complete
         m = out / sid / tp / "manifest.json"
-        assert not m.exists() or _complete(out / sid / tp) or "batch" not in json.loads(m.read_text())
+        assert not m.exists() or _complete(out / sid / tp) or \
+            "batch" not in json.loads(m.read_text())
 
     # 2. resume: the finished scans are skipped, the rest computed, the corrupt one fails
     assert _run_cli(trial / "manifest.csv", out) == 3

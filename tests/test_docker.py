@@ -73,7 +73,8 @@ def test_installs_this_package_with_its_dependencies(pyproject):
     # dependencies come from pyproject itself (cannot drift), torch constrained to the base
     dep_run = next(r for r in runs if "pyproject.toml" in r)
     assert "['project']['dependencies']" in dep_run and "-c /tmp/constraints.txt" in dep_run
-    idx_pkg = next(i for i, (op, rest) in enumerate(ins) if op == "COPY" and rest.startswith("pipeline/"))
+    idx_pkg = next(i for i, (op, rest) in enumerate(ins)
+                   if op == "COPY" and rest.startswith("pipeline/"))
     idx_install = next(i for i, (op, rest) in enumerate(ins)
                        if op == "RUN" and re.search(r"pip install [^&]*(-e )?\.(\s|$)", rest))
     assert idx_install > idx_pkg
@@ -100,7 +101,8 @@ def test_models_and_configs_are_baked_in():
         return hit
 
     for folder in ("models", "configs", "pipeline"):
-        files = [p for p in (ROOT / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+        files = [p for p in (ROOT / folder).rglob("*")
+                 if p.is_file() and "__pycache__" not in p.parts]
         assert files, folder
         for f in files:
             assert not ignored(str(f.relative_to(ROOT))), f
