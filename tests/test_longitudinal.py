@@ -23,7 +23,6 @@ from pipeline.phantom import PhantomSpec, make_phantom, model_to_world, world_to
 from pipeline.labels import default_scheme
 from pipeline.register import RegistrationConfig
 
-pytestmark = pytest.mark.slow
 
 COMMON = dict(spacing_mm=(0.6, 0.6, 1.0), fov_mm=(90.0, 90.0, 100.0))
 SPECS = {
@@ -84,6 +83,7 @@ PLATES = ["femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartil
           "patellar_cartilage"]
 
 
+@pytest.mark.slow
 def test_registration_recovers_the_motion(visits, change):
     result, out = change
     spec_b, spec_f = SPECS["baseline"], SPECS["change"]
@@ -104,6 +104,7 @@ def test_registration_recovers_the_motion(visits, change):
     assert (out / "transforms" / "femur.tfm").is_file()
 
 
+@pytest.mark.slow
 def test_thickness_change_matches_truth(visits, change):
     result, out = change
     df = pd.read_csv(out / "change.csv")
@@ -123,6 +124,7 @@ def test_thickness_change_matches_truth(visits, change):
     assert np.isfinite(sub.followup) and sub.change < -0.08
 
 
+@pytest.mark.slow
 def test_denuded_area_and_bml_change(visits, change):
     result, out = change
     df = pd.read_csv(out / "change.csv")
@@ -153,6 +155,7 @@ def test_denuded_area_and_bml_change(visits, change):
     assert abs(bml.change - truth_dv) <= 0.10 * abs(truth_dv)
 
 
+@pytest.mark.slow
 def test_change_maps_in_baseline_space(visits, change):
     result, out = change
     cmap = read_volume(out / "thickness_change.nii.gz")
@@ -167,6 +170,7 @@ def test_change_maps_in_baseline_space(visits, change):
     assert "change.csv" in manifest["outputs"]
 
 
+@pytest.mark.slow
 def test_mocart_scores_at_both_visits(change):
     result, out = change
     if not (out / "mocart.csv").is_file():
@@ -178,6 +182,7 @@ def test_mocart_scores_at_both_visits(change):
         assert set(totals[totals.visit == visit].site_id) == ids
 
 
+@pytest.mark.slow
 def test_no_change_pair_within_sdc(nochange):
     result, out = nochange
     df = pd.read_csv(out / "change.csv")
@@ -194,6 +199,7 @@ def test_no_change_pair_within_sdc(nochange):
     assert set(lt.status) == {"persisting"}
 
 
+@pytest.mark.slow
 def test_mismatched_pair_detected(visits, tmp_path):
     out = tmp_path / "cmp"
     with pytest.raises(InputError, match="do not look like the same knee"):
@@ -205,6 +211,7 @@ def test_mismatched_pair_detected(visits, tmp_path):
     assert any(b["residual_flag"] for b in doc["bones"].values())
 
 
+@pytest.mark.slow
 def test_different_sides_exit_2(visits, tmp_path, capsys):
     from pipeline.cli import main
 
@@ -221,6 +228,7 @@ def test_different_sides_exit_2(visits, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.slow
 def test_unfinished_folder_exit_2(visits, tmp_path, capsys):
     from pipeline.cli import main
 
@@ -231,6 +239,7 @@ def test_unfinished_folder_exit_2(visits, tmp_path, capsys):
     assert "manifest.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_plate_is_nan_with_reason(visits, tmp_path):
     """Image + label-map inputs (measured first), patellar cartilage missing at follow-up."""
     seg = read_volume(visits["nochange"] / "segmentation.nii.gz", kind="labels")
@@ -252,3 +261,116 @@ def test_missing_plate_is_nan_with_reason(visits, tmp_path):
     # the other plates are still compared
     assert abs(_value(df, "femoral_cartilage", "thickness_mean").change) < 0.05
     assert result.registrations["patella"].converged  # the bone is still there
+
+
+# ----------------------------------------------------------------------------- fast unit tests
+# tracking on hand-made surfaces and lesions (identity registration): the statuses a
+# phantom pair does not produce
+
+
+def _plate(defect_patch=None, new_patch=None, name="medial_tibial_cartilage"):
+    from pipeline.measure import PlateResult
+
+    n = 20
+    u, v = np.meshgrid(np.arange(n, dtype=float), np.arange(n, dtype=float), indexing="ij")
+    pts = np.stack([u.ravel(), v.ravel(), np.zeros(n * n)], 1)
+    idx = np.arange(n * n).reshape(n, n)
+    faces = np.concatenate([np.stack([idx[:-1, :-1].ravel(), idx[1:, :-1].ravel(), idx[:-1, 1:].ravel()], 1),
+                            np.stack([idx[1:, :-1].ravel(), idx[1:, 1:].ravel(), idx[:-1, 1:].ravel()], 1)])
+    thick = np.full(n * n, 2.0)
+    denuded = np.zeros(n * n, bool)
+    defect_id = np.zeros(n * n, np.int64)
+    for k, patch in enumerate([p for p in (defect_patch, new_patch) if p is not None], start=1):
+        sel = ((u >= patch[0]) & (u < patch[1]) & (v >= patch[0]) & (v < patch[1])).ravel()
+        thick[sel], denuded[sel], defect_id[sel] = 0.0, True, k
+    return PlateResult(name=name, bone="tibia", present=True, volume_mm3=800.0, points_world=pts,
+                       faces=faces, thickness_mm=thick, covered=~denuded, denuded=denuded,
+                       vertex_area_mm2=np.ones(n * n), region=np.full(n * n, "cMT", dtype=object),
+                       defect_id=defect_id)
+
+
+def _result(plate, defects=(), lesions=()):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(plates={plate.name: plate}, defects=list(defects), lesions=list(lesions))
+
+
+def _identity(bone="tibia"):
+    import SimpleITK as sitk
+
+    from pipeline.register import BoneRegistration
+
+    return BoneRegistration(bone=bone, present=True, converged=True, matrix=np.eye(4),
+                            residual_mm=0.1, residual_limit_mm=0.3, residual_flag=False,
+                            sitk_transform=sitk.Euler3DTransform())
+
+
+def test_defect_filled_and_new_defect():
+    from pipeline.measure import Defect
+    from pipeline.tracking import change_summary, match_plate, track_defects
+
+    pb, pf = _plate(defect_patch=(4, 8)), _plate(defect_patch=(12, 16))
+    d_b = Defect(1, pb.name, "cMT", "full", 16.0, 100.0, np.array([5.5, 5.5, 0.0]))
+    d_f = Defect(1, pf.name, "cMT", "full", 16.0, 100.0, np.array([13.5, 13.5, 0.0]))
+    regs = {"tibia": _identity()}
+    m = match_plate(pb, pf, regs["tibia"])
+    assert m.matched.all()
+    rows = track_defects(_result(pb, [d_b]), _result(pf, [d_f]), {pb.name: m}, regs)
+    old = next(r for r in rows if r.get("baseline_defect_id") == 1)
+    assert old["status"] == "filled" and old["fraction_filled"] == 1.0
+    assert old["site_thickness_followup_mm"] == 2.0 and old["followup_area_mm2"] == 0
+    new = [r for r in rows if r["status"] == "new"]
+    assert len(new) == 1 and new[0]["followup_area_mm2"] == 16.0
+    # location-independent change: +2 mm on one patch, -2 mm on another; mean zero
+    s = change_summary(m, pb.vertex_area_mm2, np.ones(400, bool))
+    assert abs(s["change"]) < 1e-9
+    assert s["thinning"] < -0.05 and s["thickening"] > 0.05
+
+
+def test_defect_not_compared_without_registration():
+    from pipeline.measure import Defect
+    from pipeline.tracking import track_defects
+
+    pb = _plate(defect_patch=(4, 8))
+    d_b = Defect(1, pb.name, "cMT", "full", 16.0, 100.0, np.zeros(3))
+    bad = _identity()
+    bad.converged = False
+    rows = track_defects(_result(pb, [d_b]), _result(_plate()), {}, {"tibia": bad})
+    assert rows[0]["status"] == "not compared" and "did not converge" in rows[0]["note"]
+
+
+def test_lesions_persisting_resolved_new():
+    from pipeline.io import Geometry
+    from pipeline.measure import Lesion
+    from pipeline.tracking import track_lesions
+
+    geo = Geometry((30, 30, 30), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+
+    def lesion(i, bone, lo, hi):
+        vox = np.argwhere(np.ones((hi - lo,) * 3, bool)) + lo
+        return Lesion(i, bone, "all", float(len(vox)), float((hi - lo) ** 2), float(hi - lo),
+                      vox.mean(axis=0).astype(float), vox)
+
+    bl = _result(_plate(), lesions=[lesion(1, "femur", 2, 8), lesion(2, "tibia", 20, 24)])
+    fu = _result(_plate(), lesions=[lesion(1, "femur", 3, 8), lesion(2, "tibia", 10, 13)])
+    rows = track_lesions(bl, fu, geo, geo, {"femur": _identity("femur"), "tibia": _identity()})
+    by = {(r["bone"], r["status"]): r for r in rows}
+    assert by[("femur", "persisting")]["volume_change_mm3"] == 125.0 - 216.0
+    assert by[("tibia", "resolved")]["baseline_volume_mm3"] == 64.0
+    assert by[("tibia", "new")]["followup_volume_mm3"] == 27.0
+
+
+def test_acquisition_differences_warned():
+    from types import SimpleNamespace
+
+    from pipeline.io import Geometry
+    from pipeline.longitudinal import _acquisition_warnings
+
+    def visit(model, spacing):
+        geo = Geometry((2, 2, 2), spacing, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+        return SimpleNamespace(manifest={"inputs": {"image": {"model": model, "manufacturer": "X"}}},
+                               labels=SimpleNamespace(geometry=geo))
+
+    w = _acquisition_warnings(visit("Skyra", (0.5, 0.5, 1.0)), visit("Prisma", (0.4, 0.4, 3.0)))
+    assert any("scanner model" in x for x in w) and any("voxel size" in x for x in w)
+    assert not _acquisition_warnings(visit("Skyra", (0.5, 0.5, 1.0)), visit("Skyra", (0.5, 1.0, 0.5)))
