@@ -195,12 +195,9 @@ def sample_columns(frame: LocalFrame, radius_mm: float, w_range_mm: tuple[float,
     return cols
 
 
-def _top_crossing(frac: np.ndarray, w: np.ndarray, valid_from: np.ndarray | None = None
-                  ) -> np.ndarray:
+def _top_crossing(frac: np.ndarray, w: np.ndarray) -> np.ndarray:
     """Height of the topmost 0.5 crossing of an indicator along each column (NaN: none)."""
     above = frac >= 0.5
-    if valid_from is not None:
-        above &= w[None, None, :] >= valid_from[..., None]
     anyv = above.any(-1)
     k = frac.shape[-1]
     top = k - 1 - np.argmax(above[..., ::-1], axis=-1)
