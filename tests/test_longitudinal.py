@@ -229,6 +229,26 @@ def test_different_sides_exit_2(visits, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_no_bone_registered_exit_2(visits, tmp_path, capsys):
+    from pipeline.cli import main
+
+    fu = tmp_path / "nobones"
+    shutil.copytree(visits["nochange"], fu)
+    seg = read_volume(fu / "segmentation.nii.gz", kind="labels")
+    s = default_scheme()
+    arr = np.where(np.isin(seg.array, [s[b] for b in ("femur", "tibia", "patella")]), 0, seg.array)
+    write_volume(fu / "segmentation.nii.gz", arr.astype(np.uint8), seg.geometry)
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--baseline", str(visits["baseline"]), "--followup", str(fu),
+              "-o", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no bone could be registered" in err and "missing from the follow-up" in err
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and not (tmp_path / "out" / "change.csv").exists()
+
+
+@pytest.mark.slow
 def test_unfinished_folder_exit_2(visits, tmp_path, capsys):
     from pipeline.cli import main
 
