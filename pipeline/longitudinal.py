@@ -224,6 +224,8 @@ def _change_rows(bl: Visit, fu: Visit, fu_rows: list[dict[str, Any]], carried: s
                 note = f"{structure}: subregions not carried over ({_why(plate_f, regs, plate_b.bone)})"
             else:
                 f = carried_rows.get(k) if structure in carried else fu_own.get(k)
+                if f is None:
+                    note = f"region {region} has no follow-up surface"
             if not plate_b.present or not plate_f.present:
                 f = None
                 note = f"{structure} missing at {'baseline' if not plate_b.present else 'follow-up'}"
@@ -240,7 +242,9 @@ def _why(plate_f, regs: dict[str, BoneRegistration], bone: str) -> str:
     if not plate_f.present:
         return "plate missing at follow-up"
     r = regs.get(bone)
-    return r.reason or "registration did not converge" if r is not None else "bone not registered"
+    if r is None or not r.present:
+        return f"{bone} not registered"
+    return r.reason or "registration did not converge"
 
 
 def _vertex_rows(structure, region, pb, m, regs, fu, cfg) -> list[dict[str, Any]]:
