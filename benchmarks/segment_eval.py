@@ -119,9 +119,14 @@ def qdess(model: str, mirror: Path, out: Path) -> dict:
     vol = read_volume(fetch_sample("pykneer_qdess", mirror=mirror) / "echo1")
     t0 = time.monotonic()
     seg = Segmenter(model, device="cpu")
+    # the qDESS knee is a RIGHT knee (its fibula lies at -x, patient right, of the tibia;
+    # the knee sits at x = -46 mm); first let the model find the side from its fibula
     try:
         res = seg.run(vol)
-    except Exception:  # noqa: BLE001 - side unknown: report with an assumed side
+        inferred = (res.info["side"], res.info["side_source"])
+    except Exception as exc:  # noqa: BLE001 - side not found: say so, use the true side
+        res, inferred = None, (None, str(exc)[:120])
+    if res is None or res.info["side"] != "right":
         res = seg.run(vol, side="right")
     secs = time.monotonic() - t0
     lab = res.labels
@@ -133,7 +138,7 @@ def qdess(model: str, mirror: Path, out: Path) -> dict:
             and r["metric"] in ("thickness_mean", "volume", "thickness_median")
             and r["region"] in ("all", "total", "plate")]
     overlay(vol.array, lab, vol.geometry, out / "qdess_overlay.png")
-    return {"side": res.info["side"], "side_source": res.info["side_source"],
+    return {"side": res.info["side"], "side_inferred_by_model": inferred,
             "seconds": round(secs, 1), "volumes_mm3": vols, "femoral_rows": rows,
             "all_femoral_rows": [r for r in result.rows if r["structure"] == "femoral_cartilage"
                                  ][:12],
