@@ -174,6 +174,7 @@ class _Crop:
     interior: np.ndarray  # bool: inside the original field of view, away from its edge
     box: tuple[slice, ...]  # crop in the original array (before padding)
     pad: np.ndarray  # (3, 2) voxels padded before/after per axis
+    full_shape: tuple[int, ...]  # shape of the uncropped scan
 
 
 def _make_crop(mask: np.ndarray, geom: Geometry, cfg: RegistrationConfig) -> _Crop:
@@ -202,7 +203,7 @@ def _make_crop(mask: np.ndarray, geom: Geometry, cfg: RegistrationConfig) -> _Cr
     g = Geometry(shape=tuple(int(n) for n in sub.shape), spacing=geom.spacing,
                  origin=tuple(float(v) for v in origin), direction=geom.direction)
     return _Crop(geometry=g, mask=sub, sdm=_signed_distance(sub, spacing, cfg), interior=interior,
-                 box=box, pad=pad)
+                 box=box, pad=pad, full_shape=tuple(mask.shape))
 
 
 def _signed_distance(mask: np.ndarray, spacing: np.ndarray, cfg: RegistrationConfig) -> np.ndarray:
@@ -481,17 +482,18 @@ def _overlap(tx, fc: _Crop, mc: _Crop) -> tuple[float, float]:
 
 def _refine_intensity(tx, bimg: Volume, fimg: Volume, fc: _Crop, mc: _Crop,
                       cfg: RegistrationConfig):
-    """Mattes-MI refinement in a band around the bone; returns (transform|None, note)."""
-    # baseline image on the crop grid (without the padding, which has no image)
-    sub = bimg.array[fc.box].astype(np.float32)
-    fixed_arr = np.pad(sub, fc.pad, mode="edge")
+    """Mattes-MI refinement in a band around the bone; returns (transform|None, note).
+
+    The images are cut to the crops (the padding has no image: masks exclude it)."""
+    if bimg.array.shape != fc.full_shape or fimg.array.shape != mc.full_shape:
+        return None, "skipped (image grid differs from the label map)"
     band = (np.abs(fc.sdm) < cfg.intensity_band_mm) & fc.interior
     if band.sum() < 500:
         return None, "skipped (band too small)"
-    msub = fimg.array[mc.box].astype(np.float32)
-    moving_arr = np.pad(msub, mc.pad, mode="edge")
-    fixed = to_sitk_image(fixed_arr, fc.geometry)
-    moving = to_sitk_image(moving_arr, mc.geometry)
+    fixed = to_sitk_image(np.pad(bimg.array[fc.box].astype(np.float32), fc.pad, mode="edge"),
+                          fc.geometry)
+    moving = to_sitk_image(np.pad(fimg.array[mc.box].astype(np.float32), mc.pad, mode="edge"),
+                           mc.geometry)
     tx2, _, stop = _register_stage(
         fixed, moving, tx, metric="mattes", fixed_mask=to_sitk_image(band, fc.geometry, np.uint8),
         moving_mask=to_sitk_image(mc.interior, mc.geometry, np.uint8), cfg=cfg, sigmas=[0.0],
@@ -509,10 +511,8 @@ def register_visits(baseline_labels: Volume, followup_labels: Volume, *,
     """Register every bone; see :func:`register_bone`."""
     out = {}
     for bone in bones:
-        out[bone] = register_bone(bone, baseline_labels, followup_labels,
-                                  baseline_image=baseline_image, followup_image=followup_image,
-                                  config=config)
-        r = out[bone]
+        r = out[bone] = register_bone(bone, baseline_labels, followup_labels, config=config,
+                                      baseline_image=baseline_image, followup_image=followup_image)
         if r.present:
             log.info("%s: residual %.3f mm (limit %.3f), dice %.3f, %s", bone, r.residual_mm,
                      r.residual_limit_mm, r.dice, r.stage)
