@@ -309,6 +309,7 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
         "inputs": {"baseline": _describe(bl), "followup": _describe(fu)},
         "config": resolved(cfg), "config_hash": config_hash(cfg)}
     begin_folder(out)
+    _remove_stale(out)
 
     def fail(status: str, message: str, regs=None) -> None:
         manifest.update(status=status, error=message, warnings=warnings)
@@ -379,6 +380,18 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
     return CompareResult(out_dir=out, status=status, rows=rows, registrations=regs,
                          defect_rows=defect_rows, lesion_rows=lesion_rows, warnings=warnings,
                          manifest=manifest, mismatch_reasons=reasons)
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the files of an earlier compare in ``out``, so a failed run leaves none behind."""
+    for name in ("change.csv", "defect_tracking.csv", "lesion_tracking.csv", "mocart.csv",
+                 "mocart.json", "registration.json", "thickness_change.nii.gz"):
+        (out / name).unlink(missing_ok=True)
+    for sub in ("transforms", "meshes"):
+        if (out / sub).is_dir():
+            for f in (out / sub).iterdir():
+                if f.suffix in (".tfm", ".vtk") and (sub == "transforms" or f.stem.endswith("_change")):
+                    f.unlink()
 
 
 def _describe(v: Visit) -> dict[str, Any]:
