@@ -2,7 +2,7 @@
 
 A *site* is one cartilage repair (or defect) region.  For every site the seven MOCART 2.0
 knee items (Schreiner et al., Cartilage 2021) are computed from measured quantities (see
-:mod:`pipeline.mocart_items` for the method), mapped to categories and points by a plain
+:mod:`pipeline.mocart_columns` for the method), mapped to categories and points by a plain
 YAML config (``configs/mocart2.yaml``; ``configs/mocart1.yaml`` for the original MOCART),
 and written as ``mocart.csv`` (one row per item per site plus a ``total`` row) and
 ``mocart.json`` (the same plus every measured quantity, confidence flags and evidence).
@@ -35,11 +35,11 @@ from pipeline.config import Strict, config_hash, load_config, resolved
 from pipeline.errors import InputError
 from pipeline.io import Geometry, Volume, atomic_write_text, check_same_geometry, read_volume
 from pipeline.labels import default_scheme
-from pipeline.mocart_items import (LazyDiameters, MeasurementConfig, SiteSpec, bone_normal,
-                                   column_profiles, footprint_from_points,
-                                   footprint_from_samples, index_crop_getter, make_frame,
-                                   plate_near, sample_columns, site_inputs, site_measures,
-                                   sites_from_defects_csv, sites_from_scan_result)
+from pipeline.mocart_columns import column_profiles, make_frame, sample_columns
+from pipeline.mocart_items import MeasurementConfig, site_measures
+from pipeline.mocart_sites import (LazyDiameters, SiteSpec, bone_normal, footprint_from_points,
+                                   footprint_from_samples, index_crop_getter, plate_near,
+                                   site_inputs, sites_from_defects_csv, sites_from_scan_result)
 from pipeline.outputs import begin_folder, provenance, read_manifest, write_csv, write_manifest
 
 __all__ = ["ScoringConfig", "MeasurementConfig", "SiteSpec", "ItemScore", "SiteScore",
