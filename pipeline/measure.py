@@ -27,7 +27,7 @@ from pipeline.regions import KneeFrame, assign_regions, knee_frame, region_paren
 from pipeline.thickness import plate_surface
 
 __all__ = ["PlateResult", "Defect", "Lesion", "ScanResult", "MeasureRun", "measure_labels",
-           "run_measure", "METRIC_UNITS"]
+           "run_measure", "plate_rows", "METRIC_UNITS"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,8 @@ def _region_mask(codes: np.ndarray, region: str) -> np.ndarray:
     return np.array([c == region or region in region_parents(c) for c in codes], dtype=bool)
 
 
-def _plate_rows(p: PlateResult, defects: list[Defect]) -> list[dict[str, Any]]:
+def plate_rows(p: PlateResult, defects: list[Defect]) -> list[dict[str, Any]]:
+    """Rows of ``measurements.csv`` for one plate: every metric for ``all`` and each subregion."""
     def row(region: str, metric: str, value: float) -> dict[str, Any]:
         return {"structure": p.name, "region": region, "metric": metric, "value": value,
                 "unit": METRIC_UNITS[metric]}
@@ -334,7 +335,7 @@ def measure_labels(labels: np.ndarray, geometry: Geometry, *, side: str | None,
                               mask_index=c.voxels))
     rows = []
     for p in plates.values():
-        rows += _plate_rows(p, defects)
+        rows += plate_rows(p, defects)
     rows += _lesion_rows(lesions, geometry.slice_axis(), spacing)
     for w in warnings:
         log.warning(w)

@@ -167,7 +167,7 @@ def carry_regions(bl, fu, fu_labels: Volume, matches: dict[str, PlateMatch],
     regional volumes); defects take their vertices' most common carried region.  Returns
     the rows (as :func:`pipeline.measure.measure_labels` makes them) and the plates done.
     """
-    from pipeline.measure import _plate_rows  # same statistics as the measurement stage
+    from pipeline.measure import plate_rows  # same statistics as the measurement stage
 
     scheme = default_scheme()
     defects = list(fu.defects)
@@ -194,7 +194,7 @@ def carry_regions(bl, fu, fu_labels: Volume, matches: dict[str, PlateMatch],
                 sel = [c for c in sel if c]
                 region = max(set(sel), key=sel.count) if sel else "all"
                 defects[i] = dataclasses.replace(d, region=region)
-        rows += _plate_rows(dataclasses.replace(pf, region=codes, region_volume_mm3=volume),
+        rows += plate_rows(dataclasses.replace(pf, region=codes, region_volume_mm3=volume),
                             [d for d in defects if d.plate == name])
         carried_plates.add(name)
     return rows, carried_plates
