@@ -50,7 +50,7 @@ from pipeline.config import Strict
 from pipeline.io import Geometry, Volume
 from pipeline.labels import default_scheme
 from pipeline.regions import region_parents
-from pipeline.register import BoneRegistration, apply_matrix
+from pipeline.register import BoneRegistration
 
 __all__ = ["MatchingConfig", "PlateMatch", "match_plate", "change_summary", "region_select",
            "carry_regions", "track_defects", "track_lesions", "score_defect_sites", "DEFECT_TRACKING_COLUMNS", "LESION_TRACKING_COLUMNS"]
@@ -319,7 +319,6 @@ def track_lesions(bl_result, fu_result, bl_geometry: Geometry, fu_geometry: Geom
     from pipeline.register import to_sitk_image
 
     rows: list[dict[str, Any]] = []
-    bl_map = _lesion_id_map(bl_result.lesions, bl_geometry.shape)
     for bone in sorted({l.bone for l in bl_result.lesions} | {l.bone for l in fu_result.lesions}):
         bls = [l for l in bl_result.lesions if l.bone == bone]
         fus = [l for l in fu_result.lesions if l.bone == bone]
