@@ -7,6 +7,9 @@ and with 2 local workers, ``--repeats`` times each on a fresh output folder, and
 medians:
 
 * speed-up = median wall(1 worker) / median wall(2 workers);
+Each run is a separate ``cartiq batch`` process, so both sides pay the imports; the 2-worker
+side also pays for starting and stopping the Dask ``LocalCluster``.
+
 * a scan's own time = its stage timings from its ``manifest.json`` (measure + score,
   segment when run); batch overhead per scan = (wall(1 worker) - sum of the scans' own
   times) / N, i.e. everything else the batch does: hashing inputs for resume, logging,
@@ -24,6 +27,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,14 +52,15 @@ def make_scans(folder: Path, n: int, spacing: tuple[float, float, float]) -> Pat
 
 
 def one_run(manifest: Path, out: Path, workers: int) -> dict:
-    from pipeline.batch import BatchOptions, run_batch
-
+    """One ``cartiq batch`` command in a fresh process, as a user runs it (imports included)."""
     shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pipeline", "-q", "batch", str(manifest), "-o", str(out),
+           "--workers", str(workers), "--no-progress", "--no-report"]
     t0 = time.perf_counter()
-    result = run_batch(manifest, BatchOptions(out=out, workers=workers, reports=False))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
-    if result.failures or result.count("done") != len(result.scans):
-        raise SystemExit(f"benchmark batch failed: {result.failures}")
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark batch failed ({proc.returncode}): {proc.stderr[-2000:]}")
     own, hashing = [], []
     for m in sorted(out.glob("*/*/manifest.json")):
         st = json.loads(m.read_text())["batch"]["stage_timings_s"]

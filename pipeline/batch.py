@@ -193,10 +193,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-def scan_is_current(out_dir: Path, fingerprint: str) -> bool:
+def scan_is_current(out_dir: Path, fp: str) -> bool:
     """A finished batch scan folder whose recorded fingerprint matches."""
-    recorded = _read_json(out_dir / "manifest.json").get("batch") or {}
-    return recorded.get("fingerprint") == fingerprint
+    return (_read_json(out_dir / "manifest.json").get("batch") or {}).get("fingerprint") == fp
 
 
 def process_scan(task: ScanTask) -> Outcome:
@@ -231,6 +230,8 @@ def process_scan(task: ScanTask) -> Outcome:
             run = run_measure(r.image, seg, out, labels=labels, side=r.side,
                               config_path=task.measure_config)
             timings["measure"] = round(time.perf_counter() - t, 3)
+            if not any(p.present for p in run.result.plates.values()):
+                raise InputError("segmentation has no cartilage plate (empty?)", seg)
             stage, t = "score", time.perf_counter()
             notes += [n for n in [_run_score(r, out)] if n]
             timings["score"] = round(time.perf_counter() - t, 3)

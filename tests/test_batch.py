@@ -1,7 +1,8 @@
 """Batch runner end to end on phantom scans: tables, failures, resume, a real Dask cluster.
 
 The trial: two subjects in two arms (S01 MSC, KL II = early; S02 placebo, KL III = late),
-each with a baseline and an m6 visit; S02 also has an m12 scan whose image is corrupt.
+each with a baseline and an m6 visit; S02 also has an m12 scan whose image is corrupt and
+an m24 scan whose label map is empty.
 All scans share one coarse phantom; the label maps differ: S01's m6 has every bone-marrow
 lesion healed (relabelled as the surrounding bone), S02's m6 is unchanged.  Segmentation
 is given (``seg`` column), so no model runs.
@@ -55,6 +56,7 @@ def trial(tmp_path_factory):
     write_volume(d / "seg_healed.nii.gz", _healed(ph.labels.array), geo)
     shutil.copy(paths["seg"], d / "seg_s02_m6.nii.gz")
     (d / "corrupt.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    write_volume(d / "empty.nii.gz", np.zeros(geo.shape, np.uint8), geo)
     img = paths["image"].relative_to(d)
     seg = paths["seg"].relative_to(d)
     rows = [HEADER,
@@ -62,7 +64,8 @@ def trial(tmp_path_factory):
             f"S01,m6,{img},seg_healed.nii.gz,right,MSC,II",
             f"S02,bl,{img},{seg},right,placebo,3",
             f"S02,m6,{img},seg_s02_m6.nii.gz,right,placebo,3",
-            f"S02,m12,corrupt.nii.gz,{seg},right,placebo,3"]
+            f"S02,m12,corrupt.nii.gz,{seg},right,placebo,3",
+            f"S02,m24,{img},empty.nii.gz,right,placebo,3"]
     (d / "manifest.csv").write_text("\n".join(rows) + "\n")
     (d / "manifest_ok.csv").write_text("\n".join(rows[:5]) + "\n")
     return d
@@ -127,14 +130,18 @@ def test_interrupted_batch_resumes_and_tables_are_exact(trial, tmp_path):
     # 2. resume: the finished scans are skipped, the rest computed, the corrupt one fails
     assert _run_cli(trial / "manifest.csv", out) == 3
     done, skipped, failed = _last_summary(out)
-    assert (done, skipped, failed) == (4 - len(done_before), len(done_before), 1)
+    assert (done, skipped, failed) == (4 - len(done_before), len(done_before), 2)
     assert all(_complete(out / s[0] / s[1]) for s in scans)
     assert not (out / "S02" / "m12" / "manifest.json").exists()
 
-    # failures.csv: exactly the corrupt scan, at the measure stage, one line
+    # failures.csv: exactly the corrupt scan and the empty segmentation, one line each
     fail = pd.read_csv(out / "failures.csv")
-    assert fail[["subject_id", "timepoint", "stage"]].values.tolist() == [["S02", "m12", "measure"]]
-    assert "corrupt.nii.gz" in fail.error[0] and "\n" not in fail.error[0]
+    assert fail[["subject_id", "timepoint", "stage"]].values.tolist() == \
+        [["S02", "m12", "measure"], ["S02", "m24", "measure"]]
+    assert "corrupt.nii.gz" in fail.error[0] and "cannot read" in fail.error[0]
+    assert "empty.nii.gz" in fail.error[1] and "no cartilage plate" in fail.error[1]
+    assert not any("\n" in e for e in fail.error)
+    assert not (out / "S02" / "m24" / "manifest.json").exists()
 
     # measurements.csv: every row of every finished scan, with subject_id,timepoint
     meas = pd.read_csv(out / "measurements.csv", keep_default_na=False)
@@ -199,7 +206,7 @@ def test_interrupted_batch_resumes_and_tables_are_exact(trial, tmp_path):
     # 3. unchanged re-run: everything skipped, outputs untouched
     stamp = (out / "S01" / "m6" / "manifest.json").stat().st_mtime_ns
     assert _run_cli(trial / "manifest.csv", out) == 3
-    assert _last_summary(out) == (0, 4, 1)
+    assert _last_summary(out) == (0, 4, 2)
     assert (out / "S01" / "m6" / "manifest.json").stat().st_mtime_ns == stamp
 
     # 4. one changed input: exactly that scan recomputed, its tables updated
