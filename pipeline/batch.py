@@ -6,19 +6,17 @@ into ``OUT/<subject_id>/<timepoint>/``; per subject, each follow-up against its 
 (:mod:`pipeline.cohort`).  A scan is done only when its ``manifest.json`` (written last)
 carries the batch ``fingerprint`` (sha256 of inputs, model and configs): re-runs skip such
 scans.  A failing scan is recorded (stage + one line) and the batch goes on.  Runs
-in-process (one worker), on a Dask ``LocalCluster`` or on an existing Dask cluster, where
-Dask reruns the scans of lost workers elsewhere.  User guide: ``docs/batch.md``.
+in-process (one worker), in a local process pool, or on an existing Dask cluster; scans
+of lost workers rerun elsewhere.  User guide: ``docs/batch.md``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import json
 import logging
 import os
 import time
 import traceback
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,8 @@ from typing import Any, Callable, Iterator
 
 from pipeline.cohort import failure_rows, write_cohort_tables, write_reports
 from pipeline.errors import InputError
-from pipeline.manifest import Manifest, ScanRow, read_manifest_csv
+from pipeline.manifest import (Manifest, ScanRow, compare_is_current, config_hashes, fingerprint,
+                               input_hashes, model_identity, read_manifest_csv, scan_is_current)
 
 __all__ = ["BatchOptions", "ScanTask", "CompareTask", "Outcome", "BatchResult", "run_batch",
            "process_scan", "process_compare", "EXIT_FAILED"]
@@ -34,8 +33,8 @@ __all__ = ["BatchOptions", "ScanTask", "CompareTask", "Outcome", "BatchResult", 
 log = logging.getLogger(__name__)
 
 EXIT_FAILED = 3
-FINGERPRINT_VERSION = 1
 _SEGMENTERS: dict[tuple[str, str], Any] = {}  # per-worker model cache (loaded once)
+_WORKER_INDEX: int | None = None  # local pool worker number (GPU assignment)
 
 
 @dataclass(frozen=True)
@@ -116,12 +115,6 @@ def _one_line(exc: BaseException) -> str:
     return text[:400]
 
 
-def _sha(path: Path | None) -> str | None:
-    from pipeline.io import sha256_file
-
-    return None if path is None or not path.exists() else sha256_file(path)
-
-
 @contextmanager
 def _log_to(path: Path, level: int = logging.DEBUG) -> Iterator[None]:
     """Copy the ``pipeline`` logger's records to ``path`` while the block runs."""
@@ -147,12 +140,13 @@ def _resolve_device(device: str) -> str:
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device not in ("auto", "cuda") or n <= 1:
         return device  # the segmenter resolves auto / reports a missing GPU
+    name = "" if _WORKER_INDEX is None else str(_WORKER_INDEX)
     try:
         from distributed import get_worker
 
-        name = str(get_worker().name)
+        name = name or str(get_worker().name)
     except ValueError:  # not inside a Dask worker
-        name = ""
+        pass
     return f"cuda:{int(name) % n if name.isdigit() else 0}"
 
 
@@ -166,38 +160,6 @@ def _segmenter(model: str | None, device: str) -> Any:
     return _SEGMENTERS[key]
 
 
-def model_identity(model: str | None) -> dict[str, Any]:
-    """Model name, version and weights sha256 (checked against the weights at load)."""
-    from pipeline.models import DEFAULT_MODEL, model_info
-
-    info = model_info(model or DEFAULT_MODEL)
-    sha = info.get("weights_sha256")
-    weights = Path(info["folder"]) / str(info.get("weights") or "model.pt")
-    if not sha and weights.is_file():
-        sha = _sha(weights)
-    return {"name": info.get("name"), "version": info.get("version"), "weights_sha256": sha}
-
-
-def _fingerprint(task: ScanTask, inputs: dict[str, Any], model: dict[str, Any] | None) -> str:
-    r = task.row
-    data = {"v": FINGERPRINT_VERSION, "inputs": inputs, "model": model,
-            "configs": {k: v for k, v in task.config_hashes.items() if k != "compare"},
-            "side": r.side, "labels": r.labels}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
-def scan_is_current(out_dir: Path, fp: str) -> bool:
-    """A finished batch scan folder whose recorded fingerprint matches."""
-    return (_read_json(out_dir / "manifest.json").get("batch") or {}).get("fingerprint") == fp
-
-
 def process_scan(task: ScanTask) -> Outcome:
     """Run one scan's stages on this worker; never raises for a bad scan."""
     from pipeline.outputs import begin_folder
@@ -207,10 +169,10 @@ def process_scan(task: ScanTask) -> Outcome:
     out.mkdir(parents=True, exist_ok=True)
     with _log_to(out / "scan.log"):
         try:
-            inputs = {"image": _sha(r.image), "seg": _sha(r.seg), "sites": _sha(r.sites)}
+            inputs = input_hashes(r)
             device = _resolve_device(task.device) if r.seg is None else "cpu"
             model = model_identity(task.model) if r.seg is None else None
-            fp = _fingerprint(task, inputs, model)
+            fp = fingerprint(r, inputs, model, task.config_hashes)
             timings["hash"] = round(time.perf_counter() - t0, 3)
             if scan_is_current(out, fp):
                 log.info("%s/%s: up to date, skipped", r.subject_id, r.timepoint)
@@ -274,8 +236,7 @@ def _finish_scan(task: ScanTask, out: Path, measure_manifest: dict[str, Any],
                                                   **{f"stage_{k}": v for k, v in timings.items()}}}
     manifest["batch"] = {
         "subject_id": r.subject_id, "timepoint": r.timepoint, "arm": r.arm,
-        "kl_grade": r.kl_grade, "manifest_line": r.line,
-        "inputs_sha256": inputs,
+        "kl_grade": r.kl_grade, "manifest_line": r.line, "inputs_sha256": inputs,
         "paths": {k: str(getattr(r, k)) for k in ("image", "seg", "sites") if getattr(r, k)},
         "segmentation": "given" if r.seg is not None else "model",
         "model": model, "device": device, "config_hashes": task.config_hashes,
@@ -284,21 +245,10 @@ def _finish_scan(task: ScanTask, out: Path, measure_manifest: dict[str, Any],
     write_manifest(out, manifest)
 
 
-def compare_is_current(task: CompareTask) -> bool:
-    """Finished with the same config, and newer than both scans' manifests."""
-    m = task.out_dir / "manifest.json"
-    if _read_json(m).get("config_hash") != task.config_hash:
-        return False
-    try:
-        return all(m.stat().st_mtime >= (d / "manifest.json").stat().st_mtime
-                   for d in (task.baseline_dir, task.followup_dir))
-    except OSError:
-        return False
-
-
 def process_compare(task: CompareTask) -> Outcome:
     """Compare a follow-up with its baseline (``pipeline.longitudinal.compare_scans``)."""
-    if not task.force and compare_is_current(task):
+    if not task.force and compare_is_current(task.out_dir, task.baseline_dir, task.followup_dir,
+                                             task.config_hash):
         return Outcome(task.subject_id, task.followup, "skipped")
     task.out_dir.mkdir(parents=True, exist_ok=True)
     with _log_to(task.out_dir / "compare.log"):
@@ -320,57 +270,108 @@ def process_compare(task: CompareTask) -> Outcome:
     return Outcome(task.subject_id, task.followup, "done")
 
 
-def _config_hashes(measure_config: Path | None) -> dict[str, str]:
-    """Hashes of every config that shapes a scan's results (resolved where typed)."""
-    from pipeline.config import MeasureConfig, config_hash, load_config
-    from pipeline.labels import CONFIG_DIR
+class _Serial:
+    """One local worker: tasks run in this process, in submit order (no pool overhead)."""
 
-    out = {"measure": config_hash(load_config(measure_config, MeasureConfig,
-                                              default_name="measure.yaml"))}
-    for key, module, loader in (("score", "scoring", "load_scoring_config"),
-                                ("compare", "longitudinal", "load_compare_config")):
+    def __init__(self) -> None:
+        self._queue: deque[tuple[Callable, Any]] = deque()
+
+    def submit(self, fn: Callable, task: Any) -> None:
+        self._queue.append((fn, task))
+
+    def results(self) -> Iterator[tuple[Any, Outcome]]:
+        while self._queue:
+            fn, task = self._queue.popleft()
+            yield task, fn(task)
+
+    def close(self) -> None:
+        self._queue.clear()
+
+
+def _init_worker(counter: Any) -> None:
+    """Pool worker start-up: take the next worker index (GPU assignment)."""
+    global _WORKER_INDEX
+    with counter.get_lock():
+        _WORKER_INDEX, counter.value = counter.value, counter.value + 1
+
+
+class _Pool:
+    """Local worker processes, forked from a server process that has the stages imported
+    (workers start in milliseconds).  At most one task per worker is in flight; when a
+    worker dies (killed, out of memory) the pool is replaced and the tasks that were in
+    flight rerun, each at most ``retries`` times, then count as failed (stage ``worker``)."""
+
+    def __init__(self, workers: int, retries: int) -> None:
+        import multiprocessing as mp
+
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        self._ctx = mp.get_context(method)
+        if method == "forkserver":
+            self._ctx.set_forkserver_preload(["pipeline.batch", "pipeline.measure",
+                                              "pipeline.scoring", "pipeline.longitudinal"])
+        self._workers, self._retries, self._counter = workers, retries, self._ctx.Value("i", 0)
+        self._backlog: deque[tuple[Callable, Any, int]] = deque()
+        self._running: dict[Any, tuple[Callable, Any, int, Any]] = {}
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> Any:
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(self._workers, mp_context=self._ctx,
+                                   initializer=_init_worker, initargs=(self._counter,))
+
+    def submit(self, fn: Callable, task: Any) -> None:
+        self._backlog.append((fn, task, 0))
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._backlog and len(self._running) < self._workers:
+            fn, task, tries = self._backlog.popleft()
+            self._running[self._pool.submit(fn, task)] = (fn, task, tries, self._pool)
+
+    def results(self) -> Iterator[tuple[Any, Outcome]]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        while self._running:
+            for fut in wait(list(self._running), return_when=FIRST_COMPLETED)[0]:
+                fn, task, tries, pool = self._running.pop(fut)
+                try:
+                    yield task, fut.result()
+                except BrokenProcessPool:
+                    if pool is self._pool:  # first news of this breakage: a fresh pool
+                        log.warning("a worker process died; restarting the pool")
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        self._pool = self._new_pool()
+                    if tries < self._retries:
+                        self._backlog.appendleft((fn, task, tries + 1))
+                    else:
+                        yield task, _failed(task, "worker", "worker process died "
+                                            f"{tries + 1} times (out of memory?)")
+                except Exception as exc:
+                    yield task, _failed(task, "worker", _one_line(exc))
+            self._fill()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Dask:
+    """An existing Dask cluster: tasks go to its scheduler; Dask reruns those of lost workers."""
+
+    def __init__(self, scheduler: str, retries: int, gpu: bool) -> None:
+        from distributed import Client, as_completed
+
         try:
-            load = getattr(importlib.import_module(f"pipeline.{module}"), loader)
-            out[key] = config_hash(load(None))
-        except (ImportError, AttributeError):
-            log.warning("%s stage not available: its config is not part of the fingerprint", key)
-    out["labels"] = (_sha(CONFIG_DIR / "labels.yaml") or "")[:16]
-    return out
-
-
-class _Executor:
-    """Runs tasks in this process (one local worker, no pool overhead, submit order), on a
-    Dask ``LocalCluster`` of single-threaded worker processes, or on ``scheduler``."""
-
-    def __init__(self, workers: int, scheduler: str | None, retries: int, gpu: bool) -> None:
-        self._queue: list[tuple[Callable, Any]] = []
-        self._client = self._cluster = None
-        if workers == 1 and not scheduler:
-            return
-        import dask
-        from distributed import Client, LocalCluster, as_completed
-
-        if scheduler:
-            try:
-                self._client = Client(scheduler, timeout="20s")
-            except OSError as exc:
-                raise InputError(f"cannot reach the Dask scheduler ({exc})", scheduler) from None
-        else:
-            with dask.config.set({"distributed.scheduler.allowed-failures": retries}):
-                self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
-                                             processes=True, dashboard_address=None,
-                                             silence_logs=logging.ERROR)
-            self._client = Client(self._cluster)
+            self._client = Client(scheduler, timeout="20s")
+        except OSError as exc:
+            raise InputError(f"cannot reach the Dask scheduler ({exc})", scheduler) from None
         info = self._client.scheduler_info().get("workers", {})
         self._gpu_resource = gpu and any("GPU" in (w.get("resources") or {}) for w in info.values())
-        log.info("dask: %d worker(s) at %s%s", len(info), self._client.scheduler.address,
-                 " (GPU resources)" if self._gpu_resource else "")
+        log.info("dask: %d worker(s) at %s", len(info), scheduler)
         self._retries, self._ac, self._tasks = retries, as_completed(), {}
 
     def submit(self, fn: Callable, task: Any) -> None:
-        if self._client is None:
-            self._queue.append((fn, task))
-            return
         needs_gpu = self._gpu_resource and isinstance(task, ScanTask) and task.row.seg is None
         fut = self._client.submit(fn, task, pure=False, retries=self._retries,
                                   resources={"GPU": 1} if needs_gpu else None)
@@ -378,24 +379,22 @@ class _Executor:
         self._ac.add(fut)
 
     def results(self) -> Iterator[tuple[Any, Outcome]]:
-        while self._client is None and self._queue:
-            fn, task = self._queue.pop(0)
-            yield task, fn(task)
-        for fut in self._ac if self._client is not None else ():
+        for fut in self._ac:
             task = self._tasks.pop(fut.key)
             try:
                 outcome = fut.result()
             except Exception as exc:  # KilledWorker, lost connection...
-                sid, tp = (task.row.key if isinstance(task, ScanTask)
-                           else (task.subject_id, task.followup))
-                outcome = Outcome(sid, tp, "failed", stage="worker", error=_one_line(exc))
+                outcome = _failed(task, "worker", _one_line(exc))
             fut.release()
             yield task, outcome
 
     def close(self) -> None:
-        for closable in (self._client, self._cluster):
-            if closable is not None:
-                closable.close()
+        self._client.close()
+
+
+def _failed(task: Any, stage: str, error: str) -> Outcome:
+    key = task.row.key if isinstance(task, ScanTask) else (task.subject_id, task.followup)
+    return Outcome(*key, "failed", stage=stage, error=error)
 
 
 def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> BatchResult:
@@ -430,7 +429,7 @@ def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> B
 
 
 def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> BatchResult:
-    hashes = _config_hashes(opts.measure_config)
+    hashes = config_hashes(opts.measure_config)
     rows = manifest.rows
     tasks = [ScanTask(r, out / r.subject_id / r.timepoint, opts.measure_config, hashes,
                       opts.model, opts.device) for r in rows]
@@ -441,7 +440,8 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
              len(manifest.subjects()), manifest.path, out,
              f"scheduler {opts.scheduler}" if opts.scheduler else f"{workers} local worker(s)")
     pairs = manifest.pairs()
-    executor = _Executor(workers, opts.scheduler, opts.retries, needs_model)
+    executor = (_Dask(opts.scheduler, opts.retries, needs_model) if opts.scheduler
+                else _Pool(workers, opts.retries) if workers > 1 else _Serial())
     scans: dict[tuple[str, str], Outcome] = {}
     compares: list[Outcome] = []
     getattr(progress, "start", lambda n: None)(len(tasks))

@@ -22,11 +22,22 @@ Checks
 Every problem of every row is collected first and reported together in one
 :class:`pipeline.errors.InputError` (or, with ``skip_invalid``, the bad rows - and the rows of
 subjects left without a baseline - are dropped and listed in :attr:`Manifest.invalid`).
+
+Resume
+------
+What each row's results depend on - sha256 of its input files, the model (name and weights
+sha256), the resolved configs - is hashed into a *fingerprint* that the batch records in the
+scan's ``manifest.json``; a later run skips the scan when the fingerprints match
+(:func:`scan_is_current`).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import importlib
+import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -35,8 +46,12 @@ from typing import Any
 
 from pipeline.errors import InputError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ScanRow", "InvalidRow", "Manifest", "read_manifest_csv", "timepoint_sort_key",
-           "is_baseline_name", "stage_group", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS"]
+           "is_baseline_name", "stage_group", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS",
+           "input_hashes", "model_identity", "config_hashes", "fingerprint", "scan_is_current",
+           "compare_is_current"]
 
 REQUIRED_COLUMNS = ("subject_id", "timepoint", "image")
 OPTIONAL_COLUMNS = ("seg", "side", "arm", "kl_grade", "visit_order", "sites", "labels")
@@ -332,3 +347,85 @@ def read_manifest_csv(path: str | Path, *, skip_invalid: bool = False,
         raise InputError("no valid rows left:\n  "
                          + "\n  ".join(str(b) for b in invalid[:MAX_LISTED]), path)
     return Manifest(path=path, rows=good, invalid=invalid, unknown_columns=unknown)
+
+
+# ----------------------------------------------------------------------------- resume
+# What a scan's results depend on, recorded in its manifest.json as the batch fingerprint.
+
+FINGERPRINT_VERSION = 1
+
+
+def sha256_or_none(path: Path | None) -> str | None:
+    from pipeline.io import sha256_file
+
+    return None if path is None or not path.exists() else sha256_file(path)
+
+
+def input_hashes(row: ScanRow) -> dict[str, str | None]:
+    """sha256 of the row's image (file or DICOM folder), seg and sites."""
+    return {"image": sha256_or_none(row.image), "seg": sha256_or_none(row.seg),
+            "sites": sha256_or_none(row.sites)}
+
+
+def model_identity(model: str | None) -> dict[str, Any]:
+    """Model name, version and weights sha256 (checked against the weights at load)."""
+    from pipeline.models import DEFAULT_MODEL, model_info
+
+    info = model_info(model or DEFAULT_MODEL)
+    sha = info.get("weights_sha256")
+    weights = Path(info["folder"]) / str(info.get("weights") or "model.pt")
+    if not sha and weights.is_file():
+        sha = sha256_or_none(weights)
+    return {"name": info.get("name"), "version": info.get("version"), "weights_sha256": sha}
+
+
+def config_hashes(measure_config: Path | None) -> dict[str, str]:
+    """Hashes of the resolved configs that shape a batch's results (and the label scheme)."""
+    from pipeline.config import MeasureConfig, config_hash, load_config
+    from pipeline.labels import CONFIG_DIR
+
+    out = {"measure": config_hash(load_config(measure_config, MeasureConfig,
+                                              default_name="measure.yaml"))}
+    for key, module, loader in (("score", "scoring", "load_scoring_config"),
+                                ("compare", "longitudinal", "load_compare_config")):
+        try:
+            load = getattr(importlib.import_module(f"pipeline.{module}"), loader)
+            out[key] = config_hash(load(None))
+        except (ImportError, AttributeError):
+            log.warning("%s stage not available: its config is not part of the fingerprint", key)
+    out["labels"] = (sha256_or_none(CONFIG_DIR / "labels.yaml") or "")[:16]
+    return out
+
+
+def fingerprint(row: ScanRow, inputs: dict[str, Any], model: dict[str, Any] | None,
+                configs: dict[str, str]) -> str:
+    """sha256 over everything a scan's results depend on (the comparison config excluded)."""
+    data = {"v": FINGERPRINT_VERSION, "inputs": inputs, "model": model,
+            "configs": {k: v for k, v in configs.items() if k != "compare"},
+            "side": row.side, "labels": row.labels}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def scan_is_current(out_dir: Path, fp: str) -> bool:
+    """A finished batch scan folder whose recorded fingerprint is ``fp``."""
+    return (_read_json(out_dir / "manifest.json").get("batch") or {}).get("fingerprint") == fp
+
+
+def compare_is_current(out_dir: Path, baseline_dir: Path, followup_dir: Path,
+                       config_hash: str | None) -> bool:
+    """A finished comparison with the same config, newer than both scans' manifests."""
+    m = out_dir / "manifest.json"
+    if _read_json(m).get("config_hash") != config_hash:
+        return False
+    try:
+        return all(m.stat().st_mtime >= (d / "manifest.json").stat().st_mtime
+                   for d in (baseline_dir, followup_dir))
+    except OSError:
+        return False

@@ -298,6 +298,45 @@ def test_dask_cluster_survives_a_killed_worker(trial, tmp_path):
                 p.kill()
 
 
+@pytest.mark.slow
+def test_local_pool_survives_a_killed_worker(trial, tmp_path):
+    import psutil
+
+    out = tmp_path / "out"
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(r=run_batch(
+        trial / "manifest_ok.csv", BatchOptions(out=out, workers=2, reports=False))))
+    runner.start()
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None:  # a pool worker, once a scan is under way
+        assert time.monotonic() < deadline and runner.is_alive()
+        busy = any((d / "scan.log").exists() and not (d / "manifest.json").exists()
+                   for d in out.glob("*/*"))
+        workers = []
+        for child in psutil.Process().children():
+            try:
+                if "forkserver" in " ".join(child.cmdline()):
+                    workers += child.children()
+            except psutil.Error:  # a zombie or a process that just ended
+                continue
+        if busy and workers:
+            victim = workers[0]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    victim.kill()
+    runner.join(timeout=200)
+    assert not runner.is_alive()
+    r = result["r"]
+    assert r.exit_code == 0 and r.count("done") == 4 and r.failures == []
+    for sid, tp in [("S01", "baseline"), ("S01", "m6"), ("S02", "bl"), ("S02", "m6")]:
+        assert _complete(out / sid / tp)
+    assert _scan_metric(out, "S01", "baseline", "bone_marrow_lesion", "volume") > 50
+    assert _scan_metric(out, "S01", "m6", "bone_marrow_lesion", "volume") == 0
+    assert "a worker process died; restarting the pool" in (out / "batch.log").read_text()
+    assert not victim.is_running()
+
+
 def test_segmenter_loaded_once_per_worker(monkeypatch):
     import pipeline.batch as batch
     import pipeline.segment as segment
