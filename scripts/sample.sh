@@ -11,5 +11,6 @@ python -m pip install -q -e .
 out=out/sample
 python sample_data/generate.py sample_data/generated --seed 0 >/dev/null
 cartiq measure sample_data/generated/image.nii.gz --seg sample_data/generated/seg.nii.gz -o "$out/measure" >/dev/null
+python sample_data/check_truth.py sample_data/generated/truth.json "$out/measure"
 echo "Sample results: $(pwd)/$out/measure (measurements.csv, defects.csv, lesions.csv, thickness.nii.gz, meshes/, qc.png)"
 echo "Ground truth of the phantom: $(pwd)/sample_data/generated/truth.json"
