@@ -8,7 +8,7 @@ medians:
 
 * speed-up = median wall(1 worker) / median wall(2 workers);
 Each run is a separate ``cartiq batch`` process, so both sides pay the imports; the 2-worker
-side also pays for starting and stopping the Dask ``LocalCluster``.
+side also pays for starting the local process pool.
 
 * a scan's own time = its stage timings from its ``manifest.json`` (measure + score,
   segment when run); batch overhead per scan = (wall(1 worker) - sum of the scans' own
