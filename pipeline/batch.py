@@ -109,10 +109,8 @@ class BatchResult:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if not isinstance(exc, Exception) or type(exc).__module__ != "pipeline.errors":
-        text = f"{type(exc).__name__}: {text}"
-    return text[:400]
+    prefix = "" if type(exc).__module__ == "pipeline.errors" else f"{type(exc).__name__}: "
+    return (prefix + (" ".join(str(exc).split()) or type(exc).__name__))[:400]
 
 
 @contextmanager
@@ -261,8 +259,7 @@ def process_compare(task: CompareTask) -> Outcome:
             (task.out_dir / "manifest.json").unlink(missing_ok=True)
             compare_scans(task.baseline_dir, task.followup_dir, task.out_dir)
         except Exception as exc:
-            log.error("%s compare %s->%s failed: %s", task.subject_id, task.baseline,
-                      task.followup, _one_line(exc))
+            log.error("%s: comparison failed: %s", task.out_dir, _one_line(exc))
             log.debug("traceback:\n%s", traceback.format_exc())
             (task.out_dir / "manifest.json").unlink(missing_ok=True)
             return Outcome(task.subject_id, task.followup, "failed", stage="compare",
@@ -299,7 +296,7 @@ class _Pool:
     """Local worker processes, forked from a server process that has the stages imported
     (workers start in milliseconds).  At most one task per worker is in flight; when a
     worker dies (killed, out of memory) the pool is replaced and the tasks that were in
-    flight rerun, each at most ``retries`` times, then count as failed (stage ``worker``)."""
+    flight rerun one at a time, each at most ``retries`` times, then count as failed."""
 
     def __init__(self, workers: int, retries: int) -> None:
         import multiprocessing as mp
@@ -326,6 +323,8 @@ class _Pool:
 
     def _fill(self) -> None:
         while self._backlog and len(self._running) < self._workers:
+            if self._running and any(t[2] for t in (*self._running.values(), self._backlog[0])):
+                break  # a rerun after a crash runs alone: it cannot take other scans down
             fn, task, tries = self._backlog.popleft()
             self._running[self._pool.submit(fn, task)] = (fn, task, tries, self._pool)
 
