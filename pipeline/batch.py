@@ -392,7 +392,8 @@ class _Dask:
 
 
 def _failed(task: Any, stage: str, error: str) -> Outcome:
-    key = task.row.key if isinstance(task, ScanTask) else (task.subject_id, task.followup)
+    key = (task.row.key if isinstance(task, ScanTask)
+           else (getattr(task, "subject_id", str(task)), getattr(task, "followup", "")))
     return Outcome(*key, "failed", stage=stage, error=error)
 
 

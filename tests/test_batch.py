@@ -409,3 +409,22 @@ def test_reports_are_written_and_never_fail_the_batch(tmp_path, monkeypatch):
     assert calls == ["S01", "S02", "cohort"]
     assert errors == [f"{tmp_path / 'S02'}: RuntimeError: figure exploded",
                       f"{tmp_path}: no MOCART data"]
+
+
+def test_pool_reruns_after_a_crash_alone():
+    """A task that kills its worker process fails (stage worker) after the retries; the pool
+    is restarted each time and every other task completes."""
+    from pipeline.batch import _Pool
+
+    pool = _Pool(2, retries=2)
+    try:
+        pool.submit(os._exit, 7)  # the worker process exits abruptly
+        for _ in range(3):
+            pool.submit(time.sleep, 0.3)
+        got = list(pool.results())
+    finally:
+        pool.close()
+    failed = [o for t, o in got if t == 7]
+    assert len(failed) == 1 and failed[0].status == "failed" and failed[0].stage == "worker"
+    assert "died 3 times" in failed[0].error
+    assert [o for t, o in got if t != 7] == [None, None, None]
