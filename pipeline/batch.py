@@ -364,7 +364,7 @@ class _Dask:
         try:
             self._client = Client(scheduler, timeout="20s")
         except OSError as exc:
-            raise InputError(f"cannot reach the Dask scheduler ({exc})", scheduler) from None
+            raise InputError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
         info = self._client.scheduler_info().get("workers", {})
         self._gpu_resource = gpu and any("GPU" in (w.get("resources") or {}) for w in info.values())
         log.info("dask: %d worker(s) at %s", len(info), scheduler)
