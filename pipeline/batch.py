@@ -114,12 +114,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 @contextmanager
-def _log_to(path: Path, level: int = logging.DEBUG) -> Iterator[None]:
+def _log_to(path: Path) -> Iterator[None]:
     """Copy the ``pipeline`` logger's records to ``path`` while the block runs."""
     root, old_level = logging.getLogger("pipeline"), logging.getLogger("pipeline").level
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.setLevel(logging.DEBUG)
     root.addHandler(handler)
@@ -138,13 +137,12 @@ def _resolve_device(device: str) -> str:
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device not in ("auto", "cuda") or n <= 1:
         return device  # the segmenter resolves auto / reports a missing GPU
-    name = "" if _WORKER_INDEX is None else str(_WORKER_INDEX)
     try:
         from distributed import get_worker
 
-        name = name or str(get_worker().name)
-    except ValueError:  # not inside a Dask worker
-        pass
+        name = str(get_worker().name if _WORKER_INDEX is None else _WORKER_INDEX)
+    except ValueError:  # neither a pool nor a Dask worker
+        name = ""
     return f"cuda:{int(name) % n if name.isdigit() else 0}"
 
 
@@ -285,18 +283,21 @@ class _Serial:
         self._queue.clear()
 
 
-def _init_worker(counter: Any) -> None:
-    """Pool worker start-up: take the next worker index (GPU assignment)."""
+def _init_worker(counter: Any, threads: int) -> None:
+    """Pool worker start-up: its number (GPU assignment) and its share of the CPU threads."""
     global _WORKER_INDEX
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # this process only: torch loads it later
     with counter.get_lock():
         _WORKER_INDEX, counter.value = counter.value, counter.value + 1
 
 
 class _Pool:
-    """Local worker processes, forked from a server process that has the stages imported
-    (workers start in milliseconds).  At most one task per worker is in flight; when a
-    worker dies (killed, out of memory) the pool is replaced and the tasks that were in
-    flight rerun one at a time, each at most ``retries`` times, then count as failed."""
+    """Local workers forked from a server that has the stages imported (fast start), one task
+    in flight per worker; when a worker dies (killed, out of memory) the pool is replaced and
+    the tasks in flight rerun one at a time, at most ``retries`` times, then count as failed."""
 
     def __init__(self, workers: int, retries: int) -> None:
         import multiprocessing as mp
@@ -314,8 +315,9 @@ class _Pool:
     def _new_pool(self) -> Any:
         from concurrent.futures import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(self._workers, mp_context=self._ctx,
-                                   initializer=_init_worker, initargs=(self._counter,))
+        threads = max(1, (os.cpu_count() or 1) // self._workers)
+        return ProcessPoolExecutor(self._workers, mp_context=self._ctx, initializer=_init_worker,
+                                   initargs=(self._counter, threads))
 
     def submit(self, fn: Callable, task: Any) -> None:
         self._backlog.append((fn, task, 0))
@@ -430,10 +432,9 @@ def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> B
 
 def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> BatchResult:
     hashes = config_hashes(opts.measure_config)
-    rows = manifest.rows
     tasks = [ScanTask(r, out / r.subject_id / r.timepoint, opts.measure_config, hashes,
-                      opts.model, opts.device) for r in rows]
-    needs_model = any(r.seg is None for r in rows)
+                      opts.model, opts.device) for r in manifest.rows]
+    needs_model = any(r.seg is None for r in manifest.rows)
     workers = opts.workers or _default_workers(opts.device if needs_model else "cpu")
     workers = max(1, min(workers, len(tasks))) if not opts.scheduler else workers
     log.info("batch: %d scan(s) of %d subject(s) from %s -> %s (%s)", len(tasks),
@@ -442,8 +443,7 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
     pairs = manifest.pairs()
     executor = (_Dask(opts.scheduler, opts.retries, needs_model) if opts.scheduler
                 else _Pool(workers, opts.retries) if workers > 1 else _Serial())
-    scans: dict[tuple[str, str], Outcome] = {}
-    compares: list[Outcome] = []
+    scans, compares = {}, []  # type: dict[tuple[str, str], Outcome], list[Outcome]
     getattr(progress, "start", lambda n: None)(len(tasks))
     try:
         for t in tasks:
@@ -464,7 +464,7 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
     finally:
         getattr(progress, "stop", lambda: None)()
         executor.close()
-    order = {r.key: i for i, r in enumerate(rows)}
+    order = {r.key: i for i, r in enumerate(manifest.rows)}
     scan_list = sorted(scans.values(), key=lambda o: order[(o.subject_id, o.timepoint)])
     for o in scan_list + compares:
         for n in o.notes:
