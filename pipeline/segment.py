@@ -319,30 +319,52 @@ class Segmenter:
 
     # -- labels
     def _clean(self, raw: np.ndarray, geom: Geometry) -> np.ndarray:
-        """Largest component per bone; drop tiny cartilage/meniscus islands."""
+        """Anatomical clean-up of the raw prediction (model output values).
+
+        Bones: largest component.  Fibula: dropped unless plausible (>= 1000 mm3, within
+        10 mm of the tibia, centroid below the tibial plateau) since it decides the side.
+        Cartilage, menisci, BML: components below ``min_component_mm3`` or farther than
+        2 mm (cartilage), 4 mm (menisci) or 1 mm (BML) from their bone are removed.
+        """
         import cc3d
+        import edt
+        from scipy import ndimage
 
         labels = self.model.metadata.labels
+        by_name = {n: v for v, n in labels.items()}
         out = raw.copy()
-        min_vox = self.min_component_mm3 / geom.voxel_volume_mm3
-        for value, name in labels.items():
-            if name == "bone_marrow_lesion":
+        vox = geom.voxel_volume_mm3
+        sp = np.asarray(geom.spacing)
+        for name in ("femur", "tibia", "patella", "fibula"):
+            if name in by_name:
+                box = _bbox(raw == by_name[name])
+                if box is None:
+                    continue
+                mask = raw[box] == by_name[name]
+                comps = cc3d.largest_k(mask, k=1, connectivity=26)
+                out[box][mask & (comps == 0)] = 0
+        if "fibula" in by_name and "tibia" in by_name:
+            _check_fibula(out, by_name["fibula"], by_name["tibia"], geom)
+        for name, (bones, max_mm) in _NEAR.items():
+            if name not in by_name:
                 continue
-            box = _bbox(raw == value)
+            value = by_name[name]
+            box = _bbox(out == value)
             if box is None:
                 continue
-            mask = raw[box] == value
-            comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
-            if n <= 1:
-                continue
-            counts = np.bincount(comps.ravel())
-            counts[0] = 0
-            if name in ("femur", "tibia", "patella", "fibula"):
-                keep = np.zeros(n + 1, bool)
-                keep[int(np.argmax(counts))] = True
-            else:
-                keep = counts >= min_vox
+            m = np.ceil(max_mm / sp).astype(int) + 1
+            box = tuple(slice(max(0, b.start - k), b.stop + k) for b, k in zip(box, m))
             sub = out[box]
+            mask = sub == value
+            comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+            counts = np.bincount(comps.ravel(), minlength=n + 1)
+            keep = counts * vox >= self.min_component_mm3
+            bone = np.isin(sub, [by_name[b] for b in bones if b in by_name])
+            if bone.any():
+                dist = edt.edt(~bone, anisotropy=tuple(sp), black_border=False)
+                near = np.asarray(ndimage.minimum(dist, comps, index=np.arange(n + 1)))
+                keep &= near <= max_mm
+            keep[0] = True
             sub[mask & ~keep[comps]] = 0
         return out
 
@@ -371,6 +393,40 @@ class Segmenter:
         present = sorted(scheme.name_of(int(v)) for v in np.unique(out) if v)
         keep["structures"] = present
         return out.astype(np.uint8), keep
+
+
+_NEAR = {  # soft label -> (bones it must lie on, max distance mm)
+    "femoral_cartilage": (("femur",), 2.0),
+    "tibial_cartilage": (("tibia",), 2.0),
+    "medial_tibial_cartilage": (("tibia",), 2.0),
+    "lateral_tibial_cartilage": (("tibia",), 2.0),
+    "patellar_cartilage": (("patella",), 2.0),
+    "meniscus": (("tibia", "femur"), 4.0),
+    "medial_meniscus": (("tibia", "femur"), 4.0),
+    "lateral_meniscus": (("tibia", "femur"), 4.0),
+    "bone_marrow_lesion": (("femur", "tibia", "patella"), 1.0),
+}
+
+
+def _check_fibula(out: np.ndarray, fib: int, tib: int, geom: Geometry) -> None:
+    """Remove a predicted fibula that is implausible (it would decide the knee side)."""
+    f, t = out == fib, out == tib
+    if not f.any():
+        return
+    ok = t.any() and f.sum() * geom.voxel_volume_mm3 >= 1000
+    if ok:
+        zf = geom.index_to_world(np.argwhere(f).mean(0))[0, 2]
+        tz = geom.index_to_world(np.argwhere(t))[:, 2]
+        ok = zf < np.percentile(tz, 90) - 5  # below the tibial plateau
+        if ok:
+            import edt
+
+            box = _bbox(f | t)
+            d = edt.edt(~t[box], anisotropy=tuple(geom.spacing), black_border=False)
+            ok = float(d[f[box]].min()) <= 10.0
+    if not ok:
+        log.info("predicted fibula is implausible; not used for the knee side")
+        out[f] = 0
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
