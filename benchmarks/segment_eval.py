@@ -82,7 +82,7 @@ def held_out(model: str, mirror: Path, n: int, seed0: int = 100) -> dict:
         img, _ = r.sample(lab_t, tuple(lab_t.shape), center=center)
         img_t = resample_array(img.numpy(), canon, target)
         t0 = time.monotonic()
-        res = seg.run(Volume(np.ascontiguousarray(img_t), target), side=None)
+        res = seg.run(Volume(np.ascontiguousarray(img_t), target), side="left")  # SPL: left
         d = {k: dice(res.labels == s[k], truth == s[k]) for k in NAMES}
         runs.append({"seed": seed0 + i, "dice": d, "side_found": res.info.get("side"),
                      "side_source": res.info.get("side_source"),
