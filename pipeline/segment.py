@@ -340,9 +340,20 @@ class Segmenter:
                 box = _bbox(raw == by_name[name])
                 if box is None:
                     continue
-                mask = raw[box] == by_name[name]
-                comps = cc3d.largest_k(mask, k=1, connectivity=26)
-                out[box][mask & (comps == 0)] = 0
+                sub = raw[box]
+                mask = sub == by_name[name]
+                comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+                keep = int(np.argmax(np.bincount(comps.ravel(), minlength=n + 1)[1:])) + 1
+                carts = [by_name[c] for c in _BONE_CART.get(name, ()) if c in by_name]
+                cart = np.isin(sub, carts) if carts and n > 1 else None
+                if cart is not None and cart.any():
+                    # the bone is the component its cartilage lies on, not just the largest
+                    near = ndimage.maximum_filter(comps, size=5)
+                    score = np.bincount(near[cart], minlength=n + 1)
+                    score[0] = 0
+                    if score.max() > 0:
+                        keep = int(np.argmax(score))
+                out[box][mask & (comps != keep)] = 0
         if "fibula" in by_name and "tibia" in by_name:
             _check_fibula(out, by_name["fibula"], by_name["tibia"], geom)
         for name, (bones, max_mm) in _NEAR.items():
@@ -362,8 +373,9 @@ class Segmenter:
             bone = np.isin(sub, [by_name[b] for b in bones if b in by_name])
             if bone.any():
                 dist = edt.edt(~bone, anisotropy=tuple(sp), black_border=False)
-                near = np.asarray(ndimage.minimum(dist, comps, index=np.arange(n + 1)))
-                keep &= near <= max_mm
+                touching = np.zeros(n + 1, bool)
+                touching[np.unique(comps[mask & (dist <= max_mm)])] = True
+                keep &= touching
             keep[0] = True
             sub[mask & ~keep[comps]] = 0
         return out
@@ -395,6 +407,10 @@ class Segmenter:
         return out.astype(np.uint8), keep
 
 
+_BONE_CART = {"femur": ("femoral_cartilage",),
+              "tibia": ("tibial_cartilage", "medial_tibial_cartilage",
+                        "lateral_tibial_cartilage"),
+              "patella": ("patellar_cartilage",)}
 _NEAR = {  # soft label -> (bones it must lie on, max distance mm)
     "femoral_cartilage": (("femur",), 2.0),
     "tibial_cartilage": (("tibia",), 2.0),
