@@ -57,31 +57,35 @@ PATELLA_BONE_MM = 14.0
 
 @dataclass(frozen=True)
 class KneeModel:
-    """Derived continuous geometry of a right knee (all mm)."""
+    """Derived continuous geometry of a right knee (all mm).
 
-    R: float = 20.0
-    condyle_x: tuple[float, float] = (8.0, 33.0)
-    arc_deg: float = 100.0
-    T_f: float = 2.2
-    T_mt: float = 2.0
-    T_lt: float = 2.6
-    T_p: float = 2.8
-    gap: float = 1.0
-    patellar_gap: float = 1.5
-    plate_axes: tuple[float, float] = (13.0, 17.0)
-    patella_axes: tuple[float, float] = (18.0, 14.0)
+    Built from a :class:`pipeline.phantom.PhantomSpec` by :func:`pipeline.phantom.knee_model`,
+    which holds the defaults; the two constants below are not part of the spec.
+    """
+
+    R: float
+    condyle_x: tuple[float, float]
+    arc_deg: float
+    T_f: float
+    T_mt: float
+    T_lt: float
+    T_p: float
+    gap: float
+    patellar_gap: float
+    plate_axes: tuple[float, float]
+    patella_axes: tuple[float, float]
+    bone_margin: float  # condyle and patella bone extend this far beyond the cartilage
+    meniscus_height: float
+    menisci: bool
+    full_r: float
+    full_centre: tuple[float, float]  # (x0 mm, phi0 deg) on the medial condyle
+    partial_r: float
+    partial_depth: float
+    partial_centre: tuple[float, float]  # (x, y) on the lateral plate
+    femur_bml: tuple[float, float, float] | None
+    femur_bml_centre: tuple[float, float, float]
+    tibia_bml: tuple[float, float, float] | None
     patella_z: float = 32.0
-    bone_margin: float = 1.5  # condyle and patella bone extend this far beyond the cartilage
-    meniscus_height: float = 5.5
-    menisci: bool = True
-    full_r: float = 4.0
-    full_centre: tuple[float, float] = (20.5, 0.0)  # (x0 mm, phi0 deg) on the medial condyle
-    partial_r: float = 3.5
-    partial_depth: float = 0.6
-    partial_centre: tuple[float, float] = (-19.0, -3.0)  # (x, y) on the lateral plate
-    femur_bml: tuple[float, float, float] | None = (5.0, 4.0, 3.5)
-    femur_bml_centre: tuple[float, float, float] = (22.0, 5.0, 6.6)
-    tibia_bml: tuple[float, float, float] | None = (4.0, 4.0, 3.0)
     tibia_bml_depth: float = 2.5  # mm from the plateau to the top of the tibial BML
 
     # ------------------------------------------------------------------ derived

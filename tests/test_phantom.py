@@ -14,7 +14,7 @@ from pipeline.io import check_same_geometry, read_volume
 from pipeline.labels import default_scheme
 from pipeline.phantom import (PhantomSpec, grid_geometry, knee_model, make_phantom,
                               spec_from_options, write_phantom)
-from pipeline.phantom_truth import KneeModel, plate_truth, slab_thickness_samples
+from pipeline.phantom_truth import plate_truth, slab_thickness_samples
 
 PLATES = ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
           "patellar_cartilage")
@@ -198,7 +198,7 @@ def test_slab_thickness_truth_matches_closed_form():
 
 
 def test_truth_sampling_error_is_small():
-    m = KneeModel()
+    m = knee_model(PhantomSpec())
     coarse, fine = plate_truth(m, 0.2), plate_truth(m, 0.1)
     for name in PLATES:
         assert abs(coarse[name]["thickness_mean_mm"] - fine[name]["thickness_mean_mm"]) < 0.005
@@ -208,7 +208,7 @@ def test_truth_sampling_error_is_small():
 
 def test_femoral_thickness_without_defect_matches_semi_analytic():
     # no defect, wide arc: only the side faces (|x - face|) and end faces (chord) matter
-    m = KneeModel(full_r=0.0, partial_r=0.0)
+    m = knee_model(PhantomSpec(full_defect_radius_mm=0.0, partial_defect_radius_mm=0.0))
     t = plate_truth(m, 0.1)["femoral_cartilage"]
     R, T, arc, L = m.R, m.T_f, math.radians(m.arc_deg), 25.0
     xs = (np.arange(2500) + 0.5) * L / 2500
