@@ -3,11 +3,7 @@
 # run the pipeline on it, and print where the results are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-. .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e .
+. scripts/setup.sh .
 out=out/sample
 python sample_data/generate.py sample_data/generated --seed 0 >/dev/null
 cartiq measure sample_data/generated/image.nii.gz --seg sample_data/generated/seg.nii.gz -o "$out/measure" >/dev/null

@@ -2,12 +2,7 @@
 # Set up a virtual environment with everything cartiq needs, then run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-. .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null
-# torch first, pinned: the CPU wheel 2.13.0 (a looser request could pull a CUDA build)
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+. scripts/setup.sh ".[test]"
 # headless Chromium for the HTML report screenshot tests (skipped when it cannot be installed)
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
