@@ -16,14 +16,13 @@ import logging
 import os
 import time
 import traceback
-from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-from pipeline.cohort import failure_rows, write_cohort_tables, write_reports
-from pipeline.errors import InputError
+from pipeline.errors import InputError, one_line
+from pipeline.executors import DaskCluster, LocalPool, Serial, WorkerFailure, worker_index
 from pipeline.manifest import (Manifest, ScanRow, compare_is_current, config_hashes, fingerprint,
                                input_hashes, model_identity, read_manifest_csv, scan_is_current)
 
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 
 EXIT_FAILED = 3
 _SEGMENTERS: dict[tuple[str, str], Any] = {}  # per-worker model cache (loaded once)
-_WORKER_INDEX: int | None = None  # local pool worker number (GPU assignment)
 
 
 @dataclass(frozen=True)
@@ -108,11 +106,6 @@ class BatchResult:
         return sum(1 for o in self.scans if o.status == status)
 
 
-def _one_line(exc: BaseException) -> str:
-    prefix = "" if type(exc).__module__ == "pipeline.errors" else f"{type(exc).__name__}: "
-    return (prefix + (" ".join(str(exc).split()) or type(exc).__name__))[:400]
-
-
 @contextmanager
 def _log_to(path: Path) -> Iterator[None]:
     """Copy the ``pipeline`` logger's records to ``path`` while the block runs."""
@@ -140,7 +133,7 @@ def _resolve_device(device: str) -> str:
     try:
         from distributed import get_worker
 
-        name = str(get_worker().name if _WORKER_INDEX is None else _WORKER_INDEX)
+        name = str(get_worker().name if worker_index() is None else worker_index())
     except ValueError:  # neither a pool nor a Dask worker
         name = ""
     return f"cuda:{int(name) % n if name.isdigit() else 0}"
@@ -196,10 +189,10 @@ def process_scan(task: ScanTask) -> Outcome:
             stage = "manifest"
             _finish_scan(task, out, run.manifest, inputs, model, device, fp, timings, notes)
         except Exception as exc:  # fault isolation: record and go on
-            log.error("%s/%s failed in %s: %s", r.subject_id, r.timepoint, stage, _one_line(exc))
+            log.error("%s/%s failed in %s: %s", r.subject_id, r.timepoint, stage, one_line(exc))
             log.debug("traceback:\n%s", traceback.format_exc())
             (out / "manifest.json").unlink(missing_ok=True)
-            return Outcome(*r.key, "failed", stage=stage, error=_one_line(exc))
+            return Outcome(*r.key, "failed", stage=stage, error=one_line(exc))
     return Outcome(*r.key, "done", notes=notes)
 
 
@@ -257,146 +250,20 @@ def process_compare(task: CompareTask) -> Outcome:
             (task.out_dir / "manifest.json").unlink(missing_ok=True)
             compare_scans(task.baseline_dir, task.followup_dir, task.out_dir)
         except Exception as exc:
-            log.error("%s: comparison failed: %s", task.out_dir, _one_line(exc))
+            log.error("%s: comparison failed: %s", task.out_dir, one_line(exc))
             log.debug("traceback:\n%s", traceback.format_exc())
             (task.out_dir / "manifest.json").unlink(missing_ok=True)
             return Outcome(task.subject_id, task.followup, "failed", stage="compare",
-                           error=_one_line(exc))
+                           error=one_line(exc))
     return Outcome(task.subject_id, task.followup, "done")
 
 
-class _Serial:
-    """One local worker: tasks run in this process, in submit order (no pool overhead)."""
-
-    def __init__(self) -> None:
-        self._queue: deque[tuple[Callable, Any]] = deque()
-
-    def submit(self, fn: Callable, task: Any) -> None:
-        self._queue.append((fn, task))
-
-    def results(self) -> Iterator[tuple[Any, Outcome]]:
-        while self._queue:
-            fn, task = self._queue.popleft()
-            yield task, fn(task)
-
-    def close(self) -> None:
-        self._queue.clear()
-
-
-def _init_worker(counter: Any, threads: int) -> None:
-    """Pool worker start-up: its number (GPU assignment) and its share of the CPU threads."""
-    global _WORKER_INDEX
-    import SimpleITK as sitk
-
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # this process only: torch loads it later
-    with counter.get_lock():
-        _WORKER_INDEX, counter.value = counter.value, counter.value + 1
-
-
-class _Pool:
-    """Local workers forked from a server that has the stages imported (fast start), one task
-    in flight per worker; when a worker dies (killed, out of memory) the pool is replaced and
-    the tasks in flight rerun one at a time, at most ``retries`` times, then count as failed."""
-
-    def __init__(self, workers: int, retries: int) -> None:
-        import multiprocessing as mp
-
-        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        self._ctx = mp.get_context(method)
-        if method == "forkserver":
-            self._ctx.set_forkserver_preload(["pipeline.batch", "pipeline.measure",
-                                              "pipeline.scoring", "pipeline.longitudinal"])
-        self._workers, self._retries, self._counter = workers, retries, self._ctx.Value("i", 0)
-        self._backlog: deque[tuple[Callable, Any, int]] = deque()
-        self._running: dict[Any, tuple[Callable, Any, int, Any]] = {}
-        self._pool = self._new_pool()
-
-    def _new_pool(self) -> Any:
-        from concurrent.futures import ProcessPoolExecutor
-
-        threads = max(1, (os.cpu_count() or 1) // self._workers)
-        return ProcessPoolExecutor(self._workers, mp_context=self._ctx, initializer=_init_worker,
-                                   initargs=(self._counter, threads))
-
-    def submit(self, fn: Callable, task: Any) -> None:
-        self._backlog.append((fn, task, 0))
-        self._fill()
-
-    def _fill(self) -> None:
-        while self._backlog and len(self._running) < self._workers:
-            if self._running and any(t[2] for t in (*self._running.values(), self._backlog[0])):
-                break  # a rerun after a crash runs alone: it cannot take other scans down
-            fn, task, tries = self._backlog.popleft()
-            self._running[self._pool.submit(fn, task)] = (fn, task, tries, self._pool)
-
-    def results(self) -> Iterator[tuple[Any, Outcome]]:
-        from concurrent.futures import FIRST_COMPLETED, wait
-        from concurrent.futures.process import BrokenProcessPool
-
-        while self._running:
-            for fut in wait(list(self._running), return_when=FIRST_COMPLETED)[0]:
-                fn, task, tries, pool = self._running.pop(fut)
-                try:
-                    yield task, fut.result()
-                except BrokenProcessPool:
-                    if pool is self._pool:  # first news of this breakage: a fresh pool
-                        log.warning("a worker process died; restarting the pool")
-                        pool.shutdown(wait=False, cancel_futures=True)
-                        self._pool = self._new_pool()
-                    if tries < self._retries:
-                        self._backlog.appendleft((fn, task, tries + 1))
-                    else:
-                        yield task, _failed(task, "worker", "worker process died "
-                                            f"{tries + 1} times (out of memory?)")
-                except Exception as exc:
-                    yield task, _failed(task, "worker", _one_line(exc))
-            self._fill()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-class _Dask:
-    """An existing Dask cluster: tasks go to its scheduler; Dask reruns those of lost workers."""
-
-    def __init__(self, scheduler: str, retries: int, gpu: bool) -> None:
-        from distributed import Client, as_completed
-
-        try:
-            self._client = Client(scheduler, timeout="20s")
-        except OSError as exc:
-            raise InputError(f"cannot reach the Dask scheduler {scheduler}: {exc}") from None
-        info = self._client.scheduler_info().get("workers", {})
-        self._gpu_resource = gpu and any("GPU" in (w.get("resources") or {}) for w in info.values())
-        log.info("dask: %d worker(s) at %s", len(info), scheduler)
-        self._retries, self._ac, self._tasks = retries, as_completed(), {}
-
-    def submit(self, fn: Callable, task: Any) -> None:
-        needs_gpu = self._gpu_resource and isinstance(task, ScanTask) and task.row.seg is None
-        fut = self._client.submit(fn, task, pure=False, retries=self._retries,
-                                  resources={"GPU": 1} if needs_gpu else None)
-        self._tasks[fut.key] = task
-        self._ac.add(fut)
-
-    def results(self) -> Iterator[tuple[Any, Outcome]]:
-        for fut in self._ac:
-            task = self._tasks.pop(fut.key)
-            try:
-                outcome = fut.result()
-            except Exception as exc:  # KilledWorker, lost connection...
-                outcome = _failed(task, "worker", _one_line(exc))
-            fut.release()
-            yield task, outcome
-
-    def close(self) -> None:
-        self._client.close()
-
-
-def _failed(task: Any, stage: str, error: str) -> Outcome:
-    key = (task.row.key if isinstance(task, ScanTask)
-           else (getattr(task, "subject_id", str(task)), getattr(task, "followup", "")))
-    return Outcome(*key, "failed", stage=stage, error=error)
+def _outcome(task: ScanTask | CompareTask, result: Outcome | WorkerFailure) -> Outcome:
+    """The task's outcome; a task its worker could not finish fails in stage ``worker``."""
+    if isinstance(result, Outcome):
+        return result
+    key = task.row.key if isinstance(task, ScanTask) else (task.subject_id, task.followup)
+    return Outcome(*key, "failed", stage="worker", error=result.error)
 
 
 def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> BatchResult:
@@ -418,6 +285,8 @@ def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> B
         if manifest.unknown_columns:
             log.warning("ignored unknown column(s): %s", ", ".join(manifest.unknown_columns))
         result = _run(manifest, opts, out, progress)
+        from pipeline.cohort import write_cohort_tables, write_reports
+
         write_cohort_tables(out, manifest, result.scans, result.compares, result.failures)
         for err in write_reports(out, manifest.subjects()) if opts.reports else []:
             log.warning("report: %s", err)
@@ -430,25 +299,38 @@ def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> B
     return result
 
 
+def _stage_modules(needs_model: bool, has_pairs: bool) -> tuple[str, ...]:
+    """The stage modules a worker will use (imported once, before the workers fork)."""
+    return ("pipeline.batch", "pipeline.measure", "pipeline.measure_io", "pipeline.qc", "pipeline.scoring",
+            *(("pipeline.segment",) if needs_model else ()),
+            *(("pipeline.longitudinal",) if has_pairs else ()))
+
+
 def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> BatchResult:
+    needs_model = any(r.seg is None for r in manifest.rows)
+    pairs = manifest.pairs()
+    workers = opts.workers or _default_workers(opts.device if needs_model else "cpu")
+    workers = max(1, min(workers, len(manifest.rows))) if not opts.scheduler else workers
     hashes = config_hashes(opts.measure_config)
     tasks = [ScanTask(r, out / r.subject_id / r.timepoint, opts.measure_config, hashes,
                       opts.model, opts.device) for r in manifest.rows]
-    needs_model = any(r.seg is None for r in manifest.rows)
-    workers = opts.workers or _default_workers(opts.device if needs_model else "cpu")
-    workers = max(1, min(workers, len(tasks))) if not opts.scheduler else workers
     log.info("batch: %d scan(s) of %d subject(s) from %s -> %s (%s)", len(tasks),
              len(manifest.subjects()), manifest.path, out,
              f"scheduler {opts.scheduler}" if opts.scheduler else f"{workers} local worker(s)")
-    pairs = manifest.pairs()
-    executor = (_Dask(opts.scheduler, opts.retries, needs_model) if opts.scheduler
-                else _Pool(workers, opts.retries) if workers > 1 else _Serial())
+    # a local pool's server starts now and imports the stages while this process loads the
+    # cohort code (pandas); its workers fork from it on the first submit
+    executor = (DaskCluster(opts.scheduler, opts.retries) if opts.scheduler
+                else LocalPool(workers, opts.retries, _stage_modules(needs_model, bool(pairs)))
+                if workers > 1 else Serial())
     scans, compares = {}, []  # type: dict[tuple[str, str], Outcome], list[Outcome]
-    getattr(progress, "start", lambda n: None)(len(tasks))
     try:
+        from pipeline.cohort import failure_rows
+
+        getattr(progress, "start", lambda n: None)(len(tasks))
         for t in tasks:
-            executor.submit(process_scan, t)
-        for task, outcome in executor.results():
+            executor.submit(process_scan, t, gpu=t.row.seg is None)
+        for task, result in executor.results():
+            outcome = _outcome(task, result)
             if isinstance(task, ScanTask):
                 if outcome.status == "done" and not (task.out_dir / "manifest.json").is_file():
                     outcome = Outcome(*task.row.key, "failed", stage="manifest", error=(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["CartiqError", "InputError", "ConfigError", "ModelError", "OutputError"]
+__all__ = ["CartiqError", "InputError", "ConfigError", "ModelError", "OutputError", "one_line"]
 
 
 class CartiqError(Exception):
@@ -34,3 +34,10 @@ class ModelError(CartiqError):
 
 class OutputError(CartiqError):
     """The output location cannot be written."""
+
+
+def one_line(exc: BaseException, limit: int = 400) -> str:
+    """``exc`` as one line for a table or log: cartiq errors as they are, others prefixed
+    with their type (``ValueError: ...``), whitespace collapsed, at most ``limit`` characters."""
+    prefix = "" if isinstance(exc, CartiqError) else f"{type(exc).__name__}: "
+    return (prefix + (" ".join(str(exc).split()) or type(exc).__name__))[:limit]

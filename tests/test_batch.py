@@ -414,9 +414,9 @@ def test_reports_are_written_and_never_fail_the_batch(tmp_path, monkeypatch):
 def test_pool_reruns_after_a_crash_alone():
     """A task that kills its worker process fails (stage worker) after the retries; the pool
     is restarted each time and every other task completes."""
-    from pipeline.batch import _Pool
+    from pipeline.executors import LocalPool, WorkerFailure
 
-    pool = _Pool(2, retries=2)
+    pool = LocalPool(2, retries=2)
     try:
         pool.submit(os._exit, 7)  # the worker process exits abruptly
         for _ in range(3):
@@ -425,6 +425,6 @@ def test_pool_reruns_after_a_crash_alone():
     finally:
         pool.close()
     failed = [o for t, o in got if t == 7]
-    assert len(failed) == 1 and failed[0].status == "failed" and failed[0].stage == "worker"
+    assert len(failed) == 1 and isinstance(failed[0], WorkerFailure)
     assert "died 3 times" in failed[0].error
     assert [o for t, o in got if t != 7] == [None, None, None]
