@@ -486,9 +486,7 @@ def run_score(scan_dir: str | Path, out_dir: str | Path, *, sites_path: str | Pa
     begin_folder(out_dir)
     doc = {**provenance(), **result.to_json(), "scan_dir": str(scan_dir),
            "sites_from": site_source}
-    rows = [{k: ("NaN" if isinstance(v, float) and not math.isfinite(v) else v)
-             for k, v in r.items()} for r in result.rows()]
-    write_csv(out_dir / "mocart.csv", CSV_COLUMNS, rows)
+    write_csv(out_dir / "mocart.csv", CSV_COLUMNS, result.rows())  # not measured: empty cell
     atomic_write_text(out_dir / "mocart.json", json.dumps(doc, indent=1, allow_nan=False))
     atomic_write_text(out_dir / "mocart_config.yaml",
                       yaml.safe_dump(resolved(cfg), sort_keys=False))

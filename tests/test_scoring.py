@@ -223,10 +223,15 @@ def test_cli_sites_mask_and_bad_geometry(tmp_path, capsys):
     ph = make_repair_phantom(RepairSpec())
     scan = write_scan_folder(ph, tmp_path / "scan")
     good = tmp_path / "sites.nii.gz"
-    write_volume(good, ph["sites"], ph["image"].geometry)
+    sites = ph["sites"].copy()
+    sites[-3:, -3:, -3:] = 2             # site 2: a corner of the grid, off every plate
+    write_volume(good, sites, ph["image"].geometry)
     assert _cli("score", scan, "--sites", good, "-o", tmp_path / "o1") == 0
     rows = _read_csv(tmp_path / "o1" / "mocart.csv")
     assert next(r for r in rows if r["item"] == "total")["points"] == "100"
+    off = [r for r in rows if r["site_id"] == "2"]   # not measurable: empty cells, never "NaN"
+    assert off and all(r["points"] == "" for r in off)
+    assert "nan" not in (tmp_path / "o1" / "mocart.csv").read_text().lower()
     bad = tmp_path / "bad_sites.nii.gz"
     write_volume(bad, ph["sites"][:-1], _shrunk(ph["image"].geometry))
     capsys.readouterr()
