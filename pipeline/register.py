@@ -30,21 +30,38 @@ Conventions: world = LPS mm.  ``matrix`` (4x4) maps **follow-up world points to 
 world points**; the SimpleITK transform written to disk maps baseline points to follow-up
 points (ITK's resampling convention: it resamples the follow-up image into baseline space,
 and 3D Slicer applies it to the follow-up volume directly).
+
+Modules: the configuration, the result record and the matrix helpers live in
+:mod:`pipeline.register_records`; bone masks, crops, distance maps and the residual/overlap
+measures in :mod:`pipeline.register_crops`; this module drives SimpleITK (starts, stages,
+intensity refinement).  Every public name is importable from here.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-from pydantic import Field
-from scipy import ndimage
 
-from pipeline.config import Strict
 from pipeline.io import Geometry, Volume
-from pipeline.labels import BONES, default_scheme
+from pipeline.labels import BONES
+from pipeline.register_crops import (
+    _Crop,
+    _isotropic,
+    _make_crop,
+    _overlap,
+    _residual,
+    _surface_points,
+    bone_mask,
+    to_sitk_image,
+)
+from pipeline.register_records import (
+    BoneRegistration,
+    RegistrationConfig,
+    _euler_to_matrix,
+    apply_matrix,
+    rotation_angle_deg,
+)
 
 __all__ = ["RegistrationConfig", "BoneRegistration", "bone_mask", "register_bone",
            "register_visits", "apply_matrix", "rotation_angle_deg", "to_sitk_image"]
@@ -52,235 +69,7 @@ __all__ = ["RegistrationConfig", "BoneRegistration", "bone_mask", "register_bone
 log = logging.getLogger(__name__)
 
 
-class RegistrationConfig(Strict):
-    crop_margin_mm: float = Field(15.0, ge=2, description="margin around each bone mask")
-    fov_margin_mm: float = Field(3.0, ge=0,
-        description="points this close to the image edge are left out (cut bone faces)")
-    distance_clamp_mm: float = Field(20.0, gt=0, description="signed distances are clamped here")
-    distance_smoothing_mm: float = Field(0.7, ge=0,
-        description="Gaussian smoothing of the signed distance maps (removes voxel steps)")
-    band_mm: float = Field(8.0, gt=0, description="metric band around the baseline bone surface")
-    work_spacing_mm: float = Field(1.0, gt=0, le=4,
-        description="the distance maps are registered on an isotropic grid of this spacing")
-    iterations: int = Field(300, ge=10)
-    metric_samples: int = Field(20000, ge=1000,
-        description="random metric samples per iteration (inside the metric band)")
-    intensity_refinement: bool = True
-    intensity_band_mm: float = Field(4.0, gt=0)
-    intensity_keep_tolerance_mm: float = Field(0.02, ge=0,
-        description="intensity stage kept unless it worsens the residual by more than this")
-    max_residual_mm: float = Field(2.0, gt=0,
-        description="a registration with a larger residual has not converged")
-    extra_start_deg: float = Field(15.0, ge=0, le=90,
-        description="when the moment starts leave a residual above half a voxel, starts "
-                    "rotated by +-this about each axis are tried too")
-    max_points: int = Field(20000, ge=100, description="surface points used for residuals")
-    seed: int = 7
-
-
-@dataclass
-class BoneRegistration:
-    """Result of registering one bone (follow-up -> baseline)."""
-
-    bone: str
-    present: bool
-    reason: str = ""
-    matrix: np.ndarray = field(default_factory=lambda: np.eye(4))  # follow-up -> baseline
-    converged: bool = False
-    residual_mm: float = float("nan")
-    residual_rms_mm: float = float("nan")
-    residual_p95_mm: float = float("nan")
-    residual_limit_mm: float = float("nan")
-    residual_flag: bool = True
-    dice: float = float("nan")
-    volume_ratio: float = float("nan")
-    stage: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-    sitk_transform: Any = None  # SimpleITK Euler3DTransform, baseline -> follow-up
-
-    def map_points(self, followup_points: np.ndarray) -> np.ndarray:
-        """Follow-up world points (N, 3) to baseline world (N, 3)."""
-        return apply_matrix(self.matrix, followup_points)
-
-    def map_points_inverse(self, baseline_points: np.ndarray) -> np.ndarray:
-        """Baseline world points (N, 3) to follow-up world (N, 3)."""
-        return apply_matrix(np.linalg.inv(self.matrix), baseline_points)
-
-    def to_json(self) -> dict[str, Any]:
-        m = self.matrix
-        out: dict[str, Any] = {"bone": self.bone, "present": self.present}
-        if not self.present:
-            out["reason"] = self.reason
-            return out
-        out.update({
-            "converged": bool(self.converged),
-            "reason": self.reason,
-            "stage": self.stage,
-            "matrix_followup_to_baseline_lps": np.round(m, 6).tolist(),
-            "rotation_deg": round(rotation_angle_deg(m[:3, :3]), 3),
-            "translation_mm": np.round(m[:3, 3], 3).tolist(),
-            "residual_mean_mm": _r(self.residual_mm),
-            "residual_rms_mm": _r(self.residual_rms_mm),
-            "residual_p95_mm": _r(self.residual_p95_mm),
-            "residual_limit_mm": _r(self.residual_limit_mm),
-            "residual_flag": bool(self.residual_flag),
-            "dice": _r(self.dice, 4),
-            "volume_ratio": _r(self.volume_ratio, 4),
-        })
-        out.update(self.details)
-        return out
-
-
-def _r(x: float, nd: int = 3) -> float | None:
-    return None if not np.isfinite(x) else round(float(x), nd)
-
-
-def apply_matrix(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
-    pts = np.atleast_2d(np.asarray(points, dtype=float))
-    return pts @ matrix[:3, :3].T + matrix[:3, 3]
-
-
-def rotation_angle_deg(rot: np.ndarray) -> float:
-    c = (np.trace(rot) - 1.0) / 2.0
-    return float(np.degrees(np.arccos(np.clip(c, -1.0, 1.0))))
-
-
-# ----------------------------------------------------------------------------- masks
-
-
-def bone_mask(labels: np.ndarray, bone: str) -> np.ndarray:
-    """Bone label plus the bone-marrow-lesion voxels touching it (bool)."""
-    scheme = default_scheme()
-    mask = labels == scheme[bone]
-    bml = labels == scheme["bone_marrow_lesion"]
-    if bml.any() and mask.any():
-        import cc3d
-
-        comps = cc3d.connected_components(bml.astype(np.uint8), connectivity=26)
-        touching = np.unique(comps[ndimage.binary_dilation(mask, iterations=1) & bml])
-        touching = touching[touching > 0]
-        if touching.size:
-            mask = mask | np.isin(comps, touching)
-    return mask
-
-
-@dataclass
-class _Crop:
-    """A cropped, edge-extended region of one visit around one bone."""
-
-    geometry: Geometry  # of the cropped (and padded) grid
-    mask: np.ndarray  # bool bone mask (padded by edge replication)
-    sdm: np.ndarray  # float32 signed distance (mm), negative inside
-    interior: np.ndarray  # bool: inside the original field of view, away from its edge
-    box: tuple[slice, ...]  # crop in the original array (before padding)
-    pad: np.ndarray  # (3, 2) voxels padded before/after per axis
-    full_shape: tuple[int, ...]  # shape of the uncropped scan
-
-
-def _make_crop(mask: np.ndarray, geom: Geometry, cfg: RegistrationConfig) -> _Crop:
-    spacing = np.asarray(geom.spacing, dtype=float)
-    idx = np.argwhere(mask)
-    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
-    m = np.ceil(cfg.crop_margin_mm / spacing).astype(int)
-    lo_c, hi_c = np.maximum(lo - m, 0), np.minimum(hi + m, mask.shape)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(lo_c, hi_c))
-    # extend past the field of view where the crop reaches the image edge
-    ext = np.ceil(cfg.crop_margin_mm / spacing).astype(int)
-    pad = np.zeros((3, 2), dtype=int)
-    for ax in range(3):
-        pad[ax, 0] = ext[ax] if lo_c[ax] == 0 else 0
-        pad[ax, 1] = ext[ax] if hi_c[ax] == mask.shape[ax] else 0
-    sub = np.pad(mask[box], pad, mode="edge")
-    interior = np.zeros(sub.shape, dtype=bool)
-    fm = np.ceil(cfg.fov_margin_mm / spacing).astype(int)
-    inner = []
-    for ax in range(3):
-        first = pad[ax, 0] + (fm[ax] if lo_c[ax] == 0 else 0)
-        last = sub.shape[ax] - pad[ax, 1] - (fm[ax] if hi_c[ax] == mask.shape[ax] else 0)
-        inner.append(slice(int(first), int(max(last, first))))
-    interior[tuple(inner)] = True
-    origin = geom.index_to_world((lo_c - pad[:, 0])[None, :].astype(float))[0]
-    g = Geometry(shape=tuple(int(n) for n in sub.shape), spacing=geom.spacing,
-                 origin=tuple(float(v) for v in origin), direction=geom.direction)
-    return _Crop(geometry=g, mask=sub, sdm=_signed_distance(sub, spacing, cfg), interior=interior,
-                 box=box, pad=pad, full_shape=tuple(mask.shape))
-
-
-def _signed_distance(mask: np.ndarray, spacing: np.ndarray, cfg: RegistrationConfig) -> np.ndarray:
-    import edt
-
-    sp = tuple(float(s) for s in spacing)
-    inside = edt.edt(np.ascontiguousarray(mask, dtype=np.uint8), anisotropy=sp)
-    outside = edt.edt(np.ascontiguousarray(~mask, dtype=np.uint8), anisotropy=sp)
-    # voxel centres: distance to the boundary is about half a voxel less than edt's value
-    sdm = np.where(mask, -(inside - 0.5 * min(sp)), outside - 0.5 * min(sp)).astype(np.float32)
-    if cfg.distance_smoothing_mm > 0:
-        sdm = ndimage.gaussian_filter(sdm, sigma=cfg.distance_smoothing_mm / spacing,
-                                      mode="nearest", truncate=3.0)
-    return np.clip(sdm, -cfg.distance_clamp_mm, cfg.distance_clamp_mm)
-
-
-def to_sitk_image(array: np.ndarray, geom: Geometry, dtype=np.float32):
-    """SimpleITK image of an ITK-index-order array with ``geom``."""
-    import SimpleITK as sitk
-
-    img = sitk.GetImageFromArray(np.ascontiguousarray(array.astype(dtype).transpose(2, 1, 0)))
-    geom.apply_to_sitk(img)
-    return img
-
-
-def _isotropic(crop: _Crop, cfg: RegistrationConfig):
-    """Distance map and interior mask of a crop on an isotropic grid (SimpleITK images)."""
-    import SimpleITK as sitk
-
-    sdm = to_sitk_image(crop.sdm, crop.geometry)
-    extent = np.asarray(crop.geometry.shape) * np.asarray(crop.geometry.spacing)
-    size = [max(int(np.ceil(e / cfg.work_spacing_mm)), 4) for e in extent]
-    spacing = [cfg.work_spacing_mm] * 3
-    origin = crop.geometry.index_to_world(np.full((1, 3), -0.5))[0] + \
-        crop.geometry.matrix @ np.full(3, 0.5 * cfg.work_spacing_mm)
-    grid = (size, sitk.Transform(), None, tuple(origin), tuple(spacing), crop.geometry.direction)
-    iso = sitk.Resample(sdm, *grid[:2], sitk.sitkLinear, *grid[3:], float(cfg.distance_clamp_mm),
-                        sitk.sitkFloat32)
-    interior = sitk.Resample(to_sitk_image(crop.interior, crop.geometry, np.uint8), *grid[:2],
-                             sitk.sitkNearestNeighbor, *grid[3:], 0, sitk.sitkUInt8)
-    return iso, interior
-
-
-def _surface_points(crop: _Crop, cfg: RegistrationConfig) -> np.ndarray:
-    """World points on the bone surface (zero level of the distance map), away from edges."""
-    from skimage.measure import marching_cubes
-
-    if crop.sdm.min() >= 0 or crop.sdm.max() <= 0:
-        return np.zeros((0, 3))  # no surface: the residual becomes infinite
-    verts, _, _, _ = marching_cubes(crop.sdm, level=0.0)
-    keep = ndimage.map_coordinates(crop.interior.astype(np.float32), verts.T, order=0) > 0.5
-    verts = verts[keep]
-    if len(verts) > cfg.max_points:
-        rng = np.random.default_rng(cfg.seed)
-        verts = verts[rng.choice(len(verts), cfg.max_points, replace=False)]
-    return crop.geometry.index_to_world(verts)
-
-
-def _sample(crop: _Crop, points_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Signed distance at world points, and whether each point lies in ``crop.interior``."""
-    ijk = crop.geometry.world_to_index(points_world)
-    vals = ndimage.map_coordinates(crop.sdm, ijk.T, order=1, mode="nearest")
-    inside = ndimage.map_coordinates(crop.interior.astype(np.float32), ijk.T, order=0,
-                                     mode="constant", cval=0.0) > 0.5
-    return vals, inside
-
-
-# ----------------------------------------------------------------------------- transforms
-
-
-def _euler_to_matrix(tx) -> np.ndarray:
-    """4x4 of a SimpleITK rigid transform (maps baseline -> follow-up)."""
-    a = np.eye(4)
-    a[:3, :3] = np.asarray(tx.GetMatrix()).reshape(3, 3)
-    c = np.asarray(tx.GetCenter())
-    a[:3, 3] = np.asarray(tx.GetTranslation()) + c - a[:3, :3] @ c
-    return a
+# ----------------------------------------------------------------------------- initialisation
 
 
 def _moments(mask: np.ndarray, geom: Geometry) -> tuple[np.ndarray, np.ndarray]:
@@ -338,7 +127,6 @@ def _register_stage(fixed, moving, init, *, metric: str, fixed_mask, moving_mask
         out.GetName() == "CompositeTransform" else out
     stop = f"{reg.GetOptimizerStopConditionDescription()} ({count[0]} iterations in all levels)"
     return sitk.Euler3DTransform(tx), reg.GetMetricValue(), stop
-
 
 # ----------------------------------------------------------------------------- public API
 
@@ -448,36 +236,6 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
                  "intensity_refinement": intensity,
                  "baseline_bone_volume_mm3": round(float(fm.sum()) * fgeo.voxel_volume_mm3, 1),
                  "followup_bone_volume_mm3": round(float(mm.sum()) * mgeo.voxel_volume_mm3, 1)})
-
-
-def _residual(tx, fc: _Crop, mc: _Crop, surfaces: tuple[np.ndarray, np.ndarray]
-              ) -> tuple[float, float, float]:
-    """Symmetric bone-surface distance (mean, rms, p95; mm) after registration."""
-    m = _euler_to_matrix(tx)  # baseline -> follow-up
-    d1, in1 = _sample(mc, apply_matrix(m, surfaces[0]))
-    d2, in2 = _sample(fc, apply_matrix(np.linalg.inv(m), surfaces[1]))
-    d = np.abs(np.concatenate([d1[in1], d2[in2]]))
-    if d.size < 20:
-        return float("inf"), float("inf"), float("inf")
-    return float(d.mean()), float(np.sqrt((d ** 2).mean())), float(np.percentile(d, 95))
-
-
-def _overlap(tx, fc: _Crop, mc: _Crop) -> tuple[float, float]:
-    """Dice and volume ratio (follow-up / baseline) of the bone masks in the common FOV."""
-    import SimpleITK as sitk
-
-    ref = to_sitk_image(fc.mask, fc.geometry, np.uint8)
-    mov = to_sitk_image(mc.mask, mc.geometry, np.uint8)
-    movi = to_sitk_image(mc.interior, mc.geometry, np.uint8)
-    warped = sitk.GetArrayFromImage(sitk.Resample(mov, ref, tx, sitk.sitkNearestNeighbor, 0)
-                                    ).transpose(2, 1, 0).astype(bool)
-    inside = sitk.GetArrayFromImage(sitk.Resample(movi, ref, tx, sitk.sitkNearestNeighbor, 0)
-                                    ).transpose(2, 1, 0).astype(bool) & fc.interior
-    a, b = fc.mask & inside, warped & inside
-    if a.sum() == 0:
-        return float("nan"), float("nan")
-    dice = 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
-    return dice, float(b.sum()) / float(a.sum())
 
 
 def _refine_intensity(tx, bimg: Volume, fimg: Volume, fc: _Crop, mc: _Crop,
