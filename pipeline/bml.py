@@ -65,7 +65,7 @@ def detect_bml(image: np.ndarray, labels: np.ndarray, spacing_mm: tuple[float, f
     from scipy import ndimage
 
     from pipeline.labels import default_scheme
-    from pipeline.segment import _bbox
+    from pipeline.segment_post import _bbox
 
     s = default_scheme()
     sp = np.asarray(spacing_mm, float)

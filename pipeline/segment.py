@@ -41,11 +41,9 @@ from pipeline.io import Geometry, Volume
 from pipeline.segment_grid import (
     _axis_spacing_along,
     canonical_geometry,
-    normalize_array,  # noqa: F401 (re-exported for pipeline.train)
     resample_array,
 )
 from pipeline.segment_post import (
-    _bbox,  # noqa: F401 (re-exported for pipeline.bml)
     clean_prediction,
     to_cartiq_scheme,
 )

@@ -97,7 +97,7 @@ def _stem(p: Path) -> str:
 
 def _load_samples(labels_dir: Path, images_dir: Path | None, cfg: TrainConfig) -> list[_Sample]:
     from pipeline.io import read_volume
-    from pipeline.segment import canonical_geometry, normalize_array, resample_array
+    from pipeline.segment_grid import canonical_geometry, normalize_array, resample_array
 
     sp = cfg.synth.spacing_mm
     images = {_stem(p): p for p in _files(images_dir)} if images_dir else {}
