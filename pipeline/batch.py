@@ -311,7 +311,7 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
     pairs = manifest.pairs()
     workers = opts.workers or _default_workers(opts.device if needs_model else "cpu")
     workers = max(1, min(workers, len(manifest.rows))) if not opts.scheduler else workers
-    hashes = config_hashes(opts.measure_config)
+    hashes = config_hashes(opts.measure_config, compare=bool(pairs))
     tasks = [ScanTask(r, out / r.subject_id / r.timepoint, opts.measure_config, hashes,
                       opts.model, opts.device) for r in manifest.rows]
     log.info("batch: %d scan(s) of %d subject(s) from %s -> %s (%s)", len(tasks),

@@ -379,15 +379,18 @@ def model_identity(model: str | None) -> dict[str, Any]:
     return {"name": info.get("name"), "version": info.get("version"), "weights_sha256": sha}
 
 
-def config_hashes(measure_config: Path | None) -> dict[str, str]:
-    """Hashes of the resolved configs that shape a batch's results (and the label scheme)."""
+def config_hashes(measure_config: Path | None, compare: bool = True) -> dict[str, str]:
+    """Hashes of the resolved configs that shape a batch's results (and the label scheme);
+    ``compare=False``: without the comparison config (a batch without follow-ups)."""
     from pipeline.config import MeasureConfig, config_hash, load_config
     from pipeline.labels import CONFIG_DIR
 
     out = {"measure": config_hash(load_config(measure_config, MeasureConfig,
                                               default_name="measure.yaml"))}
-    for key, module, loader in (("score", "scoring", "load_scoring_config"),
-                                ("compare", "longitudinal", "load_compare_config")):
+    stages = [("score", "scoring", "load_scoring_config")]
+    if compare:
+        stages.append(("compare", "longitudinal", "load_compare_config"))
+    for key, module, loader in stages:
         try:
             load = getattr(importlib.import_module(f"pipeline.{module}"), loader)
             out[key] = config_hash(load(None))
