@@ -301,7 +301,8 @@ def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> B
 
 def _stage_modules(needs_model: bool, has_pairs: bool) -> tuple[str, ...]:
     """The stage modules a worker will use (imported once, before the workers fork)."""
-    return ("pipeline.batch", "pipeline.measure", "pipeline.measure_io", "pipeline.qc", "pipeline.scoring",
+    return ("pipeline.batch", "pipeline.measure", "pipeline.measure_io", "pipeline.qc",
+            "pipeline.scoring",
             *(("pipeline.segment",) if needs_model else ()),
             *(("pipeline.longitudinal",) if has_pairs else ()))
 
@@ -311,19 +312,19 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
     pairs = manifest.pairs()
     workers = opts.workers or _default_workers(opts.device if needs_model else "cpu")
     workers = max(1, min(workers, len(manifest.rows))) if not opts.scheduler else workers
-    hashes = config_hashes(opts.measure_config, compare=bool(pairs))
-    tasks = [ScanTask(r, out / r.subject_id / r.timepoint, opts.measure_config, hashes,
-                      opts.model, opts.device) for r in manifest.rows]
-    log.info("batch: %d scan(s) of %d subject(s) from %s -> %s (%s)", len(tasks),
-             len(manifest.subjects()), manifest.path, out,
-             f"scheduler {opts.scheduler}" if opts.scheduler else f"{workers} local worker(s)")
-    # a local pool's server starts now and imports the stages while this process loads the
-    # cohort code (pandas); its workers fork from it on the first submit
+    # a local pool's server starts first and imports the stages while this process hashes
+    # the configs and loads the cohort code (pandas); its workers fork from it on first submit
     executor = (DaskCluster(opts.scheduler, opts.retries) if opts.scheduler
                 else LocalPool(workers, opts.retries, _stage_modules(needs_model, bool(pairs)))
                 if workers > 1 else Serial())
     scans, compares = {}, []  # type: dict[tuple[str, str], Outcome], list[Outcome]
     try:
+        hashes = config_hashes(opts.measure_config, compare=bool(pairs))
+        tasks = [ScanTask(r, out / r.subject_id / r.timepoint, opts.measure_config, hashes,
+                          opts.model, opts.device) for r in manifest.rows]
+        log.info("batch: %d scan(s) of %d subject(s) from %s -> %s (%s)", len(tasks),
+                 len(manifest.subjects()), manifest.path, out, f"scheduler {opts.scheduler}"
+                 if opts.scheduler else f"{workers} local worker(s)")
         from pipeline.cohort import failure_rows
 
         getattr(progress, "start", lambda n: None)(len(tasks))
