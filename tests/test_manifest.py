@@ -149,3 +149,22 @@ def test_cli_bad_manifest_exit_2_lists_rows(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "line 3:" in err and "line 4:" in err and "nope.nii does not exist" in err
     assert not (tmp_path / "out" / "P1").exists()  # nothing was processed
+
+
+def test_cli_bad_measure_config_exit_2_before_any_scan(tmp_path, capsys):
+    """A bad --config stops a parallel batch with one line naming the file, before any scan
+    (the local pool, already starting, is shut down)."""
+    from pipeline.cli import main
+
+    _files(tmp_path, "a.nii", "b.nii")
+    p = _write(tmp_path, ["subject_id,timepoint,image,seg", "P1,bl,a.nii,b.nii",
+                          "P2,bl,a.nii,b.nii"])
+    cfg = tmp_path / "measure.yaml"
+    cfg.write_text("smoothing_sigma_voxels: -3\nno_such_setting: 1\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["batch", str(p), "-o", str(tmp_path / "out"), "--config", str(cfg),
+              "--workers", "2", "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "measure.yaml" in err[0]
+    assert not (tmp_path / "out" / "P1").exists() and not (tmp_path / "out" / "P2").exists()
