@@ -12,6 +12,7 @@ of lost workers rerun elsewhere.  User guide: ``docs/batch.md``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
@@ -325,7 +326,8 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
         log.info("batch: %d scan(s) of %d subject(s) from %s -> %s (%s)", len(tasks),
                  len(manifest.subjects()), manifest.path, out, f"scheduler {opts.scheduler}"
                  if opts.scheduler else f"{workers} local worker(s)")
-        from pipeline.cohort import failure_rows
+        if not isinstance(executor, Serial):
+            importlib.import_module("pipeline.cohort")  # pandas: loads while workers start
 
         getattr(progress, "start", lambda n: None)(len(tasks))
         for t in tasks:
@@ -347,6 +349,8 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
     finally:
         getattr(progress, "stop", lambda: None)()
         executor.close()
+    from pipeline.cohort import failure_rows  # after the scans: in-process scans run lean
+
     order = {r.key: i for i, r in enumerate(manifest.rows)}
     scan_list = sorted(scans.values(), key=lambda o: order[(o.subject_id, o.timepoint)])
     for o in scan_list + compares:
