@@ -68,12 +68,16 @@ def direct(manifest: Path, out: Path) -> None:
     from pipeline.measure import run_measure
     from pipeline.scoring import run_score
 
+    own = []
     with manifest.open(newline="") as fh:
         for row in csv.DictReader(fh):
             scan_out = out / row["subject_id"] / row["timepoint"]
+            t0 = time.perf_counter()
             run_measure(manifest.parent / row["image"], manifest.parent / row["seg"], scan_out,
                         side=row["side"])
             run_score(scan_out, scan_out / "score")
+            own.append(time.perf_counter() - t0)
+    (out / "direct_own_s.json").write_text(json.dumps(own))
 
 
 def _timed(cmd: list[str]) -> tuple[float, float]:
@@ -92,7 +96,8 @@ def direct_run(manifest: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     wall, cpu = _timed([sys.executable, str(Path(__file__).resolve()), "--direct",
                         str(manifest), str(out)])
-    return {"wall_s": wall, "cpu_s": cpu, "load": os.getloadavg()[0]}
+    own = json.loads((out / "direct_own_s.json").read_text())
+    return {"wall_s": wall, "cpu_s": cpu, "scan_own_s": own, "load": os.getloadavg()[0]}
 
 
 def one_run(manifest: Path, out: Path, workers: int) -> dict:
@@ -153,6 +158,11 @@ def main() -> None:
     # paired by repeat (direct and 1 worker run back to back), median of the differences
     machinery = statistics.median(r["wall_s"] - d["wall_s"]
                                   for r, d in zip(runs[1], direct_runs)) / args.scans
+    # the same, with each run's own scan times taken out (they vary from process to process
+    # by more than the machinery costs): the difference of the fixed costs outside the stages
+    machinery_fixed = statistics.median(
+        (r["wall_s"] - sum(r["scan_own_s"])) - (d["wall_s"] - sum(d["scan_own_s"]))
+        for r, d in zip(runs[1], direct_runs)) / args.scans
     machinery_cpu = statistics.median(r["cpu_s"] - d["cpu_s"]
                                       for r, d in zip(runs[1], direct_runs)) / args.scans
     summary = {
@@ -166,6 +176,10 @@ def main() -> None:
         "median_sum_scan_own_1_worker_s": round(statistics.median(own_per_run), 2),
         "machinery_overhead_per_scan_s": round(machinery, 3),
         "machinery_overhead_pct_of_scan": round(100 * machinery / scan_own, 2),
+        "machinery_overhead_outside_stages_per_scan_s": round(machinery_fixed, 3),
+        "machinery_overhead_outside_stages_pct_of_scan": round(100 * machinery_fixed / scan_own, 2),
+        "median_scan_own_direct_s": round(statistics.median(
+            t for d in direct_runs for t in d["scan_own_s"]), 3),
         "machinery_overhead_cpu_per_scan_s": round(machinery_cpu, 3),
         "machinery_overhead_cpu_pct_of_scan": round(100 * machinery_cpu / scan_own, 2),
         "median_cpu_direct_s": round(statistics.median(d["cpu_s"] for d in direct_runs), 2),
