@@ -233,6 +233,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+SCANS = [("S01", "baseline"), ("S01", "m6"), ("S02", "bl"), ("S02", "m6")]
+
+
+def _assert_all_four_scans_done(r, out):
+    """After a worker was killed mid-run: every scan of the trial completed, none failed."""
+    assert r.exit_code == 0 and r.count("done") == 4 and r.failures == []
+    for sid, tp in SCANS:
+        assert _complete(out / sid / tp)
+    assert _scan_metric(out, "S01", "baseline", "bone_marrow_lesion", "volume") > 50
+
+
 @pytest.mark.slow
 def test_dask_cluster_survives_a_killed_worker(trial, tmp_path):
     from distributed import Client
@@ -273,13 +284,10 @@ def test_dask_cluster_survives_a_killed_worker(trial, tmp_path):
         workers[victim].kill()
         runner.join(timeout=200)
         assert not runner.is_alive()
-        r = result["r"]
-        assert r.exit_code == 0 and r.count("done") == 4 and r.failures == []
-        for sid, tp in [("S01", "baseline"), ("S01", "m6"), ("S02", "bl"), ("S02", "m6")]:
-            assert _complete(out / sid / tp)
+        _assert_all_four_scans_done(result["r"], out)
+        for sid, tp in SCANS:
             df = pd.read_csv(out / sid / tp / "measurements.csv")
             assert len(df) > 100 and df.value.notna().any()
-        assert _scan_metric(out, "S01", "baseline", "bone_marrow_lesion", "volume") > 50
         assert _scan_metric(out, "S01", "m6", "bone_marrow_lesion", "volume") == 0
         meas = pd.read_csv(out / "measurements.csv")
         assert sorted(set(zip(meas.subject_id, meas.timepoint))) == \
@@ -327,11 +335,7 @@ def test_local_pool_survives_a_killed_worker(trial, tmp_path):
     victim.kill()
     runner.join(timeout=200)
     assert not runner.is_alive()
-    r = result["r"]
-    assert r.exit_code == 0 and r.count("done") == 4 and r.failures == []
-    for sid, tp in [("S01", "baseline"), ("S01", "m6"), ("S02", "bl"), ("S02", "m6")]:
-        assert _complete(out / sid / tp)
-    assert _scan_metric(out, "S01", "baseline", "bone_marrow_lesion", "volume") > 50
+    _assert_all_four_scans_done(result["r"], out)
     assert _scan_metric(out, "S01", "m6", "bone_marrow_lesion", "volume") == 0
     assert "a worker process died; restarting the pool" in (out / "batch.log").read_text()
     assert not victim.is_running()
