@@ -171,6 +171,8 @@ def train(
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Held-out label maps "
                                               "for validation Dice."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoints/last.pt."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from the weights of this "
+                                        "model package (fine-tuning); ignored with --resume."),
     device: str = DeviceOpt,
 ) -> None:
     """Train a segmentation model (synthetic from label maps, or supervised with --images)."""
@@ -178,7 +180,8 @@ def train(
     from pipeline.train import train as run_train
 
     summary = run_train(labels, out, config_path=config, images_dir=images,
-                        val_labels_dir=val_labels, resume=resume, device=select_device(device))
+                        val_labels_dir=val_labels, resume=resume, device=select_device(device),
+                        init_weights=init)
     typer.echo(f"{out}: {summary['epochs']} epochs, best mean validation Dice "
                f"{summary['best_mean_dice']:.3f}")
 

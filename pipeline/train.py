@@ -201,8 +201,13 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def train(labels_dir: Path, out_dir: Path, *, config_path: Path | None = None,
           images_dir: Path | None = None, val_labels_dir: Path | None = None,
-          resume: bool = False, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Train a model; returns a summary (epochs, best mean Dice, per-label Dice)."""
+          resume: bool = False, device: str = "cpu", progress: bool = True,
+          init_weights: Path | None = None) -> dict[str, Any]:
+    """Train a model; returns a summary (epochs, best mean Dice, per-label Dice).
+
+    ``init_weights`` (a model package folder or a ``.pt`` state dict of the same network)
+    starts a new run from trained weights instead of random ones (fine-tuning).
+    """
     cfg = load_config(config_path, TrainConfig, default_name="train_2d.yaml")
     if cfg.network.out_channels != len(MODEL_CLASSES):
         raise ConfigError(f"network.out_channels must be {len(MODEL_CLASSES)} "
@@ -220,7 +225,7 @@ def train(labels_dir: Path, out_dir: Path, *, config_path: Path | None = None,
     logger.addHandler(handler)
     try:
         return _train(cfg, labels_dir, out_dir, ckpt_dir, images_dir, val_labels_dir, resume,
-                      device, progress)
+                      device, progress, init_weights)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
@@ -229,7 +234,7 @@ def train(labels_dir: Path, out_dir: Path, *, config_path: Path | None = None,
 
 def _train(cfg: TrainConfig, labels_dir: Path, out_dir: Path, ckpt_dir: Path,
            images_dir: Path | None, val_dir: Path | None, resume: bool, device: str,
-           progress: bool) -> dict[str, Any]:
+           progress: bool, init_weights: Path | None = None) -> dict[str, Any]:
     from monai.losses import DiceCELoss
 
     torch.manual_seed(cfg.seed)
@@ -262,6 +267,9 @@ def _train(cfg: TrainConfig, labels_dir: Path, out_dir: Path, ckpt_dir: Path,
         batcher.renderer.gen.set_state(ck["rng"])
         step, epoch0, best, history = ck["step"], ck["epoch"], ck["best"], ck["history"]
         log.info("resumed from %s at epoch %d (step %d)", last, epoch0, step)
+    elif init_weights is not None:
+        net.load_state_dict(_load_init(Path(init_weights), device))
+        log.info("initialised from %s", init_weights)
     use_amp = device.startswith("cuda")
     t_start = time.monotonic()
     elapsed0 = sum(h.get("seconds", 0.0) for h in history)
@@ -303,6 +311,16 @@ def _train(cfg: TrainConfig, labels_dir: Path, out_dir: Path, ckpt_dir: Path,
             break
     return {"epochs": len(history), "steps": step, "best_mean_dice": best,
             "history": history, "out_dir": str(out_dir)}
+
+
+def _load_init(path: Path, device: str) -> dict[str, Any]:
+    weights = path / "model.pt" if path.is_dir() else path
+    if not weights.is_file():
+        raise InputError("no model.pt to initialise from", weights)
+    try:
+        return torch.load(weights, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is bad input
+        raise InputError(f"cannot read initial weights: {exc}", weights) from exc
 
 
 def _progress(it, desc: str, enabled: bool):
