@@ -35,14 +35,17 @@ RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
 open('/tmp/requirements.txt', 'w').write('\n'.join(d['project']['dependencies']) + '\n')" \
  && pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
 
-# the package, its configs and the default model weights (baked into the image)
+# the package, its configs and the default model weights: built into a wheel (configs,
+# label maps, the model registry and the default model ship inside it), then installed as a
+# user would; the source tree is removed so nothing can depend on it
 COPY pipeline/ pipeline/
 COPY configs/ configs/
 COPY models/ models/
 COPY sample_data/ sample_data/
-# configs/ and models/ are found beside the package source, so install it in place
-RUN pip install -c /tmp/constraints.txt --no-deps -e . \
- && python -c "import torch, pipeline; print('cartiq', pipeline.__version__, 'torch', torch.__version__)" \
+RUN pip wheel --no-deps -w /tmp/wheels . \
+ && pip install -c /tmp/constraints.txt --no-deps /tmp/wheels/cartiq-*.whl \
+ && rm -rf /tmp/wheels /opt/cartiq \
+ && cd / && python -c "import torch, cartiq; print('cartiq', cartiq.__version__, 'torch', torch.__version__)" \
  && cartiq --help > /dev/null
 
 # non-root user; results are written to mounted volumes (e.g. /data)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 
 def make_scans(folder: Path, n: int, spacing: tuple[float, float, float]) -> Path:
-    from pipeline.phantom import PhantomSpec, make_phantom, write_phantom
+    from cartiq.data.phantom import PhantomSpec, make_phantom, write_phantom
 
     paths = write_phantom(make_phantom(PhantomSpec(seed=7, spacing_mm=spacing)), folder / "ph")
     rows = ["subject_id,timepoint,image,seg,side,arm,kl_grade"]
@@ -65,8 +65,8 @@ def direct(manifest: Path, out: Path) -> None:
     """The scans of ``manifest`` through the stage functions in one loop, no batch."""
     import csv
 
-    from pipeline.measure import run_measure
-    from pipeline.scoring import run_score
+    from cartiq.measurement.measure import run_measure
+    from cartiq.scoring.mocart import run_score
 
     own = []
     with manifest.open(newline="") as fh:
@@ -103,7 +103,7 @@ def direct_run(manifest: Path, out: Path) -> dict:
 def one_run(manifest: Path, out: Path, workers: int) -> dict:
     """One ``cartiq batch`` command in a fresh process, as a user runs it (imports included)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pipeline", "-q", "batch", str(manifest), "-o", str(out),
+    cmd = [sys.executable, "-m", "cartiq", "-q", "batch", str(manifest), "-o", str(out),
            "--workers", str(workers), "--no-progress", "--no-report"]
     wall, cpu = _timed(cmd)
     own, hashing = [], []

@@ -28,8 +28,8 @@ def main() -> None:
     ap.add_argument("--no-qc-note", action="store_true")
     args = ap.parse_args()
 
-    from pipeline.fetch import fetch_sample
-    from pipeline.io import read_volume, write_volume
+    from cartiq.data.fetch import fetch_sample
+    from cartiq.io.volume import read_volume, write_volume
 
     seg = fetch_sample("pymskt_dess_labels", mirror=args.mirror)
     work = Path(tempfile.mkdtemp(prefix="cartiq-bench-"))
@@ -43,7 +43,7 @@ def main() -> None:
     for i in range(args.runs):
         out = work / f"out{i}"
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "-q", "measure",
+        proc = subprocess.Popen([sys.executable, "-m", "cartiq", "-q", "measure",
                                  str(work / "image.nii.gz"), "--seg", str(seg),
                                  "--labels", "pymskt_dess", "-o", str(out)],
                                 stdout=subprocess.DEVNULL)

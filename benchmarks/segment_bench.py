@@ -33,10 +33,10 @@ log = logging.getLogger("segment_bench")
 def make_input(mirror: Path, out: Path) -> Path:
     import torch
 
-    from pipeline.fetch import fetch_sample
-    from pipeline.io import read_volume, write_volume
-    from pipeline.labels import load_mapping, to_default_scheme
-    from pipeline.synth import Renderer, SynthConfig, to_model_classes
+    from cartiq.data.fetch import fetch_sample
+    from cartiq.io.volume import read_volume, write_volume
+    from cartiq.io.labels import load_mapping, to_default_scheme
+    from cartiq.segmentation.synth import Renderer, SynthConfig, to_model_classes
 
     path = fetch_sample("pymskt_dess_labels", mirror=mirror)
     vol = read_volume(path, kind="labels")
@@ -60,7 +60,7 @@ def _report():
         json.dump({"peak_rss_mb": r.ru_maxrss / 1024, "cpu_s": r.ru_utime + r.ru_stime,
                    "wall_s": time.perf_counter() - t0}, fh)
 atexit.register(_report)
-from pipeline.cli import main
+from cartiq.cli import main
 main(sys.argv[2:])
 """
 

@@ -6,11 +6,11 @@
 1. Held-out label map (SPL Knee Atlas, never used in training): rendered with random
    contrast, blur, bias and noise (no deformation, so the atlas is the truth) on a sagittal
    acquisition grid (0.35 x 0.35 mm in-plane, 1.0 mm slices), segmented end to end by
-   :class:`pipeline.segment.Segmenter`; Dice per cartiq label against the atlas resampled
+   :class:`cartiq.segmentation.segmenter.Segmenter`; Dice per cartiq label against the atlas resampled
    to that grid.
 2. A cartiq phantom (seed 7, left knee; the training phantoms used seeds 1 and 2).
 3. The real qDESS scan (echo 1): femoral-cartilage volume, mean thickness (via
-   :func:`pipeline.measure.measure_labels`) and an overlay PNG on three planes.
+   :func:`cartiq.measurement.measure.measure_labels`) and an overlay PNG on three planes.
 
 Writes ``OUT/eval.json`` and ``OUT/qdess_overlay.png``.
 """
@@ -39,8 +39,8 @@ def dice(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def sagittal_grid(src, spacing=(0.35, 0.35, 1.0)):
     """Sagittal acquisition grid (i = A->P... like the qDESS) covering ``src``'s FOV."""
-    from pipeline.io import Geometry
-    from pipeline.segment import canonical_geometry
+    from cartiq.io.volume import Geometry
+    from cartiq.segmentation.segmenter import canonical_geometry
 
     c = canonical_geometry(src, (1.0, 1.0, 1.0))
     lo = np.asarray(c.origin) - 0.5
@@ -55,11 +55,11 @@ def sagittal_grid(src, spacing=(0.35, 0.35, 1.0)):
 def held_out(model: str, mirror: Path, n: int, seed0: int = 100) -> dict:
     import torch
 
-    from pipeline.fetch import fetch_sample
-    from pipeline.io import Volume, read_volume
-    from pipeline.labels import default_scheme, load_mapping, to_default_scheme
-    from pipeline.segment import Segmenter, canonical_geometry, resample_array
-    from pipeline.synth import Renderer, SynthConfig, to_model_classes
+    from cartiq.data.fetch import fetch_sample
+    from cartiq.io.volume import Volume, read_volume
+    from cartiq.io.labels import default_scheme, load_mapping, to_default_scheme
+    from cartiq.segmentation.segmenter import Segmenter, canonical_geometry, resample_array
+    from cartiq.segmentation.synth import Renderer, SynthConfig, to_model_classes
 
     s = default_scheme()
     path = fetch_sample("spl_knee_atlas_labels", mirror=mirror)
@@ -98,9 +98,9 @@ def held_out(model: str, mirror: Path, n: int, seed0: int = 100) -> dict:
 
 
 def phantom_eval(model: str) -> dict:
-    from pipeline.labels import default_scheme
-    from pipeline.phantom import PhantomSpec, make_phantom
-    from pipeline.segment import Segmenter
+    from cartiq.io.labels import default_scheme
+    from cartiq.data.phantom import PhantomSpec, make_phantom
+    from cartiq.segmentation.segmenter import Segmenter
 
     s = default_scheme()
     ph = make_phantom(PhantomSpec(seed=7, side="left"))
@@ -109,11 +109,11 @@ def phantom_eval(model: str) -> dict:
 
 
 def qdess(model: str, mirror: Path, out: Path) -> dict:
-    from pipeline.fetch import fetch_sample
-    from pipeline.io import read_volume, write_volume
-    from pipeline.labels import default_scheme
-    from pipeline.measure import measure_labels
-    from pipeline.segment import Segmenter
+    from cartiq.data.fetch import fetch_sample
+    from cartiq.io.volume import read_volume, write_volume
+    from cartiq.io.labels import default_scheme
+    from cartiq.measurement.measure import measure_labels
+    from cartiq.segmentation.segmenter import Segmenter
 
     s = default_scheme()
     vol = read_volume(fetch_sample("pykneer_qdess", mirror=mirror) / "echo1")

@@ -1,3 +1,3 @@
-from pipeline.cli import main
+from cartiq.cli import main
 
 main()

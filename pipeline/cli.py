@@ -1,7 +1,7 @@
 """Command line interface: ``cartiq`` (also ``python -m pipeline``).
 
 The CLI parses arguments, sets up logging and progress, calls the stages and turns
-:class:`pipeline.errors.CartiqError` into one line on stderr with exit code 2.  Heavy
+:class:`cartiq.errors.CartiqError` into one line on stderr with exit code 2.  Heavy
 imports happen inside the commands so that ``cartiq --help`` is instant.
 """
 
@@ -15,11 +15,11 @@ from typing import Optional
 import click
 import typer
 
-from pipeline.errors import CartiqError
+from cartiq.errors import CartiqError
 
 __all__ = ["app", "main"]
 
-log = logging.getLogger("pipeline")
+log = logging.getLogger("cartiq")
 
 app = typer.Typer(
     name="cartiq",
@@ -39,7 +39,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False, log_file: Path | None =
     from rich.logging import RichHandler
 
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 0 else logging.INFO)
-    root = logging.getLogger("pipeline")
+    root = logging.getLogger("cartiq")
     root.setLevel(logging.DEBUG)
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -66,7 +66,7 @@ def _root(
 @app.command()
 def version() -> None:
     """Print the cartiq version."""
-    from pipeline import __version__
+    from cartiq._version import __version__
 
     typer.echo(__version__)
 
@@ -92,7 +92,7 @@ def measure(
                                    "(TID 1500) referencing the input series (DICOM input)."),
 ) -> None:
     """Measure thickness, defects and bone-marrow lesions from an image and its label map."""
-    from pipeline.measure import run_measure
+    from cartiq.measurement.measure import run_measure
 
     _check_side(side)
     result = run_measure(image, seg, out, labels=labels, side=side, config_path=config,
@@ -126,7 +126,7 @@ def segment(
     echo: Optional[int] = typer.Option(None, "--echo", help="DICOM echo number (default: first)."),
 ) -> None:
     """Segment bones, cartilage plates, menisci and BMLs into OUT/segmentation.nii.gz."""
-    from pipeline.segment import segment_file
+    from cartiq.segmentation.segmenter import segment_file
 
     _check_side(side)
     path, _ = segment_file(image, out, model=model, device=device, amp=amp, side=side,
@@ -150,7 +150,7 @@ def run_cmd(
     echo: Optional[int] = typer.Option(None, "--echo", help="DICOM echo number (default: first)."),
 ) -> None:
     """Segment, then measure: the outputs of `cartiq measure` plus the segmentation."""
-    from pipeline.segment import run_file
+    from cartiq.measurement.run import run_file
 
     _check_side(side)
     if bml not in ("model", "intensity", "both"):
@@ -176,8 +176,8 @@ def train(
     device: str = DeviceOpt,
 ) -> None:
     """Train a segmentation model (synthetic from label maps, or supervised with --images)."""
-    from pipeline.segment import select_device
-    from pipeline.train import train as run_train
+    from cartiq.segmentation.segmenter import select_device
+    from cartiq.segmentation.train import train as run_train
 
     summary = run_train(labels, out, config_path=config, images_dir=images,
                         val_labels_dir=val_labels, resume=resume, device=select_device(device),
@@ -193,7 +193,7 @@ app.add_typer(models_app, name="models")
 @models_app.command("list")
 def models_list() -> None:
     """List installed model packages."""
-    from pipeline.models import DEFAULT_MODEL, list_models
+    from cartiq.segmentation.models import DEFAULT_MODEL, list_models
 
     for m in list_models():
         mark = " (default)" if m.name == DEFAULT_MODEL else ""
@@ -205,7 +205,7 @@ def models_info(name: str = typer.Argument(..., help="Model name or package path
     """Show a model's metadata (network, expected input, labels, sha256, card)."""
     import json
 
-    from pipeline.models import model_info
+    from cartiq.segmentation.models import model_info
 
     info = model_info(name)
     info.pop("training", None)
@@ -227,7 +227,7 @@ def score(
                                           "for the original MOCART)."),
 ) -> None:
     """MOCART 2.0-like score of every cartilage repair site, each item from a measurement."""
-    from pipeline.scoring import run_score
+    from cartiq.scoring.mocart import run_score
 
     run = run_score(scan_dir, out, sites_path=sites, config_path=config)
     log.info("%d site(s) scored; results in %s", len(run.result.sites), run.out_dir)
@@ -255,7 +255,7 @@ def compare(
                                         "the visits do not look like the same knee."),
 ) -> None:
     """Compare a follow-up scan with its baseline: change.csv, change maps, tracking."""
-    from pipeline.longitudinal import compare_inputs, compare_scans, load_compare_config
+    from cartiq.longitudinal.compare import compare_inputs, compare_scans, load_compare_config
 
     _check_side(side)
     if (baseline_seg is None) != (followup_seg is None):
@@ -327,7 +327,7 @@ def batch(
     """
     import re
 
-    from pipeline.batch import BatchOptions, run_batch
+    from cartiq.batch.batch import BatchOptions, run_batch
 
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise click.BadParameter("must be auto, cpu, cuda or cuda:N", param_hint="--device")
@@ -351,8 +351,9 @@ def report(
                                        "FOLDER/report.html, or FOLDER/cohort.html for a batch)."),
 ) -> None:
     """Self-contained HTML report(s): subject report.html and, for a batch, cohort.html."""
-    from pipeline.errors import InputError
-    from pipeline.report import write_cohort_report, write_subject_report
+    from cartiq.errors import InputError
+    from cartiq.report.cohort import write_cohort_report
+    from cartiq.report.scan import write_subject_report
 
     if not folder.is_dir():
         raise InputError("not a folder", folder)
@@ -373,10 +374,10 @@ def qc(
     scan_dir: Path = typer.Argument(..., help="Finished `cartiq measure`/`run` output folder."),
     residual: Optional[float] = typer.Option(None, "--registration-residual", help="Also check "
                                              "a longitudinal registration residual (mm)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="QC limits YAML (pipeline.qc.QCConfig)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="QC limits YAML (cartiq.measurement.qc.QCConfig)."),
 ) -> None:
     """QC flags of a scan folder and its qc.png (outlines on three planes, thickness maps)."""
-    from pipeline.qc import write_qc
+    from cartiq.measurement.qc import write_qc
 
     result = write_qc(scan_dir, registration_residual_mm=residual, config=config)
     for f in result.flags:
@@ -395,7 +396,7 @@ def dicom_out(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder (default SCAN_DIR/dicom)."),
 ) -> None:
     """DICOM SEG of the segmentation and DICOM SR (TID 1500) of the measurements."""
-    from pipeline.dicom_out import write_dicom_outputs
+    from cartiq.measurement.dicom_out import write_dicom_outputs
 
     result = write_dicom_outputs(scan_dir, source=source, out_dir=out)
     typer.echo(str(result.seg))
@@ -419,7 +420,7 @@ def phantom(
                                               help="Rigid motion of the knee: x,y,z in mm."),
 ) -> None:
     """Write a synthetic knee phantom with analytic ground truth."""
-    from pipeline.phantom import spec_from_options, make_phantom, write_phantom
+    from cartiq.data.phantom import spec_from_options, make_phantom, write_phantom
 
     spec = spec_from_options(seed=seed, orientation=orientation, spacing=spacing, side=side,
                              rotation=rotation, translation=translation)
@@ -440,7 +441,7 @@ def fetch(
         None, "--cache", help="Sample cache folder (default ~/.cache/cartiq/samples)."),
 ) -> None:
     """List the public knee-MRI samples, or fetch them and print their local paths."""
-    from pipeline.fetch import fetch_sample, list_samples, sample_info
+    from cartiq.data.fetch import fetch_sample, list_samples, sample_info
 
     if not names:
         for name in list_samples():
@@ -459,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, standalone_mode=False)
     except CartiqError as exc:
-        logging.getLogger("pipeline").debug("error detail", exc_info=True)
+        logging.getLogger("cartiq").debug("error detail", exc_info=True)
         sys.stderr.write(f"cartiq: error: {exc}\n")
         sys.exit(EXIT_INPUT)
     except click.exceptions.Abort:

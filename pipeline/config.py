@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import ConfigError
-from pipeline.labels import CONFIG_DIR
+from cartiq.errors import ConfigError
+from cartiq.io.labels import CONFIG_DIR
 
 __all__ = ["Strict", "ThicknessConfig", "DefectConfig", "LesionConfig", "RegionConfig",
            "MeasureConfig", "load_config", "resolved", "config_hash"]

@@ -5,7 +5,7 @@ Usage::
     python sample_data/generate.py OUTDIR [--seed N]
 
 Writes ``OUTDIR/image.nii.gz``, ``OUTDIR/seg.nii.gz`` and ``OUTDIR/truth.json`` with the
-default :class:`pipeline.phantom.PhantomSpec` (oblique sagittal, 0.45 x 0.45 x 1.0 mm, right
+default :class:`cartiq.data.phantom.PhantomSpec` (oblique sagittal, 0.45 x 0.45 x 1.0 mm, right
 knee).  ``cartiq phantom`` offers more options (orientation, spacing, side, rigid motion).
 """
 
@@ -16,8 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.errors import CartiqError
-from pipeline.phantom import PhantomSpec, make_phantom, write_phantom
+from cartiq.errors import CartiqError
+from cartiq.data.phantom import PhantomSpec, make_phantom, write_phantom
 
 log = logging.getLogger("sample_data.generate")
 

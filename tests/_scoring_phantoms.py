@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import Geometry, Volume, write_volume
-from pipeline.labels import default_scheme
+from cartiq.io.volume import Geometry, Volume, write_volume
+from cartiq.io.labels import default_scheme
 
 INTENSITY = {"background": 60.0, "bone": 200.0, "cartilage": 100.0, "bml": 380.0, "fluid": 600.0}
 

@@ -18,7 +18,7 @@ def _clean_environment(monkeypatch):
         if key.startswith("CARTIQ_") and key != "CARTIQ_DATA_MIRROR":
             monkeypatch.delenv(key, raising=False)
     yield
-    logger = logging.getLogger("pipeline")
+    logger = logging.getLogger("cartiq")
     for h in list(logger.handlers):
         logger.removeHandler(h)
 

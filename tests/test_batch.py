@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.batch import BatchOptions, run_batch
-from pipeline.cli import main
-from pipeline.io import read_volume, write_volume
-from pipeline.labels import default_scheme
+from cartiq.batch.batch import BatchOptions, run_batch
+from cartiq.cli import main
+from cartiq.io.volume import read_volume, write_volume
+from cartiq.io.labels import default_scheme
 
-HAVE_COMPARE = importlib.util.find_spec("pipeline.longitudinal") is not None
+HAVE_COMPARE = importlib.util.find_spec("cartiq.longitudinal.compare") is not None
 HEADER = "subject_id,timepoint,image,seg,side,arm,kl_grade"
 
 
@@ -47,7 +47,7 @@ def _healed(labels: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def trial(tmp_path_factory):
-    from pipeline.phantom import PhantomSpec, make_phantom, write_phantom
+    from cartiq.data.phantom import PhantomSpec, make_phantom, write_phantom
 
     d = tmp_path_factory.mktemp("trial")
     ph = make_phantom(PhantomSpec(seed=3, spacing_mm=(1.0, 1.0, 2.0)))
@@ -107,7 +107,7 @@ def test_interrupted_batch_resumes_and_tables_are_exact(trial, tmp_path):
     out = tmp_path / "out"
     scans = [("S01", "baseline"), ("S01", "m6"), ("S02", "bl"), ("S02", "m6")]
     # 1. a run killed with SIGKILL as soon as its first scan is complete
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "batch", str(trial / "manifest.csv"),
+    proc = subprocess.Popen([sys.executable, "-m", "cartiq", "batch", str(trial / "manifest.csv"),
                              "-o", str(out), "--workers", "1", "--no-progress", "--no-report"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -342,8 +342,8 @@ def test_local_pool_survives_a_killed_worker(trial, tmp_path):
 
 
 def test_segmenter_loaded_once_per_worker(monkeypatch):
-    import pipeline.batch as batch
-    import pipeline.segment as segment
+    import cartiq.batch.batch as batch
+    import cartiq.segmentation.segmenter as segment
 
     made = []
 
@@ -360,7 +360,7 @@ def test_segmenter_loaded_once_per_worker(monkeypatch):
 
 
 def test_cohort_summary_statistics():
-    from pipeline.cohort import SUMMARY_COLUMNS, summarize_change
+    from cartiq.batch.cohort import SUMMARY_COLUMNS, summarize_change
 
     values = pd.DataFrame({
         "subject_id": ["a1", "a2", "a3", "b1"], "timepoint": "m12", "measure": "thickness",
@@ -389,8 +389,9 @@ def test_cohort_summary_statistics():
 
 
 def test_reports_are_written_and_never_fail_the_batch(tmp_path, monkeypatch):
-    import pipeline.report as report
-    from pipeline.cohort import write_reports
+    import cartiq.report.cohort as cohort_report
+    import cartiq.report.scan as report
+    from cartiq.batch.cohort import write_reports
 
     for sid in ("S01", "S02"):
         (tmp_path / sid).mkdir()
@@ -407,7 +408,7 @@ def test_reports_are_written_and_never_fail_the_batch(tmp_path, monkeypatch):
         return Result([])
 
     monkeypatch.setattr(report, "write_subject_report", subject)
-    monkeypatch.setattr(report, "write_cohort_report",
+    monkeypatch.setattr(cohort_report, "write_cohort_report",
                         lambda folder: calls.append("cohort") or Result(["no MOCART data"]))
     errors = write_reports(tmp_path, ["S01", "S02", "S03"])  # S03: no folder, no report
     assert calls == ["S01", "S02", "cohort"]
@@ -418,7 +419,7 @@ def test_reports_are_written_and_never_fail_the_batch(tmp_path, monkeypatch):
 def test_pool_reruns_after_a_crash_alone():
     """A task that kills its worker process fails (stage worker) after the retries; the pool
     is restarted each time and every other task completes."""
-    from pipeline.executors import LocalPool, WorkerFailure
+    from cartiq.batch.executors import LocalPool, WorkerFailure
 
     pool = LocalPool(2, retries=2)
     try:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.bml import BMLConfig, apply_bml, detect_bml, load_bml_config
-from pipeline.errors import ConfigError
-from pipeline.labels import default_scheme
+from cartiq.segmentation.bml import BMLConfig, apply_bml, detect_bml, load_bml_config
+from cartiq.errors import ConfigError
+from cartiq.io.labels import default_scheme
 
 S = default_scheme()
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.io import read_volume, write_volume
-from pipeline.labels import default_scheme
+from cartiq.errors import InputError
+from cartiq.io.volume import read_volume, write_volume
+from cartiq.io.labels import default_scheme
 
 MEASUREMENTS = [("femoral_cartilage", "all", "volume", 1234.5, "mm3"),
                 ("femoral_cartilage", "all", "thickness_mean", 2.25, "mm"),
@@ -21,7 +21,7 @@ MEASUREMENTS = [("femoral_cartilage", "all", "volume", 1234.5, "mm3"),
 
 @pytest.fixture(scope="module")
 def qdess_echo1(data_mirror, tmp_path_factory) -> Path:
-    from pipeline.fetch import fetch_sample
+    from cartiq.data.fetch import fetch_sample
 
     cache = tmp_path_factory.mktemp("cache")
     return fetch_sample("pykneer_qdess", mirror=data_mirror, cache_dir=cache) / "echo1"
@@ -64,7 +64,7 @@ def _scan_dir(dicom_dir: Path, out: Path) -> tuple[np.ndarray, object]:
 
 @pytest.fixture(scope="module")
 def written(qdess_echo1, tmp_path_factory):
-    from pipeline.dicom_out import write_dicom_outputs
+    from cartiq.measurement.dicom_out import write_dicom_outputs
 
     scan = tmp_path_factory.mktemp("scan")
     lab, geometry = _scan_dir(qdess_echo1, scan)
@@ -122,7 +122,7 @@ def test_sr_tid1500_values(written):
 
 
 def test_non_dicom_input_is_refused(tmp_path):
-    from pipeline.dicom_out import write_dicom_outputs
+    from cartiq.measurement.dicom_out import write_dicom_outputs
 
     (tmp_path / "manifest.json").write_text(json.dumps(
         {"inputs": {"image": {"path": str(tmp_path / "img.nii.gz"), "format": "nifti"}}}))
@@ -131,19 +131,19 @@ def test_non_dicom_input_is_refused(tmp_path):
 
 
 def test_model_provenance_sets_algorithm():
-    from pipeline.dicom_out import _model_of
+    from cartiq.measurement.dicom_out import model_of
 
     m = {"name": "cartiq-knee", "version": "1.0"}
-    assert _model_of({"segmentation": {"model": m}}) == m
-    assert _model_of({"batch": {"segmentation": "model", "model": m}}) == m
-    assert _model_of({"batch": {"segmentation": "given", "model": m}}) == {}
-    assert _model_of({"inputs": {}}) == {}
+    assert model_of({"segmentation": {"model": m}}) == m
+    assert model_of({"batch": {"segmentation": "model", "model": m}}) == m
+    assert model_of({"batch": {"segmentation": "given", "model": m}}) == {}
+    assert model_of({"inputs": {}}) == {}
 
 
 @pytest.mark.slow
 def test_segmentation_on_another_grid_is_refused(qdess_echo1, tmp_path):
-    from pipeline.dicom_out import write_dicom_outputs
-    from pipeline.io import Geometry
+    from cartiq.measurement.dicom_out import write_dicom_outputs
+    from cartiq.io.volume import Geometry
 
     lab, g = _scan_dir(qdess_echo1, tmp_path)
     shifted = Geometry(g.shape, g.spacing, tuple(np.add(g.origin, (0.0, 0.0, 5.0))), g.direction)

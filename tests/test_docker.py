@@ -76,10 +76,13 @@ def test_installs_this_package_with_its_dependencies(pyproject):
     idx_pkg = next(i for i, (op, rest) in enumerate(ins)
                    if op == "COPY" and rest.startswith("pipeline/"))
     idx_install = next(i for i, (op, rest) in enumerate(ins)
-                       if op == "RUN" and re.search(r"pip install [^&]*(-e )?\.(\s|$)", rest))
+                       if op == "RUN" and re.search(r"pip install [^&]*cartiq-\*\.whl", rest))
     assert idx_install > idx_pkg
+    # the wheel is built from this tree and installed; no editable install of the checkout
+    assert "pip wheel" in ins[idx_install][1]
+    assert not any(re.search(r"pip install [^&]*-e ", r) for r in runs)
     assert pyproject["project"]["name"] == "cartiq"
-    assert "pipeline*" in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert pyproject["tool"]["setuptools"]["package-dir"]["cartiq"] == "pipeline"
 
 
 def test_models_and_configs_are_baked_in():
@@ -123,7 +126,7 @@ def test_non_root_user_and_entrypoint(pyproject):
     assert users[-1][0] > last_run
     entry = [rest for op, rest in ins if op == "ENTRYPOINT"]
     assert len(entry) == 1 and json.loads(entry[0]) == ["cartiq"]
-    assert pyproject["project"]["scripts"]["cartiq"] == "pipeline.cli:main"
+    assert pyproject["project"]["scripts"]["cartiq"] == "cartiq.cli:main"
 
 
 def test_docs_show_the_gpu_batch_command():

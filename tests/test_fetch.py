@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import fetch as F
-from pipeline.errors import InputError
+from cartiq.data import fetch as F
+from cartiq.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,7 +202,7 @@ def test_fetch_all_real_samples_from_mirror(mirror, tmp_path):
 
 
 def test_cli_fetch_reads_env_mirror(mirror, tmp_path, monkeypatch, capsys):
-    from pipeline.cli import main
+    from cartiq.cli import main
 
     monkeypatch.setenv("CARTIQ_DATA_MIRROR", str(mirror))
     with pytest.raises(SystemExit) as ex:
@@ -214,7 +214,7 @@ def test_cli_fetch_reads_env_mirror(mirror, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_fetch_lists_and_rejects_unknown(tmp_path, capsys):
-    from pipeline.cli import main
+    from cartiq.cli import main
 
     with pytest.raises(SystemExit) as ex:
         main(["fetch"])

@@ -16,10 +16,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipeline.dicom import list_series
-from pipeline.errors import InputError
-from pipeline.fetch import fetch_sample
-from pipeline.io import Geometry, check_same_geometry, read_volume, write_volume
+from cartiq.io.dicom import list_series
+from cartiq.errors import InputError
+from cartiq.data.fetch import fetch_sample
+from cartiq.io.volume import Geometry, check_same_geometry, read_volume, write_volume
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +231,7 @@ def _world_centroids(vol) -> dict[int, tuple[int, np.ndarray]]:
 def test_reoriented_storage_gives_same_world_content(sample, pymskt_labels, tmp_path):
     import SimpleITK as sitk
 
-    from pipeline.orient import reorient
+    from cartiq.io.orient import reorient
 
     ref = _world_centroids(pymskt_labels)
     assert len(ref) == 10
@@ -249,7 +249,7 @@ def test_reoriented_storage_gives_same_world_content(sample, pymskt_labels, tmp_
         for value, (count, centroid) in ref.items():
             assert got[value][0] == count
             np.testing.assert_allclose(got[value][1], centroid, atol=1e-3, err_msg=name)
-    # pipeline.orient.reorient gives the same array and grid as SimpleITK's permute + flip
+    # cartiq.io.orient.reorient gives the same array and grid as SimpleITK's permute + flip
     sitk.WriteImage(image, str(tmp_path / "crop.nrrd"))
     crop = read_volume(tmp_path / "crop.nrrd", kind="labels")
     arr, geo = reorient(crop.array, crop.geometry, [2, 0, 1], [True, False, True])
@@ -356,7 +356,7 @@ def test_geometry_mismatch(change, problem):
 @pytest.mark.parametrize("case", ["missing", "corrupt", "2d", "4d", "nan_nifti", "nan_nrrd",
                                   "seg_missing", "seg_geometry"])
 def test_cli_measure_bad_input_one_line_exit_2(bad_inputs, tmp_path, capfd, case):
-    from pipeline.cli import main
+    from cartiq.cli import main
 
     img, seg, cases = bad_inputs
     if case == "seg_missing":

@@ -12,10 +12,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline.errors import ConfigError, InputError
-from pipeline.fetch import fetch_sample
-from pipeline.io import read_volume
-from pipeline.labels import (available_mappings, default_scheme, infer_side, lateral_sign,
+from cartiq.errors import ConfigError, InputError
+from cartiq.data.fetch import fetch_sample
+from cartiq.io.volume import read_volume
+from cartiq.io.labels import (available_mappings, default_scheme, infer_side, lateral_sign,
                              load_mapping, to_default_scheme)
 
 S = default_scheme()

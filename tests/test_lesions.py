@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import pdist
 
-from pipeline.lesions import find_lesions, max_diameter_mm
+from cartiq.measurement.lesions import find_lesions, max_diameter_mm
 
 from _shapes import ellipsoid
 

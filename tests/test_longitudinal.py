@@ -1,6 +1,6 @@
 """Longitudinal comparison on phantom pairs with known rigid motion and known change.
 
-Phantoms (pipeline.phantom) are built at 0.6 x 0.6 x 1.0 mm to keep the module near two
+Phantoms (cartiq.data.phantom) are built at 0.6 x 0.6 x 1.0 mm to keep the module near two
 minutes; every follow-up moves the whole knee by >= 5 degrees and >= 5 mm.
 """
 
@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.io import read_volume, write_volume
-from pipeline.longitudinal import (CHANGE_COLUMNS, CompareConfig, compare_inputs, compare_scans,
+from cartiq.errors import InputError
+from cartiq.io.volume import read_volume, write_volume
+from cartiq.longitudinal.compare import (CHANGE_COLUMNS, CompareConfig, compare_inputs, compare_scans,
                                    load_compare_config)
-from pipeline.measure import run_measure
-from pipeline.phantom import PhantomSpec, make_phantom, model_to_world, world_to_model, write_phantom
-from pipeline.labels import default_scheme
-from pipeline.register import RegistrationConfig
+from cartiq.measurement.measure import run_measure
+from cartiq.data.phantom import PhantomSpec, make_phantom, model_to_world, world_to_model, write_phantom
+from cartiq.io.labels import default_scheme
+from cartiq.longitudinal.register import RegistrationConfig
 
 
 COMMON = dict(spacing_mm=(0.6, 0.6, 1.0), fov_mm=(90.0, 90.0, 100.0))
@@ -213,7 +213,7 @@ def test_mismatched_pair_detected(visits, tmp_path):
 
 @pytest.mark.slow
 def test_different_sides_exit_2(visits, tmp_path, capsys):
-    from pipeline.cli import main
+    from cartiq.cli import main
 
     left = tmp_path / "left"
     shutil.copytree(visits["nochange"], left)
@@ -230,7 +230,7 @@ def test_different_sides_exit_2(visits, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_no_bone_registered_exit_2(visits, tmp_path, capsys):
-    from pipeline.cli import main
+    from cartiq.cli import main
 
     fu = tmp_path / "nobones"
     shutil.copytree(visits["nochange"], fu)
@@ -250,7 +250,7 @@ def test_no_bone_registered_exit_2(visits, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_unfinished_folder_exit_2(visits, tmp_path, capsys):
-    from pipeline.cli import main
+    from cartiq.cli import main
 
     with pytest.raises(SystemExit) as exc:
         main(["compare", "--baseline", str(visits["baseline"]), "--followup", str(tmp_path),
@@ -289,7 +289,7 @@ def test_missing_plate_is_nan_with_reason(visits, tmp_path):
 
 
 def _plate(defect_patch=None, new_patch=None, name="medial_tibial_cartilage"):
-    from pipeline.measure import PlateResult
+    from cartiq.measurement.measure import PlateResult
 
     n = 20
     u, v = np.meshgrid(np.arange(n, dtype=float), np.arange(n, dtype=float), indexing="ij")
@@ -318,7 +318,7 @@ def _result(plate, defects=(), lesions=()):
 def _identity(bone="tibia"):
     import SimpleITK as sitk
 
-    from pipeline.register import BoneRegistration
+    from cartiq.longitudinal.register import BoneRegistration
 
     return BoneRegistration(bone=bone, present=True, converged=True, matrix=np.eye(4),
                             residual_mm=0.1, residual_limit_mm=0.3, residual_flag=False,
@@ -326,8 +326,8 @@ def _identity(bone="tibia"):
 
 
 def test_defect_filled_and_new_defect():
-    from pipeline.measure import Defect
-    from pipeline.tracking import change_summary, match_plate, track_defects
+    from cartiq.measurement.measure import Defect
+    from cartiq.longitudinal.tracking import change_summary, match_plate, track_defects
 
     pb, pf = _plate(defect_patch=(4, 8)), _plate(defect_patch=(12, 16))
     d_b = Defect(1, pb.name, "cMT", "full", 16.0, 100.0, np.array([5.5, 5.5, 0.0]))
@@ -348,8 +348,8 @@ def test_defect_filled_and_new_defect():
 
 
 def test_defect_not_compared_without_registration():
-    from pipeline.measure import Defect
-    from pipeline.tracking import track_defects
+    from cartiq.measurement.measure import Defect
+    from cartiq.longitudinal.tracking import track_defects
 
     pb = _plate(defect_patch=(4, 8))
     d_b = Defect(1, pb.name, "cMT", "full", 16.0, 100.0, np.zeros(3))
@@ -360,9 +360,9 @@ def test_defect_not_compared_without_registration():
 
 
 def test_lesions_persisting_resolved_new():
-    from pipeline.io import Geometry
-    from pipeline.measure import Lesion
-    from pipeline.tracking import track_lesions
+    from cartiq.io.volume import Geometry
+    from cartiq.measurement.measure import Lesion
+    from cartiq.longitudinal.tracking import track_lesions
 
     geo = Geometry((30, 30, 30), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
 
@@ -383,8 +383,8 @@ def test_lesions_persisting_resolved_new():
 def test_acquisition_differences_warned():
     from types import SimpleNamespace
 
-    from pipeline.io import Geometry
-    from pipeline.longitudinal import _acquisition_warnings
+    from cartiq.io.volume import Geometry
+    from cartiq.longitudinal.compare import _acquisition_warnings
 
     def visit(model, spacing):
         geo = Geometry((2, 2, 2), spacing, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))

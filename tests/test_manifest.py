@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.manifest import (is_baseline_name, read_manifest_csv, stage_group,
+from cartiq.errors import InputError
+from cartiq.batch.manifest import (is_baseline_name, read_manifest_csv, stage_group,
                                timepoint_sort_key)
 
 
@@ -138,7 +138,7 @@ def test_conflicting_arms_and_two_baselines(tmp_path):
 
 
 def test_cli_bad_manifest_exit_2_lists_rows(tmp_path, capsys):
-    from pipeline.cli import main
+    from cartiq.cli import main
 
     _files(tmp_path, "a.nii")
     p = _write(tmp_path, ["subject_id,timepoint,image", "P1,bl,a.nii", "P1,bl,a.nii",
@@ -154,7 +154,7 @@ def test_cli_bad_manifest_exit_2_lists_rows(tmp_path, capsys):
 def test_cli_bad_measure_config_exit_2_before_any_scan(tmp_path, capsys):
     """A bad --config stops a parallel batch with one line naming the file, before any scan
     (the local pool, already starting, is shut down)."""
-    from pipeline.cli import main
+    from cartiq.cli import main
 
     _files(tmp_path, "a.nii", "b.nii")
     p = _write(tmp_path, ["subject_id,timepoint,image,seg", "P1,bl,a.nii,b.nii",

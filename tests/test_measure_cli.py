@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.io import Geometry, write_volume
+from cartiq.io.volume import Geometry, write_volume
 
 from _shapes import mini_knee
 
@@ -17,7 +17,7 @@ def _geometry(shape, spacing):
 
 
 def _cartiq(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "cartiq", *map(str, args)],
                           capture_output=True, text=True, timeout=300)
 
 
@@ -125,8 +125,8 @@ def test_dicom_out_needs_dicom_input(scan, tmp_path):
 def test_dicom_out_on_real_dicom_series(data_mirror, tmp_path):
     import pydicom
 
-    from pipeline.fetch import fetch_sample
-    from pipeline.io import read_volume
+    from cartiq.data.fetch import fetch_sample
+    from cartiq.io.volume import read_volume
 
     folder = fetch_sample("pykneer_qdess", mirror=data_mirror, cache_dir=tmp_path / "cache")
     img = read_volume(folder)

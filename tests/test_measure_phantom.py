@@ -5,10 +5,10 @@ voxels re-stored with permuted and flipped axes), through the files as a user ru
 import numpy as np
 import pytest
 
-from pipeline.io import Volume
-from pipeline.measure import run_measure
-from pipeline.orient import reorient
-from pipeline.phantom import Phantom, PhantomSpec, make_phantom, write_phantom
+from cartiq.io.volume import Volume
+from cartiq.measurement.measure import run_measure
+from cartiq.io.orient import reorient
+from cartiq.data.phantom import Phantom, PhantomSpec, make_phantom, write_phantom
 
 PLATES = ["femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
           "patellar_cartilage"]

@@ -4,10 +4,10 @@ and the same numbers whatever the storage orientation."""
 import numpy as np
 import pytest
 
-from pipeline.io import read_volume
-from pipeline.labels import load_mapping, to_default_scheme
-from pipeline.measure import measure_labels
-from pipeline.orient import reorient
+from cartiq.io.volume import read_volume
+from cartiq.io.labels import load_mapping, to_default_scheme
+from cartiq.measurement.measure import measure_labels
+from cartiq.io.orient import reorient
 
 PLATES = ["femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
           "patellar_cartilage"]
@@ -22,7 +22,7 @@ CASES = {
 def _path(data_mirror, case):
     name, rel, _, _ = CASES[case]
     try:
-        from pipeline.fetch import fetch_sample
+        from cartiq.data.fetch import fetch_sample
     except ImportError:  # fetch step not available: read the mirror directly
         return data_mirror / rel
     return fetch_sample(name, mirror=data_mirror)

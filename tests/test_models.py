@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import ModelError
-from pipeline.io import sha256_file
-from pipeline.models import (DEFAULT_MODEL, MODELS_DIR, build_network, list_models, load_model,
+from cartiq.errors import ModelError
+from cartiq.io.volume import sha256_file
+from cartiq.segmentation.models import (DEFAULT_MODEL, MODELS_DIR, build_network, list_models, load_model,
                              model_info, read_metadata, resolve_model)
-from pipeline.synth import MODEL_CLASSES
+from cartiq.segmentation.synth import MODEL_CLASSES
 
 LABELS = {i: n for i, n in enumerate(MODEL_CLASSES) if n != "background"}
 
@@ -27,7 +27,7 @@ def tiny_spec(in_channels: int = 1, dims: int = 2) -> dict:
 def make_package(folder: Path, *, in_channels: int = 1, dims: int = 2, seed: int = 0,
                  name: str = "tiny", sha: bool = True) -> Path:
     """A small but valid cartiq model package with random weights."""
-    from pipeline.models import NetworkSpec
+    from cartiq.segmentation.models import NetworkSpec
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -99,7 +99,7 @@ def test_invalid_metadata_is_rejected(tmp_path):
 
 
 def test_torchscript_model_with_metadata_file(tmp_path):
-    from pipeline.models import NetworkSpec
+    from cartiq.segmentation.models import NetworkSpec
 
     net = build_network(NetworkSpec(**tiny_spec())).eval()
     ts = torch.jit.trace(net, torch.zeros(1, 1, 32, 32))
@@ -118,7 +118,7 @@ def test_monai_bundle_folder(tmp_path):
     (bundle / "models").mkdir(parents=True)
     (bundle / "configs").mkdir()
     (bundle / "configs" / "metadata.json").write_text("{}")
-    from pipeline.models import NetworkSpec
+    from cartiq.segmentation.models import NetworkSpec
 
     net = build_network(NetworkSpec(**tiny_spec()))
     torch.save(net.state_dict(), bundle / "models" / "model.pt")
@@ -159,8 +159,8 @@ def test_default_model_package_is_complete():
 
 
 def test_dynunet3d_config_builds_and_runs_forward():
-    from pipeline.config import load_config
-    from pipeline.train import TrainConfig
+    from cartiq.config import load_config
+    from cartiq.segmentation.train import TrainConfig
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" /
                       "train_dynunet3d.yaml", TrainConfig)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.errors import ConfigError
-from pipeline.io import check_same_geometry, read_volume
-from pipeline.labels import default_scheme
-from pipeline.phantom import (PhantomSpec, grid_geometry, knee_model, make_phantom,
+from cartiq.errors import ConfigError
+from cartiq.io.volume import check_same_geometry, read_volume
+from cartiq.io.labels import default_scheme
+from cartiq.data.phantom import (PhantomSpec, grid_geometry, knee_model, make_phantom,
                               spec_from_options, write_phantom)
-from pipeline.phantom_truth import plate_truth, slab_thickness_samples
+from cartiq.data.phantom_truth import plate_truth, slab_thickness_samples
 
 PLATES = ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
           "patellar_cartilage")

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.io import Geometry
-from pipeline.labels import default_scheme
-from pipeline.qc import QCConfig, qc_checks, registration_flag, write_qc
-from pipeline.qcmaps import Projector, _plane, plate_map_from_points, plate_views, projector_for
+from cartiq.io.volume import Geometry
+from cartiq.io.labels import default_scheme
+from cartiq.measurement.qc import QCConfig, qc_checks, registration_flag, write_qc
+from cartiq.measurement.qc_maps import Projector, _plane, plate_map_from_points, plate_views, projector_for
 
 S = default_scheme()
 SPACING = (0.8, 0.8, 1.5)
@@ -19,15 +19,15 @@ SPACING = (0.8, 0.8, 1.5)
 
 @pytest.fixture(scope="module")
 def phantom():
-    from pipeline.phantom import PhantomSpec, make_phantom
+    from cartiq.data.phantom import PhantomSpec, make_phantom
 
     return make_phantom(PhantomSpec(seed=3, spacing_mm=SPACING))
 
 
 @pytest.fixture(scope="module")
 def measured(phantom, tmp_path_factory):
-    from pipeline.measure import run_measure
-    from pipeline.phantom import write_phantom
+    from cartiq.measurement.measure import run_measure
+    from cartiq.data.phantom import write_phantom
 
     root = tmp_path_factory.mktemp("qc")
     paths = write_phantom(phantom, root / "in")
@@ -188,7 +188,7 @@ def test_write_qc_on_measured_phantom(measured):
 
 @pytest.mark.slow
 def test_plot_failure_keeps_flags(measured, monkeypatch):
-    import pipeline.qc as qc_mod
+    import cartiq.measurement.qc as qc_mod
 
     def boom(*a, **k):
         raise RuntimeError("no canvas")
@@ -204,9 +204,9 @@ def test_plot_failure_keeps_flags(measured, monkeypatch):
                                                  ("spl_knee_atlas_labels", "spl_knee_atlas", "left")])
 def test_real_label_maps_pass_and_swaps_are_caught(data_mirror, tmp_path, sample, mapping, side):
     """Real expert label maps raise no flag; swapping their tibial plates is caught."""
-    from pipeline.fetch import fetch_sample
-    from pipeline.io import read_volume
-    from pipeline.labels import load_mapping, to_default_scheme
+    from cartiq.data.fetch import fetch_sample
+    from cartiq.io.volume import read_volume
+    from cartiq.io.labels import load_mapping, to_default_scheme
 
     vol = read_volume(fetch_sample(sample, mirror=data_mirror, cache_dir=tmp_path), kind="labels")
     lab, info = to_default_scheme(vol.array, load_mapping(mapping), vol.geometry.affine)

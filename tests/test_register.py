@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from pipeline.io import Geometry, Volume
-from pipeline.labels import default_scheme
-from pipeline.register import (RegistrationConfig, apply_matrix, bone_mask, register_bone,
+from cartiq.io.volume import Geometry, Volume
+from cartiq.io.labels import default_scheme
+from cartiq.longitudinal.register import (RegistrationConfig, apply_matrix, bone_mask, register_bone,
                                rotation_angle_deg)
 
 S = default_scheme()
@@ -124,10 +124,10 @@ def test_real_knee_label_map_known_motion(data_mirror):
     degrees and 6-5-7 mm and resampled on a coarser grid is registered back."""
     import SimpleITK as sitk
 
-    from pipeline.fetch import fetch_sample
-    from pipeline.io import read_volume
-    from pipeline.labels import load_mapping, to_default_scheme
-    from pipeline.register import to_sitk_image
+    from cartiq.data.fetch import fetch_sample
+    from cartiq.io.volume import read_volume
+    from cartiq.io.labels import load_mapping, to_default_scheme
+    from cartiq.longitudinal.register import to_sitk_image
 
     vol = read_volume(fetch_sample("pymskt_dess_labels", mirror=data_mirror), kind="labels")
     labels, _ = to_default_scheme(vol.array, load_mapping("pymskt_dess"), vol.geometry.affine)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.io import read_volume, write_volume
-from pipeline.labels import PLATES
+from cartiq.io.volume import read_volume, write_volume
+from cartiq.io.labels import PLATES
 
 CHROMIUM = Path("/usr/bin/chromium")
 SPACING = (0.8, 0.8, 1.5)
@@ -28,8 +28,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def subject(tmp_path_factory) -> Path:
     """Two measured phantom visits (femoral cartilage 2.2 -> 1.8 mm) and a comparison folder
     in the longitudinal stage's format."""
-    from pipeline.measure import run_measure
-    from pipeline.phantom import PhantomSpec, make_phantom, write_phantom
+    from cartiq.measurement.measure import run_measure
+    from cartiq.data.phantom import PhantomSpec, make_phantom, write_phantom
 
     root = tmp_path_factory.mktemp("subject")
     subj = root / "S01"
@@ -70,7 +70,7 @@ def subject(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(subject):
-    from pipeline.report import write_subject_report
+    from cartiq.report.scan import write_subject_report
 
     res = write_subject_report(subject)
     return res, res.path.read_text(encoding="utf-8")
@@ -124,7 +124,7 @@ def test_subject_report_is_self_contained(report):
 
 @pytest.mark.slow
 def test_figure_failure_keeps_tables(subject, monkeypatch, tmp_path):
-    import pipeline.report as rep
+    import cartiq.report.scan as rep
 
     def boom(*a, **k):
         raise MemoryError("figure too large")
@@ -138,7 +138,7 @@ def test_figure_failure_keeps_tables(subject, monkeypatch, tmp_path):
 
 
 def test_find_folders_orders_visits(tmp_path):
-    from pipeline.report import find_folders
+    from cartiq.report.scan import find_folders
 
     for name in ("V10", "V2", "compare_V2_V10"):
         d = tmp_path / name
@@ -185,7 +185,7 @@ def batch(tmp_path_factory):
 def test_cohort_values_and_groups(batch):
     import pandas as pd
 
-    from pipeline.cohort_report import _subject_info, change_per_knee, n_table
+    from cartiq.report.cohort import _subject_info, change_per_knee, n_table
 
     out, truth = batch
     v = change_per_knee(pd.read_csv(out / "change.csv"), pd.read_csv(out / "mocart.csv"))
@@ -206,7 +206,7 @@ def test_cohort_values_and_groups(batch):
 
 
 def test_cohort_html(batch):
-    from pipeline.report import write_cohort_report
+    from cartiq.report.cohort import write_cohort_report
 
     out, _ = batch
     res = write_cohort_report(out)
@@ -249,7 +249,7 @@ def test_subject_report_renders_in_chromium(report, tmp_path):
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="chromium not installed")
 def test_cohort_report_renders_in_chromium(batch, tmp_path):
-    from pipeline.report import write_cohort_report
+    from cartiq.report.cohort import write_cohort_report
 
     out, _ = batch
     res = write_cohort_report(out, out=tmp_path / "cohort.html")
@@ -259,7 +259,7 @@ def test_cohort_report_renders_in_chromium(batch, tmp_path):
 @pytest.mark.slow
 def test_compare_folder_finds_its_visits(subject, tmp_path):
     """`cartiq report COMPARE_DIR`: the visits come from the comparison's manifest."""
-    from pipeline.report import find_folders, write_subject_report
+    from cartiq.report.scan import find_folders, write_subject_report
 
     scans, compares = find_folders(subject / "compare_BL_FU")
     assert [s.name for s in scans] == ["BL", "FU"] and compares == [subject / "compare_BL_FU"]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from _scoring_phantoms import RepairSpec, make_repair_phantom, reorient, write_scan_folder
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.io import Volume, write_volume
-from pipeline.scoring import (CSV_COLUMNS, ScoringConfig, SiteSpec, load_scoring_config,
+from cartiq.cli import main
+from cartiq.config import load_config
+from cartiq.errors import ConfigError
+from cartiq.io.volume import Volume, write_volume
+from cartiq.scoring.mocart import (CSV_COLUMNS, ScoringConfig, SiteSpec, load_scoring_config,
                               score_sites)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -241,7 +241,7 @@ def test_cli_sites_mask_and_bad_geometry(tmp_path, capsys):
 
 
 def _shrunk(g):
-    from pipeline.io import Geometry
+    from cartiq.io.volume import Geometry
 
     return Geometry((g.shape[0] - 1,) + tuple(g.shape[1:]), g.spacing, g.origin, g.direction)
 
@@ -264,8 +264,8 @@ def test_cli_not_a_scan_folder(tmp_path, capsys):
 @pytest.mark.slow
 def test_project_phantom_measure_then_score(tmp_path):
     """End to end on the project's knee phantom: measure finds the defects, score grades them."""
-    from pipeline.measure import run_measure
-    from pipeline.phantom import PhantomSpec, make_phantom, write_phantom
+    from cartiq.measurement.measure import run_measure
+    from cartiq.data.phantom import PhantomSpec, make_phantom, write_phantom
 
     ph = make_phantom(PhantomSpec(seed=0))
     paths = write_phantom(ph, tmp_path / "ph")
@@ -296,9 +296,9 @@ def test_real_label_map_healthy_cartilage_scores_intact(data_mirror, tmp_path):
     the geometric items must not invent fill defects, clefts, surface or bone changes."""
     from scipy import ndimage
 
-    from pipeline.fetch import fetch_sample
-    from pipeline.io import read_volume
-    from pipeline.labels import default_scheme, load_mapping, to_default_scheme
+    from cartiq.data.fetch import fetch_sample
+    from cartiq.io.volume import read_volume
+    from cartiq.io.labels import default_scheme, load_mapping, to_default_scheme
 
     path = fetch_sample("pymskt_dess_labels", mirror=data_mirror, cache_dir=tmp_path)
     vol = read_volume(path, kind="labels")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import InputError, ModelError
-from pipeline.io import Geometry, Volume, check_same_geometry, read_volume, sha256_file, write_volume
-from pipeline.labels import default_scheme
-from pipeline.segment import (Segmenter, canonical_geometry, check_knee_like, resample_array,
+from cartiq.errors import InputError, ModelError
+from cartiq.io.volume import Geometry, Volume, check_same_geometry, read_volume, sha256_file, write_volume
+from cartiq.io.labels import default_scheme
+from cartiq.segmentation.segmenter import (Segmenter, canonical_geometry, check_knee_like, resample_array,
                               segment_file, select_device)
-from pipeline.synth import MODEL_CLASSES
+from cartiq.segmentation.synth import MODEL_CLASSES
 
 S = default_scheme()
 LABELS = {i: n for i, n in enumerate(MODEL_CLASSES) if n != "background"}
@@ -30,7 +30,7 @@ def _oblique_geometry(shape=(60, 70, 30), spacing=(0.5, 0.6, 1.4), deg=20.0) -> 
 
 
 def _tiny_package(folder: Path, *, in_channels=1, dims=2) -> Path:
-    from pipeline.models import NetworkSpec, build_network
+    from cartiq.segmentation.models import NetworkSpec, build_network
 
     spec = {"name": "UNet", "spatial_dims": dims, "in_channels": in_channels,
             "out_channels": len(MODEL_CLASSES),
@@ -115,7 +115,7 @@ def test_wrong_input_channels_is_a_clear_error(tmp_path):
 
 
 def test_torchscript_with_wrong_declared_channels_fails_clearly(tmp_path):
-    from pipeline.models import NetworkSpec, build_network
+    from cartiq.segmentation.models import NetworkSpec, build_network
 
     spec = {"name": "UNet", "spatial_dims": 2, "in_channels": 3,
             "out_channels": len(MODEL_CLASSES),
@@ -147,7 +147,7 @@ def test_tiny_model_keeps_input_grid_and_is_deterministic(tmp_path, dims):
 def test_cuda_requested_without_gpu_writes_nothing(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    from pipeline.cli import main
+    from cartiq.cli import main
 
     vol = _knee_like_volume()
     img = write_volume(tmp_path / "img.nii.gz", vol.array, vol.geometry)
@@ -159,7 +159,7 @@ def test_cuda_requested_without_gpu_writes_nothing(tmp_path):
 
 
 def test_unknown_model_name_exits_2(tmp_path):
-    from pipeline.cli import main
+    from cartiq.cli import main
 
     vol = _knee_like_volume()
     img = write_volume(tmp_path / "img.nii.gz", vol.array, vol.geometry)
@@ -189,7 +189,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def phantom():
-    from pipeline.phantom import PhantomSpec, make_phantom
+    from cartiq.data.phantom import PhantomSpec, make_phantom
 
     return make_phantom(PhantomSpec(seed=7, side="left"))
 
@@ -211,7 +211,7 @@ def test_default_model_on_phantom(phantom):
 
 @pytest.mark.slow
 def test_default_model_on_real_qdess_crop(tmp_path, data_mirror):
-    from pipeline.fetch import fetch_sample
+    from cartiq.data.fetch import fetch_sample
 
     folder = fetch_sample("pykneer_qdess", mirror=data_mirror,
                           cache_dir=tmp_path / "cache")
@@ -239,10 +239,10 @@ def test_default_model_on_real_qdess_crop(tmp_path, data_mirror):
 
 @pytest.mark.slow
 def test_run_segments_then_measures(phantom, tmp_path):
-    from pipeline.io import write_volume as wv
+    from cartiq.io.volume import write_volume as wv
 
     img = wv(tmp_path / "ph.nii.gz", phantom.image.array, phantom.image.geometry)
-    from pipeline.segment import run_file
+    from cartiq.measurement.run import run_file
 
     out = tmp_path / "run"
     res = run_file(img, out, device="cpu", side="left", bml="both")

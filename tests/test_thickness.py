@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.defects import partial_defects, rim_vertices
-from pipeline.thickness import plate_surface, vertex_areas
+from cartiq.measurement.defects import partial_defects, rim_vertices
+from cartiq.measurement.thickness import plate_surface, vertex_areas
 
 from _shapes import shell, slab_with_hole, grid
 

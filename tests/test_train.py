@@ -10,12 +10,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline.errors import ConfigError, InputError
-from pipeline.io import Geometry, write_volume
-from pipeline.labels import default_scheme
-from pipeline.models import load_model
-from pipeline.synth import MODEL_CLASSES, Renderer, SynthConfig, to_model_classes
-from pipeline.train import dice_per_class, train
+from cartiq.errors import ConfigError, InputError
+from cartiq.io.volume import Geometry, write_volume
+from cartiq.io.labels import default_scheme
+from cartiq.segmentation.models import load_model
+from cartiq.segmentation.synth import MODEL_CLASSES, Renderer, SynthConfig, to_model_classes
+from cartiq.segmentation.train import dice_per_class, train
 
 S = default_scheme()
 C = {n: i for i, n in enumerate(MODEL_CLASSES)}

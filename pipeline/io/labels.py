@@ -1,0 +1,263 @@
+"""Label scheme (``configs/labels.yaml``) and mappings from other conventions.
+
+This module is the one place that knows label numbers; it imports no torch or SimpleITK.
+
+Tibial split (schemes with one tibial-cartilage label, e.g. OAI-ZIB)
+--------------------------------------------------------------------
+1. The knee side is taken from ``--side``, else the DICOM header (Laterality), else the
+   anatomy: the fibula lies lateral to the tibia.
+2. The tibial cartilage is split by a sagittal plane (constant patient left-right
+   coordinate).  When its two largest 3D connected components each hold at least 20% of
+   its voxels (the usual case: two separate plates), the plane lies midway between their
+   left-right centroids; otherwise it lies at the sparsest left-right position in the middle
+   60% of the cartilage (the tibial spines).
+3. The half on the fibula's side (for a right knee: patient right, -x in LPS) is lateral.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cartiq._resources import CONFIGS, resource_dir
+from cartiq.errors import ConfigError, InputError
+
+__all__ = [
+    "CONFIG_DIR",
+    "LabelScheme",
+    "LabelMapping",
+    "default_scheme",
+    "load_mapping",
+    "available_mappings",
+    "to_default_scheme",
+    "infer_side",
+    "lateral_sign",
+    "PLATES",
+    "BONES",
+]
+
+CONFIG_DIR = resource_dir(CONFIGS)
+
+# names that a mapping may use besides the scheme's own
+_EXTRA_TARGETS = {"tibial_cartilage", "fibula", "background", "ignore"}
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    name: str
+    labels: dict[str, int]
+    plates: dict[str, str]  # plate -> bone
+    bones: tuple[str, ...]
+
+    def __getitem__(self, name: str) -> int:
+        return self.labels[name]
+
+    def name_of(self, value: int) -> str:
+        for k, v in self.labels.items():
+            if v == value:
+                return k
+        raise KeyError(value)
+
+    @property
+    def values(self) -> set[int]:
+        return set(self.labels.values())
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError("file does not exist", path) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML ({str(exc).splitlines()[0]})", path) from None
+
+
+@lru_cache(maxsize=1)
+def default_scheme() -> LabelScheme:
+    path = CONFIG_DIR / "labels.yaml"
+    data = _read_yaml(path)
+    try:
+        return LabelScheme(name=str(data["name"]),
+                           labels={str(k): int(v) for k, v in data["labels"].items()},
+                           plates={str(k): str(v) for k, v in data["plates"].items()},
+                           bones=tuple(data["bones"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"malformed label scheme ({exc})", path) from None
+
+
+PLATES = ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
+          "patellar_cartilage")
+BONES = ("femur", "tibia", "patella")
+
+
+@dataclass(frozen=True)
+class LabelMapping:
+    """How another label convention maps onto the cartiq scheme."""
+
+    name: str
+    description: str
+    map: dict[int, str] = field(default_factory=dict)
+    unmapped: str = "error"  # or "background"
+    source: Path | None = None
+
+
+def available_mappings() -> list[str]:
+    return sorted(["cartiq"] + [p.stem for p in (CONFIG_DIR / "label_maps").glob("*.yaml")])
+
+
+def load_mapping(name_or_path: str | Path | None) -> LabelMapping:
+    """Load a mapping by name (``oai_zib``, ``spl_knee_atlas``, ``pymskt_dess``) or YAML path."""
+    scheme = default_scheme()
+    if name_or_path in (None, "", "cartiq", "default"):
+        return LabelMapping(name="cartiq", description="cartiq default scheme",
+                            map={v: k for k, v in scheme.labels.items() if v != 0})
+    candidate = Path(str(name_or_path))
+    if candidate.suffix.lower() in (".yaml", ".yml") or candidate.exists():
+        path = candidate
+    else:
+        path = CONFIG_DIR / "label_maps" / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ConfigError(f"unknown label mapping {str(name_or_path)!r}; known: "
+                              + ", ".join(available_mappings()))
+    data = _read_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("map"), dict):
+        raise ConfigError("label mapping needs a 'map' of label value -> structure name", path)
+    valid = set(scheme.labels) | _EXTRA_TARGETS
+    mapping: dict[int, str] = {}
+    for key, target in data["map"].items():
+        try:
+            value = int(key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"label value {key!r} is not an integer", path) from None
+        if str(target) not in valid:
+            raise ConfigError(f"label {value} maps to unknown structure {target!r}; valid: "
+                              + ", ".join(sorted(valid)), path)
+        mapping[value] = str(target)
+    unmapped = str(data.get("unmapped", "error"))
+    if unmapped not in ("error", "background"):
+        raise ConfigError("'unmapped' must be 'error' or 'background'", path)
+    return LabelMapping(name=str(data.get("name", path.stem)),
+                        description=str(data.get("description", "")), map=mapping,
+                        unmapped=unmapped, source=path)
+
+
+# ------------------------------------------------------------------- side and frame
+
+
+def lateral_sign(side: str) -> float:
+    """Sign of the LPS x axis that points laterally: right knee -> -1, left knee -> +1."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    return -1.0 if side == "right" else 1.0
+
+
+def _centroid_x(mask: np.ndarray, affine: np.ndarray) -> float:
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return float("nan")
+    mean = idx.mean(axis=0)
+    return float(affine[0, :3] @ mean + affine[0, 3])
+
+
+def infer_side(labels: np.ndarray, affine: np.ndarray, *, side: str | None = None,
+               header_side: str | None = None, fibula: np.ndarray | None = None,
+               path: Path | None = None) -> tuple[str, str]:
+    """Knee side and how it was found: argument, header, tibial labels, or fibula."""
+    if side:
+        return side, "argument"
+    if header_side:
+        return header_side, "header"
+    scheme = default_scheme()
+    med = labels == scheme["medial_tibial_cartilage"]
+    lat = labels == scheme["lateral_tibial_cartilage"]
+    if med.any() and lat.any():
+        dx = _centroid_x(lat, affine) - _centroid_x(med, affine)
+        return ("left" if dx > 0 else "right"), "tibial labels"
+    if fibula is not None and fibula.any():
+        dx = _centroid_x(fibula, affine) - _centroid_x(labels == scheme["tibia"], affine)
+        if np.isfinite(dx):
+            return ("left" if dx > 0 else "right"), "fibula"
+    raise InputError("cannot tell the knee side (no header laterality, no fibula, no "
+                     "medial/lateral labels); pass --side left|right", path)
+
+
+def _split_tibial(tib: np.ndarray, affine: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split one tibial-cartilage mask into (medial, lateral) masks; see module docstring."""
+    import cc3d
+
+    idx = np.argwhere(tib)
+    x = idx @ affine[0, :3] + affine[0, 3]
+    comps = cc3d.connected_components(tib.astype(np.uint8), connectivity=26)
+    counts = np.bincount(comps[tib])
+    counts[0] = 0
+    order = np.argsort(counts)[::-1]
+    if len(order) > 2 and counts[order[1]] >= 0.2 * tib.sum():
+        comp_of = comps[tib]
+        x1 = x[comp_of == order[0]].mean()
+        x2 = x[comp_of == order[1]].mean()
+        split = 0.5 * (x1 + x2)
+    else:
+        lo, hi = np.quantile(x, [0.2, 0.8])
+        hist, edges = np.histogram(x, bins=60, range=(lo, hi))
+        i = int(np.argmin(hist))
+        split = 0.5 * (edges[i] + edges[i + 1])
+    lateral_is_plus = lateral_sign(side) > 0
+    lat_sel = (x > split) if lateral_is_plus else (x < split)
+    lat = np.zeros_like(tib)
+    med = np.zeros_like(tib)
+    lat[tuple(idx[lat_sel].T)] = True
+    med[tuple(idx[~lat_sel].T)] = True
+    return med, lat
+
+
+def to_default_scheme(array: np.ndarray, mapping: LabelMapping, affine: np.ndarray, *,
+                      side: str | None = None, header_side: str | None = None,
+                      path: Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Convert a label array to the cartiq scheme.
+
+    Returns the converted ``uint8`` array and a dict with the side, how it was found, and
+    which labels were dropped.  Unknown label values raise :class:`InputError` unless the
+    mapping says ``unmapped: background``.
+    """
+    scheme = default_scheme()
+    present = np.unique(array)
+    present = present[present != 0]
+    unknown = sorted(int(v) for v in present if int(v) not in mapping.map)
+    if unknown and mapping.unmapped == "error":
+        hint = "" if mapping.name != "cartiq" else " (use --labels to name its convention)"
+        raise InputError(f"unknown label values {unknown[:12]} for label scheme "
+                         f"'{mapping.name}'{hint}", path)
+    lut = np.zeros(int(max(present.max(initial=0), max(mapping.map, default=0))) + 1, np.uint8)
+    tibial_values, fibula_values = [], []
+    for value, target in mapping.map.items():
+        if target in scheme.labels:
+            lut[value] = scheme[target]
+        elif target == "tibial_cartilage":
+            tibial_values.append(value)
+        elif target == "fibula":
+            fibula_values.append(value)
+    out = lut[array]
+    fibula = np.isin(array, fibula_values) if fibula_values else None
+    info: dict[str, Any] = {"mapping": mapping.name, "dropped_labels": unknown}
+    needs_side = bool(tibial_values) and np.isin(array, tibial_values).any()
+    try:
+        found_side, how = infer_side(out, affine, side=side, header_side=header_side,
+                                     fibula=fibula, path=path)
+    except InputError:
+        if needs_side:
+            raise
+        found_side, how = None, "unknown"
+    info.update(side=found_side, side_source=how)
+    if needs_side:
+        tib = np.isin(array, tibial_values)
+        med, lat = _split_tibial(tib, affine, found_side)
+        out[med] = scheme["medial_tibial_cartilage"]
+        out[lat] = scheme["lateral_tibial_cartilage"]
+        info["tibial_split"] = True
+    return out, info

@@ -1,0 +1,344 @@
+"""Scan input/output and geometry.
+
+Conventions (stated once, used everywhere):
+
+* Arrays are indexed in ITK order ``array[i, j, k]`` (i fastest in the file), i.e. the
+  transpose of ``SimpleITK.GetArrayFromImage``.
+* World coordinates are DICOM/ITK **LPS** millimetres: +x patient Left, +y Posterior,
+  +z Superior.  ``world = origin + direction @ (index * spacing)``, where the columns of
+  ``direction`` are the world directions of the index axes.  NIfTI (RAS) is converted by
+  SimpleITK on read and write; this module is the only place that touches it.
+* Every image we write carries the geometry of the scan it was derived from, so it overlays
+  the input in 3D Slicer or ITK-SNAP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from cartiq.errors import InputError, OutputError
+
+__all__ = [
+    "Geometry",
+    "Volume",
+    "read_volume",
+    "write_volume",
+    "check_same_geometry",
+    "atomic_path",
+    "atomic_write_text",
+    "sha256_file",
+    "IMAGE_SUFFIXES",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Voxel grid of a 3D scan: shape, spacing (mm), origin (LPS mm), direction cosines."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major 3x3, columns = axis directions
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """3x3 direction matrix (columns are the world directions of i, j, k)."""
+        return np.asarray(self.direction, dtype=float).reshape(3, 3)
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4x4 index-to-LPS affine."""
+        a = np.eye(4)
+        a[:3, :3] = self.matrix * np.asarray(self.spacing)[None, :]
+        a[:3, 3] = self.origin
+        return a
+
+    @property
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.spacing))
+
+    def index_to_world(self, ijk: np.ndarray) -> np.ndarray:
+        """Continuous indices (N, 3) to LPS world mm (N, 3)."""
+        ijk = np.atleast_2d(np.asarray(ijk, dtype=float))
+        return ijk @ self.affine[:3, :3].T + np.asarray(self.origin)
+
+    def world_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        """LPS world mm (N, 3) to continuous indices (N, 3)."""
+        xyz = np.atleast_2d(np.asarray(xyz, dtype=float))
+        return (xyz - np.asarray(self.origin)) @ np.linalg.inv(self.affine[:3, :3]).T
+
+    def physical_to_world(self, pts_mm: np.ndarray) -> np.ndarray:
+        """Points in grid-aligned mm (index * spacing) to LPS world mm."""
+        return np.atleast_2d(pts_mm) @ self.matrix.T + np.asarray(self.origin)
+
+    def slice_axis(self) -> int:
+        """Index axis of the acquired slices: the coarsest spacing (ties: the last axis)."""
+        sp = np.asarray(self.spacing)
+        return int(np.flatnonzero(np.isclose(sp, sp.max(), rtol=1e-3))[-1])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.shape),
+            "spacing_mm": [round(float(s), 6) for s in self.spacing],
+            "origin_mm": [round(float(s), 6) for s in self.origin],
+            "direction": [round(float(s), 8) for s in self.direction],
+        }
+
+    @classmethod
+    def from_sitk(cls, image: Any) -> "Geometry":
+        return cls(
+            shape=tuple(int(s) for s in image.GetSize()),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(s) for s in image.GetOrigin()),
+            direction=tuple(float(s) for s in image.GetDirection()),
+        )
+
+    def apply_to_sitk(self, image: Any) -> None:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+
+
+@dataclass
+class Volume:
+    """A 3D scan or label map with its geometry and where it came from."""
+
+    array: np.ndarray
+    geometry: Geometry
+    path: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise InputError(f"expected a 3D volume, got {self.array.ndim}D", self.path)
+        if tuple(self.array.shape) != tuple(self.geometry.shape):
+            raise InputError(
+                f"array shape {self.array.shape} does not match geometry {self.geometry.shape}",
+                self.path,
+            )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    return sitk
+
+
+def read_volume(
+    path: str | Path,
+    *,
+    series: str | None = None,
+    echo: int | None = None,
+    kind: str = "image",
+) -> Volume:
+    """Read a 3D image or label map from NIfTI, NRRD, MHA/MHD or a DICOM series folder.
+
+    Parameters
+    ----------
+    path : file or folder.  A folder is read as a DICOM series; a ``.dcm`` file as the
+        series it belongs to (its siblings in the same folder with its SeriesInstanceUID).
+    series : DICOM only: SeriesNumber, SeriesInstanceUID or a substring of
+        SeriesDescription selecting one series when the folder holds several.
+    echo : DICOM only: 1-based echo number for multi-echo series (default: the first).
+    kind : ``"image"`` (must be finite) or ``"labels"`` (must be integer valued).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("file or folder does not exist", path)
+    if path.is_dir():
+        from cartiq.io.dicom import read_dicom_series
+
+        image, meta = read_dicom_series(path, series=series, echo=echo)
+    elif path.suffix.lower() == ".dcm":
+        from cartiq.io.dicom import read_dicom_file_series
+
+        image, meta = read_dicom_file_series(path, echo=echo)
+    else:
+        sitk = _sitk()
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            detail = next((ln for ln in first if "ERROR" in ln or "Unable" in ln), "unreadable")
+            raise InputError(f"cannot read image ({detail.strip()[:160]})", path) from None
+        meta = {"format": _format_of(path)}
+        if meta["format"] == "nifti":
+            _check_nifti_finite(path, kind)
+    return _volume_from_sitk(image, path, meta, kind)
+
+
+def _check_nifti_finite(path: Path, kind: str) -> None:
+    """ITK's NIfTI reader turns NaN/Inf into 0 silently; look at the stored values."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        if not np.issubdtype(img.get_data_dtype(), np.floating):
+            return
+        n = int((~np.isfinite(np.asanyarray(img.dataobj))).sum())
+    except Exception:  # ITK read it; nibabel's opinion is only a second check
+        return
+    if n:
+        what = "label map contains {} non-finite values" if kind == "labels" else \
+            "contains {} non-finite intensities"
+        raise InputError(what.format(n) + " (NaN or Inf)", path)
+
+
+def _format_of(path: Path) -> str:
+    name = path.name.lower()
+    for suffix, fmt in ((".nii.gz", "nifti"), (".nii", "nifti"), (".nrrd", "nrrd"),
+                        (".nhdr", "nrrd"), (".mha", "metaimage"), (".mhd", "metaimage"),
+                        (".dcm", "dicom")):
+        if name.endswith(suffix):
+            return fmt
+    return "other"
+
+
+def _volume_from_sitk(image: Any, path: Path, meta: dict[str, Any], kind: str) -> Volume:
+    sitk = _sitk()
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"has {image.GetNumberOfComponentsPerPixel()} components per voxel; a scalar "
+            "3D image is needed", path)
+    dim = image.GetDimension()
+    if dim == 4:
+        size = image.GetSize()
+        if size[3] == 1:
+            image = image[:, :, :, 0]
+        else:
+            raise InputError(f"is 4D ({size[3]} volumes); a 3D image is needed "
+                             "(for multi-echo DICOM use --echo)", path)
+    elif dim == 2:
+        raise InputError(f"is 2D ({image.GetSize()[0]}x{image.GetSize()[1]}); a 3D image is "
+                         "needed", path)
+    size = image.GetSize()
+    if min(size) < 2:
+        raise InputError(f"is a single slice ({'x'.join(map(str, size))}); a 3D image is "
+                         "needed", path)
+    geometry = Geometry.from_sitk(image)
+    array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
+    if kind == "labels":
+        array = _as_label_array(array, path)
+    elif np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        n = int((~np.isfinite(array)).sum())
+        raise InputError(f"contains {n} non-finite intensities (NaN or Inf)", path)
+    return Volume(array=array, geometry=geometry, path=path, meta=meta)
+
+
+def _as_label_array(array: np.ndarray, path: Path) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InputError("label map contains non-finite values", path)
+        if not np.allclose(array, np.round(array)):
+            raise InputError("label map has non-integer values (is this an image?)", path)
+        array = np.round(array)
+    if array.min() < 0:
+        raise InputError(f"label map has negative label {int(array.min())}", path)
+    if array.max() > 65535:
+        raise InputError(f"label map has label {int(array.max())} > 65535", path)
+    return array.astype(np.uint16, copy=False)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def check_same_geometry(a: Geometry, b: Geometry, path_a: Path | None, path_b: Path | None,
+                        *, tol_mm: float = 1e-3, tol_dir: float = 1e-4) -> None:
+    """Raise :class:`InputError` (naming ``path_b``) if two grids differ."""
+    if tuple(a.shape) != tuple(b.shape):
+        raise InputError(f"shape {'x'.join(map(str, b.shape))} differs from "
+                         f"{'x'.join(map(str, a.shape))} of {path_a}", path_b)
+    if not np.allclose(a.spacing, b.spacing, atol=tol_mm, rtol=1e-4):
+        raise InputError(f"spacing {np.round(b.spacing, 4).tolist()} mm differs from "
+                         f"{np.round(a.spacing, 4).tolist()} mm of {path_a}", path_b)
+    tol_origin = max(tol_mm, 0.01 * float(min(a.spacing)))
+    if not np.allclose(a.origin, b.origin, atol=tol_origin):
+        raise InputError(f"origin {np.round(b.origin, 3).tolist()} differs from "
+                         f"{np.round(a.origin, 3).tolist()} of {path_a}", path_b)
+    if not np.allclose(a.direction, b.direction, atol=tol_dir):
+        raise InputError(f"orientation (direction cosines) differs from {path_a}", path_b)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it into place on success only."""
+    final = Path(final)
+    suffix = "".join(final.suffixes) or ".tmp"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name.split('.')[0]}-", suffix=suffix,
+                                   dir=final.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot write here ({exc.strerror})", final.parent) from None
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
+        os.replace(tmp_path, final)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(final: str | Path, text: str) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_volume(path: str | Path, array: np.ndarray, geometry: Geometry,
+                 *, compress: bool = True) -> Path:
+    """Write ``array`` (ITK index order) with ``geometry``, atomically."""
+    sitk = _sitk()
+    path = Path(path)
+    if tuple(array.shape) != tuple(geometry.shape):
+        raise ValueError(f"array shape {array.shape} != geometry shape {geometry.shape}")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    geometry.apply_to_sitk(image)
+    with atomic_path(path) as tmp:
+        # level 1: several times faster than the default with files only ~10% larger
+        sitk.WriteImage(image, str(tmp), compress, 1 if compress else -1)
+    return path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of a folder's files in sorted order."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(chunk), b""):
+                h.update(block)
+    return h.hexdigest()

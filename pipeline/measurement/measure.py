@@ -1,0 +1,382 @@
+"""Measurement stage: label map -> thickness, areas, defects, lesions per plate and subregion.
+
+:func:`measure_labels` is pure (arrays and geometry in, records out) - the function to use
+in notebooks.  :func:`run_measure` reads files, checks them, measures, and writes the output
+contract (see ``docs/outputs.md``); :mod:`cartiq.cli` calls it for ``cartiq measure``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from cartiq.config import MeasureConfig, config_hash, load_config, resolved
+from cartiq.measurement.defects import partial_defects, rim_vertices
+from cartiq.io.volume import Geometry
+from cartiq.io.labels import PLATES, default_scheme
+from cartiq.measurement.lesions import find_lesions
+from cartiq.measurement.regions import KneeFrame, assign_regions, knee_frame, region_parents
+from cartiq.measurement.thickness import plate_surface
+
+__all__ = ["PlateResult", "Defect", "Lesion", "ScanResult", "MeasureRun", "measure_labels",
+           "run_measure", "plate_rows", "METRIC_UNITS"]
+
+log = logging.getLogger(__name__)
+
+METRIC_UNITS = {
+    "thickness_mean": "mm", "thickness_median": "mm", "thickness_sd": "mm",
+    "thickness_p05": "mm", "thickness_p95": "mm", "thickness_max": "mm",
+    "volume": "mm3", "interface_area": "mm2", "covered_area": "mm2", "denuded_area": "mm2",
+    "denuded_area_pct": "%", "defect_count": "count", "lesion_count": "count",
+    "max_slice_area": "mm2", "max_diameter": "mm",
+}
+
+
+@dataclass
+class PlateResult:
+    """One cartilage plate: its subchondral surface patch (tAB) with per-point values."""
+
+    name: str
+    bone: str
+    present: bool
+    volume_mm3: float = 0.0
+    points_world: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    faces: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
+    thickness_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    expected_thickness_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    covered: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    denuded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    vertex_area_mm2: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    region: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+    defect_id: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    region_volume_mm3: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Defect:
+    id: int
+    plate: str
+    region: str
+    kind: str  # "full" | "partial"
+    area_mm2: float
+    depth_pct: float
+    centroid_world: np.ndarray
+
+
+@dataclass
+class Lesion:
+    id: int
+    bone: str
+    region: str
+    volume_mm3: float
+    max_slice_area_mm2: float
+    max_diameter_mm: float
+    centroid_world: np.ndarray
+    mask_index: np.ndarray  # (K, 3) voxel indices
+
+
+@dataclass
+class ScanResult:
+    side: str | None
+    geometry: Geometry
+    plates: dict[str, PlateResult]
+    defects: list[Defect]
+    lesions: list[Lesion]
+    rows: list[dict[str, Any]]
+    thickness_map: np.ndarray
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MeasureRun:
+    out_dir: Path
+    result: ScanResult
+    manifest: dict[str, Any]
+
+
+# ------------------------------------------------------------------------ statistics
+
+
+def _wquantile(values: np.ndarray, weights: np.ndarray, q: float) -> float:
+    order = np.argsort(values)
+    cw = np.cumsum(weights[order])
+    return float(values[order][min(np.searchsorted(cw, q * cw[-1]), len(values) - 1)])
+
+
+def _thickness_stats(t: np.ndarray, w: np.ndarray) -> dict[str, float]:
+    ok = np.isfinite(t)
+    t, w = t[ok], w[ok]
+    if t.size == 0:
+        return {k: float("nan") for k in ("thickness_mean", "thickness_median", "thickness_sd",
+                                           "thickness_p05", "thickness_p95", "thickness_max")}
+    mean = float(np.average(t, weights=w))
+    return {
+        "thickness_mean": mean,
+        "thickness_median": _wquantile(t, w, 0.5),
+        "thickness_sd": float(np.sqrt(np.average((t - mean) ** 2, weights=w))),
+        "thickness_p05": _wquantile(t, w, 0.05),
+        "thickness_p95": _wquantile(t, w, 0.95),
+        "thickness_max": float(t.max()),
+    }
+
+
+def _region_mask(codes: np.ndarray, region: str) -> np.ndarray:
+    if region == "all":
+        return np.ones(len(codes), dtype=bool)
+    return np.array([c == region or region in region_parents(c) for c in codes], dtype=bool)
+
+
+def plate_rows(p: PlateResult, defects: list[Defect]) -> list[dict[str, Any]]:
+    """Rows of ``measurements.csv`` for one plate: every metric for ``all`` and each subregion."""
+    def row(region: str, metric: str, value: float) -> dict[str, Any]:
+        return {"structure": p.name, "region": region, "metric": metric, "value": value,
+                "unit": METRIC_UNITS[metric]}
+
+    if not p.present:
+        return [row("all", m, 0.0 if m == "volume" else float("nan"))
+                for m in METRIC_UNITS if m not in ("lesion_count", "max_slice_area", "max_diameter")]
+    regions = ["all"] + sorted({c for c in p.region if c} | {q for c in p.region if c
+                                                              for q in region_parents(c)})
+    rows = []
+    for region in regions:
+        sel = _region_mask(p.region, region)
+        cov = sel & p.covered
+        stats = _thickness_stats(p.thickness_mm[cov], p.vertex_area_mm2[cov])
+        total = float(p.vertex_area_mm2[sel].sum())
+        covered = float(p.vertex_area_mm2[cov].sum())
+        denuded = float(p.vertex_area_mm2[sel & p.denuded].sum())
+        n_def = sum(1 for d in defects if d.plate == p.name
+                    and (region == "all" or d.region == region or region in region_parents(d.region)))
+        values = {**stats,
+                  "volume": p.volume_mm3 if region == "all" else p.region_volume_mm3.get(region, 0.0),
+                  "interface_area": total, "covered_area": covered, "denuded_area": denuded,
+                  "denuded_area_pct": 100.0 * denuded / total if total > 0 else float("nan"),
+                  "defect_count": float(n_def)}
+        rows += [row(region, m, v) for m, v in values.items()]
+    return rows
+
+
+def _lesion_rows(lesions: list[Lesion], slice_axis: int, spacing: np.ndarray) -> list[dict[str, Any]]:
+    in_plane = float(np.prod(np.delete(spacing, slice_axis)))
+    rows = []
+    for bone in ("all", "femur", "tibia", "patella"):
+        sel = [l for l in lesions if bone == "all" or l.bone == bone]
+        if sel:
+            counts = np.bincount(np.concatenate([l.mask_index[:, slice_axis] for l in sel]))
+            area = float(counts.max()) * in_plane
+        else:
+            area = 0.0
+        values = {"volume": sum(l.volume_mm3 for l in sel), "lesion_count": float(len(sel)),
+                  "max_slice_area": area,
+                  "max_diameter": max((l.max_diameter_mm for l in sel), default=0.0)}
+        rows += [{"structure": "bone_marrow_lesion", "region": bone, "metric": m, "value": v,
+                  "unit": METRIC_UNITS[m]} for m, v in values.items()]
+    return rows
+
+
+# ------------------------------------------------------------------------ measuring
+
+
+def _measure_plate(name: str, labels: np.ndarray, bone_mask: np.ndarray, geometry: Geometry,
+                   frame: KneeFrame | None, config: MeasureConfig,
+                   thickness_map: np.ndarray, offset_index: np.ndarray) -> PlateResult:
+    """Measure one plate in a crop of the volume starting at voxel ``offset_index``."""
+    scheme = default_scheme()
+    bone_name = scheme.plates[name]
+    cart = labels == scheme[name]
+    spacing = np.asarray(geometry.spacing)
+    tc, dc = config.thickness, config.defects
+    surf = plate_surface(cart, bone_mask, spacing, sigma_mm=tc.smoothing_sigma_mm,
+                         cover_fraction=tc.cover_fraction, margin_mm=tc.crop_margin_mm,
+                         min_hole_area_mm2=dc.min_defect_area_mm2,
+                         max_hole_fraction=dc.max_hole_fraction,
+                         min_sigma_voxels=tc.min_sigma_voxels,
+                         mesh_smoothing_iterations=tc.mesh_smoothing_iterations)
+    if surf is None:
+        return PlateResult(name=name, bone=bone_name, present=False,
+                           volume_mm3=float(cart.sum()) * geometry.voxel_volume_mm3)
+    surf.points_mm = surf.points_mm + offset_index * spacing
+    world = geometry.physical_to_world(surf.points_mm)
+    if frame is not None:
+        region = assign_regions(name, world, surf.vertex_area_mm2, frame,
+                                tibia_central_fraction=config.regions.tibia_central_fraction,
+                                femur_anterior_shift=config.regions.femur_central_anterior_fraction)
+    else:
+        region = np.full(len(world), "", dtype=object)
+    partial_id, expected = partial_defects(
+        surf.points_mm, surf.faces, surf.vertex_area_mm2, surf.thickness_mm, surf.covered,
+        fraction=dc.partial_fraction, radius_mm=dc.expected_radius_mm,
+        min_area_mm2=dc.min_defect_area_mm2,
+        rim=rim_vertices(len(surf.points_mm), surf.faces, ~surf.covered))
+    thickness = surf.thickness_mm.copy()
+    thickness[surf.denuded] = 0.0
+    # thickness map and per-region volume: each cartilage voxel takes its nearest surface point
+    vox = np.argwhere(cart)
+    region_volume: dict[str, float] = {}
+    if len(vox):
+        _, nearest = cKDTree(surf.points_mm).query((vox + offset_index) * spacing, workers=-1)
+        t_vox = thickness[nearest]
+        ok = np.isfinite(t_vox)
+        thickness_map[tuple(vox[ok].T)] = t_vox[ok]
+        counts = Counter(region[nearest].tolist())
+        voxvol = geometry.voxel_volume_mm3
+        for code, n in counts.items():
+            for r in [code] + region_parents(code):
+                if r:
+                    region_volume[r] = region_volume.get(r, 0.0) + n * voxvol
+    plate = PlateResult(
+        name=name, bone=bone_name, present=True,
+        volume_mm3=float(cart.sum()) * geometry.voxel_volume_mm3,
+        points_world=world, faces=surf.faces, thickness_mm=thickness,
+        expected_thickness_mm=expected, covered=surf.covered, denuded=surf.denuded,
+        vertex_area_mm2=surf.vertex_area_mm2, region=region,
+        defect_id=np.zeros(len(world), dtype=np.int64), region_volume_mm3=region_volume)
+    plate._hole_id = surf.hole_id  # type: ignore[attr-defined]
+    plate._partial_id = partial_id  # type: ignore[attr-defined]
+    return plate
+
+
+def _collect_defects(plate: PlateResult, next_id: int) -> list[Defect]:
+    out = []
+    for kind, ids in (("full", plate._hole_id), ("partial", plate._partial_id)):  # type: ignore[attr-defined]
+        for k in range(1, int(ids.max(initial=0)) + 1):
+            sel = ids == k
+            if not sel.any():
+                continue
+            w = plate.vertex_area_mm2[sel]
+            codes = [c for c in plate.region[sel] if c]
+            region = Counter(codes).most_common(1)[0][0] if codes else "all"
+            if kind == "full":
+                depth = 100.0
+            else:
+                t, e = plate.thickness_mm[sel], plate.expected_thickness_mm[sel]
+                depth = float(np.average(100.0 * (1.0 - t / e), weights=w))
+            plate.defect_id[sel] = next_id
+            out.append(Defect(id=next_id, plate=plate.name, region=region, kind=kind,
+                              area_mm2=float(w.sum()), depth_pct=depth,
+                              centroid_world=np.average(plate.points_world[sel], axis=0, weights=w)))
+            next_id += 1
+    return out
+
+
+def measure_labels(labels: np.ndarray, geometry: Geometry, *, side: str | None,
+                   config: MeasureConfig | None = None) -> ScanResult:
+    """Measure every plate and lesion of a label map in the cartiq scheme.
+
+    Parameters
+    ----------
+    labels : integer array in ITK index order, cartiq label scheme.
+    geometry : its voxel grid (spacing in mm, LPS orientation).
+    side : 'left' or 'right' (None: subregions are not assigned).
+    config : measurement settings (defaults: ``configs/measure.yaml``).
+    """
+    config = config or MeasureConfig()
+    scheme = default_scheme()
+    spacing = np.asarray(geometry.spacing, dtype=float)
+    warnings: list[str] = []
+    bones = {b: scheme[b] for b in scheme.bones}
+    comps = find_lesions(labels, spacing, bml_label=scheme["bone_marrow_lesion"], bones=bones,
+                         slice_axis=geometry.slice_axis(),
+                         min_volume_mm3=config.lesions.min_lesion_volume_mm3,
+                         connectivity=config.lesions.connectivity)
+    frame = knee_frame(labels, geometry.affine, side, scheme.labels) if side else None
+    if side is None:
+        warnings.append("knee side unknown: subregions not assigned (pass --side)")
+    thickness_map = np.zeros(labels.shape, dtype=np.float32)
+    plates: dict[str, PlateResult] = {}
+    boxes = ndimage.find_objects(labels)
+    margin = np.ceil(config.thickness.crop_margin_mm / spacing).astype(int) + 2
+    for name in PLATES:
+        value = scheme[name]
+        box = boxes[value - 1] if value <= len(boxes) else None
+        if box is None:
+            plates[name] = PlateResult(name=name, bone=scheme.plates[name], present=False)
+            warnings.append(f"{name}: plate absent or not on its bone; reported as missing")
+            continue
+        crop = tuple(slice(max(b.start - m, 0), min(b.stop + m, n))
+                     for b, m, n in zip(box, margin, labels.shape))
+        start = np.array([c.start for c in crop])
+        sub = labels[crop]
+        bone_mask = sub == scheme[scheme.plates[name]]
+        for c in comps:  # lesion voxels are marrow of their bone
+            if c.bone == scheme.plates[name]:
+                local = c.voxels - start
+                inside = np.all((local >= 0) & (local < np.array(sub.shape)), axis=1)
+                bone_mask[tuple(local[inside].T)] = True
+        plates[name] = _measure_plate(name, sub, bone_mask, geometry, frame, config,
+                                      thickness_map[crop], start)
+        if not plates[name].present:
+            warnings.append(f"{name}: plate absent or not on its bone; reported as missing")
+    defects: list[Defect] = []
+    for p in plates.values():
+        if p.present:
+            defects += _collect_defects(p, len(defects) + 1)
+    lesions = []
+    for c in comps:
+        region = "all"
+        on_bone = [p for p in plates.values() if p.present and p.bone == c.bone and len(p.points_world)]
+        centroid = geometry.index_to_world(c.centroid_index)[0]
+        if on_bone:
+            pts = np.concatenate([p.points_world for p in on_bone])
+            codes = np.concatenate([p.region for p in on_bone])
+            _, i = cKDTree(pts).query(centroid)
+            region = codes[i] or "all"
+        lesions.append(Lesion(id=c.id, bone=c.bone, region=region, volume_mm3=c.volume_mm3,
+                              max_slice_area_mm2=c.max_slice_area_mm2,
+                              max_diameter_mm=c.max_diameter_mm, centroid_world=centroid,
+                              mask_index=c.voxels))
+    rows = []
+    for p in plates.values():
+        rows += plate_rows(p, defects)
+    rows += _lesion_rows(lesions, geometry.slice_axis(), spacing)
+    for w in warnings:
+        log.warning(w)
+    return ScanResult(side=side, geometry=geometry, plates=plates, defects=defects,
+                      lesions=lesions, rows=rows, thickness_map=thickness_map, warnings=warnings)
+
+
+def run_measure(image: Path, seg: Path, out_dir: Path, *, labels: str | None = None,
+                side: str | None = None, config_path: Path | None = None,
+                series: str | None = None, echo: int | None = None,
+                extra_manifest: dict[str, Any] | None = None,
+                dicom_out: bool = False) -> MeasureRun:
+    """Read, check, measure and write one scan's results (see module docstring).
+
+    ``dicom_out``: also write the segmentation as DICOM SEG and the measurements as a DICOM
+    SR (TID 1500) into ``out_dir/dicom`` (the input must be a DICOM series).
+    """
+    from cartiq.measurement.outputs import load_inputs, write_results
+
+    t0 = time.perf_counter()
+    config = load_config(config_path, MeasureConfig, default_name="measure.yaml")
+    inputs = load_inputs(Path(image), Path(seg), Path(out_dir), labels=labels, side=side,
+                         series=series, echo=echo)
+    if dicom_out and inputs.image.meta.get("format") != "dicom":
+        from cartiq.errors import InputError
+
+        raise InputError("--dicom-out needs a DICOM input series", image)
+    t1 = time.perf_counter()
+    result = measure_labels(inputs.labels, inputs.geometry, side=inputs.side, config=config)
+    t2 = time.perf_counter()
+    manifest = {
+        "stage": "measure",
+        "inputs": inputs.describe(),
+        "side": inputs.side,
+        "side_source": inputs.side_source,
+        "label_mapping": inputs.mapping_name,
+        "config": resolved(config),
+        "config_hash": config_hash(config),
+        "timings_s": {"read": round(t1 - t0, 3), "measure": round(t2 - t1, 3)},
+        **(extra_manifest or {}),
+    }
+    manifest = write_results(Path(out_dir), result, inputs, config, manifest, t_start=t2,
+                             dicom_out=dicom_out)
+    return MeasureRun(out_dir=Path(out_dir), result=result, manifest=manifest)

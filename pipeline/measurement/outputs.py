@@ -1,0 +1,163 @@
+"""File side of the measurement stage: reading and checking inputs, writing the contract.
+
+Output folder of ``cartiq measure`` (and ``cartiq run``):
+
+``measurements.csv``  structure,region,metric,value,unit
+``defects.csv``       defect_id,plate,region,kind,area_mm2,depth_pct,centroid_{x,y,z}_mm
+``lesions.csv``       lesion_id,bone,region,volume_mm3,max_slice_area_mm2,max_diameter_mm,centroid_{x,y,z}_mm
+``thickness.nii.gz``  per cartilage voxel: thickness (mm) of its nearest interface point
+``segmentation.nii.gz`` the label map in the cartiq scheme, input geometry
+``meshes/<plate>.vtk`` subchondral surface patch with point data thickness_mm, region_id, defect_id
+``config.yaml``       the resolved measurement config
+``manifest.json``     provenance; written last - the folder is complete when it exists
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cartiq.config import MeasureConfig, resolved
+from cartiq.io.volume import Geometry, Volume, check_same_geometry, read_volume, sha256_file, write_volume
+from cartiq.io.labels import load_mapping, to_default_scheme
+from cartiq.io.outputs import begin_folder, check_writable, write_csv, write_manifest, write_vtk_polydata
+from cartiq.measurement.regions import REGION_CODES
+
+__all__ = ["MeasureInputs", "load_inputs", "write_results", "MEASUREMENT_COLUMNS",
+           "DEFECT_COLUMNS", "LESION_COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+MEASUREMENT_COLUMNS = ["structure", "region", "metric", "value", "unit"]
+DEFECT_COLUMNS = ["defect_id", "plate", "region", "kind", "area_mm2", "depth_pct",
+                  "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
+LESION_COLUMNS = ["lesion_id", "bone", "region", "volume_mm3", "max_slice_area_mm2",
+                  "max_diameter_mm", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
+
+
+@dataclass
+class MeasureInputs:
+    image: Volume
+    seg: Volume
+    labels: np.ndarray  # cartiq scheme
+    side: str | None
+    side_source: str
+    mapping_name: str
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.seg.geometry
+
+    def describe(self) -> dict[str, Any]:
+        def one(vol: Volume) -> dict[str, Any]:
+            meta = {k: v for k, v in vol.meta.items() if k != "files"}
+            return {"path": str(Path(vol.path).resolve()), "sha256": sha256_file(vol.path),
+                    "geometry": vol.geometry.to_json(), **meta}
+
+        return {"image": one(self.image), "seg": one(self.seg)}
+
+
+def load_inputs(image: Path, seg: Path, out_dir: Path, *, labels: str | None = None,
+                side: str | None = None, series: str | None = None,
+                echo: int | None = None) -> MeasureInputs:
+    """Read image and label map and check everything before any output is written."""
+    check_writable(out_dir)
+    mapping = load_mapping(labels)
+    img = read_volume(image, series=series, echo=echo, kind="image")
+    lab = read_volume(seg, kind="labels")
+    check_same_geometry(img.geometry, lab.geometry, img.path, lab.path)
+    converted, info = to_default_scheme(lab.array, mapping, lab.geometry.affine, side=side,
+                                        header_side=img.meta.get("side"), path=lab.path)
+    return MeasureInputs(image=img, seg=lab, labels=converted, side=info["side"],
+                         side_source=info["side_source"], mapping_name=mapping.name)
+
+
+def _defect_rows(result) -> list[dict[str, Any]]:
+    return [{"defect_id": d.id, "plate": d.plate, "region": d.region, "kind": d.kind,
+             "area_mm2": d.area_mm2, "depth_pct": d.depth_pct,
+             "centroid_x_mm": d.centroid_world[0], "centroid_y_mm": d.centroid_world[1],
+             "centroid_z_mm": d.centroid_world[2]} for d in result.defects]
+
+
+def _lesion_rows(result) -> list[dict[str, Any]]:
+    return [{"lesion_id": l.id, "bone": l.bone, "region": l.region, "volume_mm3": l.volume_mm3,
+             "max_slice_area_mm2": l.max_slice_area_mm2, "max_diameter_mm": l.max_diameter_mm,
+             "centroid_x_mm": l.centroid_world[0], "centroid_y_mm": l.centroid_world[1],
+             "centroid_z_mm": l.centroid_world[2]} for l in result.lesions]
+
+
+def _region_ids(plate: str, codes: np.ndarray) -> np.ndarray:
+    table = {c: i + 1 for i, c in enumerate(REGION_CODES.get(plate, []))}
+    return np.array([table.get(c, 0) for c in codes], dtype=float)
+
+
+def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureConfig,
+                  manifest: dict[str, Any], *, t_start: float,
+                  dicom_out: bool = False) -> dict[str, Any]:
+    """Write the output contract; the manifest goes last."""
+    begin_folder(out_dir)
+    geometry = inputs.geometry
+    outputs = [
+        write_csv(out_dir / "measurements.csv", MEASUREMENT_COLUMNS, result.rows),
+        write_csv(out_dir / "defects.csv", DEFECT_COLUMNS, _defect_rows(result)),
+        write_csv(out_dir / "lesions.csv", LESION_COLUMNS, _lesion_rows(result)),
+        write_volume(out_dir / "thickness.nii.gz", result.thickness_map, geometry),
+        write_volume(out_dir / "segmentation.nii.gz", inputs.labels.astype(np.uint8), geometry),
+    ]
+    for name, p in result.plates.items():
+        if not p.present:
+            continue
+        outputs.append(write_vtk_polydata(
+            out_dir / "meshes" / f"{name}.vtk", p.points_world, p.faces,
+            {"thickness_mm": p.thickness_mm, "region_id": _region_ids(name, p.region),
+             "defect_id": p.defect_id.astype(float)}, title=f"cartiq {name}"))
+    config_path = out_dir / "config.yaml"
+    from cartiq.io.volume import atomic_write_text
+
+    atomic_write_text(config_path, yaml.safe_dump(resolved(config), sort_keys=False))
+    outputs.append(config_path)
+    manifest = dict(manifest)
+    manifest["warnings"] = list(result.warnings) + list(manifest.get("warnings", []))
+    manifest["qc"] = _run_qc(out_dir, result, inputs)
+    manifest["timings_s"] = {**manifest.get("timings_s", {}),
+                             "write": round(time.perf_counter() - t_start, 3)}
+    manifest["outputs"] = sorted(str(Path(p).relative_to(out_dir)) for p in outputs)
+    manifest["geometry"] = geometry.to_json()
+    if dicom_out:
+        manifest["dicom_out"] = _run_dicom_out(out_dir, manifest)
+    write_manifest(out_dir, manifest)
+    log.info("wrote %d files to %s", len(outputs) + 1, out_dir)
+    return manifest
+
+
+def _run_qc(out_dir: Path, result, inputs: MeasureInputs) -> dict[str, Any]:
+    """QC picture and flags (cartiq.measurement.qc); a plotting failure never fails the measurement."""
+    try:
+        from cartiq.measurement.qc import write_qc
+    except ImportError:
+        return {"status": "not available"}
+    try:
+        qc = write_qc(out_dir, result=result, image=inputs.image, labels=inputs.labels)
+        return qc if isinstance(qc, dict) else getattr(qc, "to_json", lambda: {"status": "ok"})()
+    except Exception as exc:  # reports never fail the analysis
+        log.warning("QC figure failed: %s", exc)
+        return {"status": "failed", "error": str(exc)[:300]}
+
+
+def _run_dicom_out(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """DICOM SEG + SR (cartiq.measurement.dicom_out); a failure is recorded, never fatal."""
+    try:
+        from cartiq.measurement.dicom_out import write_dicom_outputs
+
+        res = write_dicom_outputs(out_dir, manifest=manifest)
+        return {"status": "ok", "seg": str(Path(res.seg).relative_to(out_dir)),
+                "sr": str(Path(res.sr).relative_to(out_dir)), "n_segments": res.n_segments}
+    except Exception as exc:  # the numbers are written already; DICOM export is extra
+        log.warning("DICOM SEG/SR export failed: %s", exc)
+        return {"status": "failed", "error": str(exc)[:300]}

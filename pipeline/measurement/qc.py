@@ -1,0 +1,459 @@
+"""Per-scan quality control: automatic flags and the ``qc.png`` review figure.
+
+Flags (each a :class:`QCFlag` with a code, a severity and a message naming the structure):
+
+``plate_empty`` (error)        a cartilage plate has no voxels.
+``plate_small`` (warning)      a plate's volume is below ``min_plate_volume_mm3``.
+``thickness_range`` (warning)  a plate's mean thickness lies outside
+                               ``[min_mean_thickness_mm, max_mean_thickness_mm]`` or its 99th
+                               percentile exceeds ``max_thickness_mm``.
+``border`` (warning)           cartilage, menisci or lesions touch the image border (cut off?).
+``not_adjacent`` (error/warn)  a plate does not touch its bone (error), or more than
+                               ``max_far_fraction`` of its volume lies farther than
+                               ``max_distance_to_bone_mm`` from it (warning); lesions outside bone.
+``position`` (warning)         labels in implausible places: lateral tibial plate on the medial
+                               side, femoral cartilage below the tibial plates, patellar
+                               cartilage behind the femoral cartilage.
+``bone_missing`` (warning)     a plate's bone is not labelled, so adjacency is not checked.
+``registration`` (warning)     longitudinal only: registration residual above
+                               ``max_registration_residual_mm``.
+
+The figure has one row per cartilage plate: the label outlines over the image on the three
+planes through the plate's centroid (the index planes closest to sagittal, coronal and
+axial, shown in radiological orientation with millimetre aspect), and the plate's thickness
+map in 2D with a colour bar in mm (drawing in :mod:`cartiq.measurement.qc_maps`: femur unrolled as
+the angle around the left-right axis through the condyles against the left-right position;
+tibia projected on the axial plane; patella on the coronal plane).  Defects
+(``D<id>``) and bone-marrow lesions (``B<id>``) are marked on the maps and outlined on the
+slices.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+from scipy import ndimage
+
+from cartiq.config import Strict, load_config
+from cartiq.io.volume import Geometry, Volume, atomic_path, read_volume
+from cartiq.io.labels import PLATES, default_scheme, lateral_sign
+from cartiq.measurement.qc_maps import (PlateMap, draw_plate_map, draw_slice, plate_map_from_points,
+                             plate_views, projector_for)
+
+__all__ = ["QCConfig", "QCFlag", "QCResult", "qc_checks", "registration_flag", "write_qc",
+           "read_table"]
+
+log = logging.getLogger(__name__)
+
+
+class QCConfig(Strict):
+    min_plate_volume_mm3: dict[str, float] = Field(
+        default_factory=lambda: {"femoral_cartilage": 1000.0, "medial_tibial_cartilage": 150.0,
+                                 "lateral_tibial_cartilage": 150.0, "patellar_cartilage": 150.0})
+    min_mean_thickness_mm: float = Field(0.7, ge=0)
+    max_mean_thickness_mm: float = Field(4.5, gt=0)
+    max_thickness_mm: float = Field(8.0, gt=0, description="99th percentile limit")
+    max_distance_to_bone_mm: float = Field(8.0, gt=0)
+    max_far_fraction: float = Field(0.05, ge=0, le=1)
+    max_registration_residual_mm: float = Field(1.0, gt=0)
+    figure_dpi: int = Field(80, ge=30, le=300)
+    map_vmax_mm: float = Field(4.0, gt=0, description="upper end of the thickness colour bar")
+
+
+@dataclass
+class QCFlag:
+    code: str
+    severity: str  # "warning" | "error"
+    structure: str
+    message: str
+    value: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity, "structure": self.structure,
+                "message": self.message,
+                "value": None if self.value is None else round(float(self.value), 4)}
+
+
+@dataclass
+class QCResult:
+    flags: list[QCFlag] = field(default_factory=list)
+    figure: Path | None = None
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if any(f.severity == "error" for f in self.flags):
+            return "fail"
+        return "warn" if self.flags else "pass"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "n_flags": len(self.flags),
+                "flags": [f.to_json() for f in self.flags],
+                "figure": None if self.figure is None else self.figure.name,
+                "figure_errors": list(self.errors)}
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _marginals(mask: np.ndarray) -> list[np.ndarray]:
+    return [mask.sum(axis=tuple(b for b in range(3) if b != a)) for a in range(3)]
+
+
+def _crop(mask: np.ndarray, pad: np.ndarray) -> tuple[slice, ...]:
+    out = []
+    for m, p, n in zip(_marginals(mask), pad, mask.shape):
+        nz = np.flatnonzero(m)
+        out.append(slice(max(int(nz[0]) - int(p), 0), min(int(nz[-1]) + int(p) + 1, n)))
+    return tuple(out)
+
+
+def _centroid_world(mask: np.ndarray, geometry: Geometry) -> np.ndarray | None:
+    margins = _marginals(mask)
+    total = margins[0].sum()
+    if total == 0:
+        return None
+    mean = [float((m * np.arange(len(m))).sum() / total) for m in margins]
+    return geometry.index_to_world(np.array(mean))[0]
+
+
+def _distance_mm(outside: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Distance (mm) of every voxel to the nearest False voxel of ``outside``."""
+    try:
+        import edt
+
+        return edt.edt(np.ascontiguousarray(outside), anisotropy=tuple(float(s) for s in spacing),
+                       black_border=False, parallel=1)
+    except ImportError:  # pragma: no cover - edt is a dependency; scipy is the fallback
+        return ndimage.distance_transform_edt(outside, sampling=spacing)
+
+
+def _adjacency_flags(name: str, cart: np.ndarray, labels: np.ndarray, bone_values: list[int],
+                     spacing: np.ndarray, cfg: QCConfig) -> list[QCFlag]:
+    pad = np.ceil((cfg.max_distance_to_bone_mm + 2) / spacing).astype(int)
+    box = _crop(cart, pad)
+    c, b = cart[box], np.isin(labels[box], bone_values)
+    if not b.any():
+        return [QCFlag("not_adjacent", "error", name,
+                       f"{name} lies farther than {cfg.max_distance_to_bone_mm:g} mm from its bone")]
+    dist = _distance_mm(~b, spacing)[c]
+    touching = float(dist.min()) <= float(spacing.max()) * 1.01
+    if not touching:
+        return [QCFlag("not_adjacent", "error", name, f"{name} does not touch its bone "
+                       f"(closest {dist.min():.1f} mm)", float(dist.min()))]
+    far = float((dist > cfg.max_distance_to_bone_mm).mean())
+    if far > cfg.max_far_fraction:
+        return [QCFlag("not_adjacent", "warning", name,
+                       f"{100 * far:.0f}% of {name} lies more than "
+                       f"{cfg.max_distance_to_bone_mm:g} mm from its bone", far)]
+    return []
+
+
+def _thickness_values(name: str, mask: np.ndarray, thickness: np.ndarray | None,
+                      result: Any) -> np.ndarray:
+    plate = getattr(result, "plates", {}).get(name) if result is not None else None
+    if plate is not None and getattr(plate, "present", False) and len(plate.thickness_mm):
+        t = np.asarray(plate.thickness_mm, float)[np.asarray(plate.covered, bool)]
+        return t[np.isfinite(t)]
+    if thickness is None:
+        return np.zeros(0)
+    t = thickness[mask]
+    return t[np.isfinite(t) & (t > 0)]
+
+
+def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None,
+              thickness: np.ndarray | None = None, result: Any = None,
+              config: QCConfig | None = None) -> list[QCFlag]:
+    """Automatic QC flags of one label map (cartiq scheme); see the module docstring.
+
+    Parameters
+    ----------
+    labels : label array, ITK index order.
+    geometry : its grid (spacing mm, LPS direction).
+    side : knee side, for the medial/lateral position check (skipped when None).
+    thickness : voxel thickness map (mm, 0 outside cartilage), or ``result`` (a
+        :class:`cartiq.measurement.measure.ScanResult`) whose surface thickness is preferred.
+    """
+    cfg = config or QCConfig()
+    scheme = default_scheme()
+    spacing = np.asarray(geometry.spacing, float)
+    vox = geometry.voxel_volume_mm3
+    flags: list[QCFlag] = []
+    counts = np.bincount(labels.ravel(), minlength=max(scheme.values) + 1)
+    centroids: dict[str, np.ndarray | None] = {}
+    for name in PLATES:
+        n = int(counts[scheme[name]])
+        volume = n * vox
+        if n == 0:
+            flags.append(QCFlag("plate_empty", "error", name, f"{name} is empty", 0.0))
+            continue
+        mask = labels == scheme[name]
+        centroids[name] = _centroid_world(mask, geometry)
+        limit = cfg.min_plate_volume_mm3.get(name, 0.0)
+        if volume < limit:
+            flags.append(QCFlag("plate_small", "warning", name,
+                                f"{name} volume {volume:.0f} mm3 < {limit:g} mm3", volume))
+        t = _thickness_values(name, mask, thickness, result)
+        if t.size:
+            mean, p99 = float(t.mean()), float(np.percentile(t, 99))
+            if not cfg.min_mean_thickness_mm <= mean <= cfg.max_mean_thickness_mm:
+                flags.append(QCFlag("thickness_range", "warning", name,
+                                    f"{name} mean thickness {mean:.2f} mm outside "
+                                    f"{cfg.min_mean_thickness_mm:g}-{cfg.max_mean_thickness_mm:g} mm",
+                                    mean))
+            elif p99 > cfg.max_thickness_mm:
+                flags.append(QCFlag("thickness_range", "warning", name,
+                                    f"{name} 99th percentile thickness {p99:.1f} mm > "
+                                    f"{cfg.max_thickness_mm:g} mm", p99))
+        bone_name = scheme.plates[name]
+        if counts[scheme[bone_name]] == 0:
+            flags.append(QCFlag("bone_missing", "warning", name,
+                                f"{bone_name} not labelled: adjacency of {name} not checked"))
+        else:
+            flags += _adjacency_flags(name, mask, labels, [scheme[bone_name], scheme["bone_marrow_lesion"]],
+                                      spacing, cfg)
+    inner = labels[1:-1, 1:-1, 1:-1] if min(labels.shape) > 2 else labels[:0, :0, :0]
+    on_border = counts - np.bincount(inner.ravel(), minlength=len(counts))
+    for name in PLATES + ("medial_meniscus", "lateral_meniscus", "bone_marrow_lesion"):
+        if (n := int(on_border[scheme[name]])):
+            flags.append(QCFlag("border", "warning", name,
+                                f"{name} touches the image border ({n} voxels): cut off?", n))
+    bml = labels == scheme["bone_marrow_lesion"]
+    if bml.any():
+        bones = np.isin(labels, [scheme[b] for b in scheme.bones])
+        grown = ndimage.binary_dilation(bones, iterations=1)
+        comps, n = ndimage.label(bml)
+        outside = n - len(np.unique(comps[grown & bml]))
+        if outside > 0:
+            flags.append(QCFlag("not_adjacent", "warning", "bone_marrow_lesion",
+                                f"{outside} bone-marrow lesion(s) not inside or against a bone",
+                                outside))
+    flags += _position_flags(centroids, side)
+    return flags
+
+
+def _position_flags(c: dict[str, np.ndarray | None], side: str | None) -> list[QCFlag]:
+    flags = []
+    med, lat = c.get("medial_tibial_cartilage"), c.get("lateral_tibial_cartilage")
+    if side in ("left", "right") and med is not None and lat is not None:
+        if (lat[0] - med[0]) * lateral_sign(side) < 0:
+            flags.append(QCFlag("position", "warning", "lateral_tibial_cartilage",
+                                f"lateral tibial plate lies medial to the medial one for a "
+                                f"{side} knee (swapped labels or wrong side?)"))
+    fem = c.get("femoral_cartilage")
+    tib = [p for p in (med, lat) if p is not None]
+    if fem is not None and tib and fem[2] < min(p[2] for p in tib):
+        flags.append(QCFlag("position", "warning", "femoral_cartilage",
+                            "femoral cartilage lies below the tibial cartilage "
+                            "(upside-down orientation header?)"))
+    pat = c.get("patellar_cartilage")
+    if fem is not None and pat is not None and pat[1] > fem[1]:
+        flags.append(QCFlag("position", "warning", "patellar_cartilage",
+                            "patellar cartilage lies posterior to the femoral cartilage "
+                            "(mislabelled or wrong orientation header?)"))
+    return flags
+
+
+def registration_flag(residual_mm: float | None, config: QCConfig | None = None) -> list[QCFlag]:
+    """Longitudinal QC: flag a baseline/follow-up registration residual above the limit."""
+    cfg = config or QCConfig()
+    if residual_mm is None or not np.isfinite(residual_mm):
+        return []
+    if residual_mm > cfg.max_registration_residual_mm:
+        return [QCFlag("registration", "warning", "registration",
+                       f"registration residual {residual_mm:.2f} mm > "
+                       f"{cfg.max_registration_residual_mm:g} mm: change maps unreliable",
+                       residual_mm)]
+    return []
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV file ([] if missing or unreadable)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except OSError:
+        return []
+
+
+def markers(scan_dir: Path, result: Any) -> tuple[list[dict], list[dict]]:
+    """Defect and lesion markers: dicts with id, plate/bone, kind, world centroid."""
+    if result is not None:
+        defects = [{"id": d.id, "plate": d.plate, "kind": d.kind,
+                    "xyz": np.asarray(d.centroid_world, float)} for d in result.defects]
+        lesions = [{"id": l.id, "bone": l.bone, "xyz": np.asarray(l.centroid_world, float)}
+                   for l in result.lesions]
+        return defects, lesions
+
+    def xyz(row: dict[str, str]) -> np.ndarray:
+        return np.array([float(row.get(f"centroid_{a}_mm") or "nan") for a in "xyz"])
+
+    defects = [{"id": r.get("defect_id"), "plate": r.get("plate"), "kind": r.get("kind"),
+                "xyz": xyz(r)} for r in read_table(scan_dir / "defects.csv")]
+    lesions = [{"id": r.get("lesion_id"), "bone": r.get("bone"), "xyz": xyz(r)}
+               for r in read_table(scan_dir / "lesions.csv")]
+    return defects, lesions
+
+
+def read_manifest(scan_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((scan_dir / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _load_image(manifest: dict[str, Any]) -> Volume | None:
+    info = (manifest.get("inputs") or {}).get("image") or {}
+    path = info.get("path")
+    if not path:
+        return None
+    try:
+        return read_volume(Path(path), series=info.get("series_number") and str(info["series_number"]),
+                           echo=info.get("echo"))
+    except Exception as exc:  # the figure falls back to labels only
+        log.warning("QC: cannot read the image %s (%s); outlines drawn on labels", path, exc)
+        return None
+
+
+def plate_maps(labels: np.ndarray, geometry: Geometry, values: np.ndarray | None, *,
+               result: Any = None, bin_mm: float = 1.0) -> dict[str, PlateMap]:
+    """2D map per present plate from surface points (``result``) or a voxel value map."""
+    scheme = default_scheme()
+    maps: dict[str, PlateMap] = {}
+    fem = labels == scheme["femoral_cartilage"]
+    fem_pts = geometry.index_to_world(np.argwhere(fem)) if fem.any() else None
+    for name in PLATES:
+        plate = getattr(result, "plates", {}).get(name) if result is not None else None
+        if plate is not None and plate.present and len(plate.points_world):
+            pts = np.asarray(plate.points_world, float)
+            val = np.where(plate.covered, np.nan_to_num(plate.thickness_mm), np.nan)
+            den = np.asarray(plate.denuded, bool)
+        else:
+            mask = labels == scheme[name]
+            if values is None or not mask.any():
+                continue
+            idx = np.argwhere(mask)
+            pts = geometry.index_to_world(idx)
+            val = values[tuple(idx.T)].astype(float)
+            den = None
+        proj = projector_for(name, fem_pts if fem_pts is not None else pts)
+        maps[name] = plate_map_from_points(name, pts, val, proj, denuded=den, bin_mm=bin_mm)
+    return maps
+
+
+def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
+             labels: np.ndarray | None = None, registration_residual_mm: float | None = None,
+             config: QCConfig | Path | None = None, figure: bool = True) -> QCResult:
+    """Compute the QC flags of a measure folder and write its ``qc.png``.
+
+    Reads what is not given in memory from ``scan_dir``: ``manifest.json`` (image path,
+    side), ``segmentation.nii.gz``, ``thickness.nii.gz``, ``defects.csv``, ``lesions.csv``.
+    A plotting failure is logged and returned in ``QCResult.errors``; flags are still
+    computed.  Missing segmentation raises :class:`cartiq.errors.InputError`.
+    """
+    scan_dir = Path(scan_dir)
+    cfg = config if isinstance(config, QCConfig) else load_config(config, QCConfig)
+    manifest = read_manifest(scan_dir)
+    geometry = result.geometry if result is not None else None
+    if labels is None:
+        seg = read_volume(scan_dir / "segmentation.nii.gz", kind="labels")
+        labels, geometry = seg.array, seg.geometry
+    if geometry is None:
+        geometry = image.geometry if image is not None else \
+            read_volume(scan_dir / "segmentation.nii.gz", kind="labels").geometry
+    side = getattr(result, "side", None) or manifest.get("side")
+    if result is not None:
+        thickness = np.asarray(result.thickness_map)
+    elif (scan_dir / "thickness.nii.gz").exists():
+        thickness = read_volume(scan_dir / "thickness.nii.gz").array
+    else:
+        thickness = None
+    flags = qc_checks(labels, geometry, side=side, thickness=thickness, result=result, config=cfg)
+    flags += registration_flag(registration_residual_mm, cfg)
+    out = QCResult(flags=flags)
+    if not figure:
+        return out
+    try:
+        if image is None:
+            image = _load_image(manifest)
+        defects, lesions = markers(scan_dir, result)
+        maps = plate_maps(labels, geometry, thickness, result=result) \
+            if thickness is not None or result is not None else {}
+        out.figure = _qc_figure(scan_dir / "qc.png", labels, geometry, image, maps, defects,
+                                lesions, flags, side, cfg, title=manifest.get("scan_id")
+                                or f"{scan_dir.parent.name}/{scan_dir.name}")
+    except Exception as exc:  # reports never fail the analysis
+        log.warning("QC figure for %s failed: %s", scan_dir, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        out.errors.append(f"{type(exc).__name__}: {exc}"[:300])
+    return out
+
+
+def _qc_figure(path: Path, labels: np.ndarray, geometry: Geometry, image: Volume | None,
+               maps: dict[str, PlateMap], defects: list[dict], lesions: list[dict],
+               flags: list[QCFlag], side: str | None, cfg: QCConfig, title: str) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    scheme = default_scheme()
+    img = image.array if image is not None and image.array.shape == labels.shape else None
+    views = plate_views(geometry)
+    fig = Figure(figsize=(16, 3.6 * len(PLATES) + 1.2))
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(len(PLATES), 4, left=0.03, right=0.97, top=1 - 1.3 / fig.get_figheight(),
+                            bottom=0.02, hspace=0.25, wspace=0.12)
+    status = "PASS" if not flags else ("FAIL" if any(f.severity == "error" for f in flags) else "WARN")
+    head = f"cartiq QC - {title} - side {side or '?'} - {status}"
+    lines = [f"[{f.severity}] {f.message}" for f in flags[:5]]
+    if len(flags) > 5:
+        lines.append(f"... and {len(flags) - 5} more flags (manifest.json)")
+    fig.text(0.03, 1 - 0.25 / fig.get_figheight(), head, fontsize=14, weight="bold", va="top")
+    fig.text(0.03, 1 - 0.6 / fig.get_figheight(), "\n".join(lines) or "no QC flags",
+             fontsize=8.5, va="top", color="#b00" if flags else "#060")
+    for row, name in enumerate(PLATES):
+        mask = labels == scheme[name]
+        axes = [fig.add_subplot(grid[row, c]) for c in range(4)]
+        if not mask.any():
+            for ax in axes:
+                ax.set_axis_off()
+            axes[0].text(0.5, 0.5, f"{name}: absent", ha="center", va="center",
+                         transform=axes[0].transAxes, fontsize=12, color="#b00")
+            continue
+        # per axis, the slice holding most of the plate (the femur's centroid is in the notch)
+        centre = np.array([int(np.argmax(mask.sum(axis=tuple(b for b in range(3) if b != a))))
+                           for a in range(3)])
+        for ax, view in zip(axes[:3], views):
+            draw_slice(ax, img, labels, geometry, view, centre, mask, name)
+        marks = [d for d in defects if d.get("plate") == name]
+        bml = [l for l in lesions if l.get("bone") == scheme.plates[name]]
+        if name in maps:
+            draw_plate_map(fig, axes[3], maps[name], vmax=cfg.map_vmax_mm, side=side,
+                           defects=marks, lesions=lesions_for(name, bml, maps),
+                           label="thickness (mm)")
+        else:
+            axes[3].set_axis_off()
+            axes[3].text(0.5, 0.5, "no thickness map", ha="center", va="center",
+                         transform=axes[3].transAxes, color="#777")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=cfg.figure_dpi, format="png")
+    return path
+
+
+def lesions_for(name: str, lesions: list[dict], maps: dict[str, PlateMap]) -> list[dict]:
+    """Tibial lesions go to the nearer tibial plate (left-right), others to their plate."""
+    if "tibial" not in name:
+        return lesions
+    other = "lateral_tibial_cartilage" if name.startswith("medial") else "medial_tibial_cartilage"
+    if other not in maps:
+        return lesions
+    mine, theirs = maps[name].centre_world[0], maps[other].centre_world[0]
+    return [l for l in lesions if abs(l["xyz"][0] - mine) <= abs(l["xyz"][0] - theirs)]

@@ -1,0 +1,193 @@
+"""Post-processing of a raw segmentation: anatomical clean-up, then the cartiq scheme.
+
+The network's output values (its own ``labels``, e.g. ``tibial_cartilage`` or ``meniscus``
+without a medial/lateral distinction) are cleaned up per structure
+(:func:`clean_prediction`) and mapped into the cartiq scheme (:func:`to_cartiq_scheme`),
+splitting tibial cartilage and menisci into medial and lateral; see :mod:`cartiq.segmentation.segmenter`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from cartiq.errors import InputError
+from cartiq.io.volume import Geometry, Volume
+
+__all__ = ["clean_prediction", "to_cartiq_scheme"]
+
+log = logging.getLogger(__name__)
+
+
+def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
+                     min_component_mm3: float) -> np.ndarray:
+    """Anatomical clean-up of the raw prediction (model output values, ``labels``).
+
+    Bones: largest component.  Fibula: dropped unless plausible (>= 1000 mm3, within
+    10 mm of the tibia, centroid below the tibial plateau) since it decides the side.
+    Cartilage, menisci, BML: components below ``min_component_mm3`` or farther than
+    2 mm (cartilage), 4 mm (menisci) or 1 mm (BML) from their bone are removed.
+    """
+    import cc3d
+    import edt
+    from scipy import ndimage
+
+    by_name = {n: v for v, n in labels.items()}
+    out = raw.copy()
+    vox = geom.voxel_volume_mm3
+    sp = np.asarray(geom.spacing)
+    for name in ("femur", "tibia", "patella", "fibula"):
+        if name in by_name:
+            box = bbox(raw == by_name[name])
+            if box is None:
+                continue
+            sub = raw[box]
+            mask = sub == by_name[name]
+            comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+            keep = int(np.argmax(np.bincount(comps.ravel(), minlength=n + 1)[1:])) + 1
+            carts = [by_name[c] for c in _BONE_CART.get(name, ()) if c in by_name]
+            cart = np.isin(sub, carts) if carts and n > 1 else None
+            if cart is not None and cart.any():
+                # the bone is the component its cartilage lies on, not just the largest
+                near = ndimage.maximum_filter(comps, size=5)
+                score = np.bincount(near[cart], minlength=n + 1)
+                score[0] = 0
+                if score.max() > 0:
+                    keep = int(np.argmax(score))
+            out[box][mask & (comps != keep)] = 0
+    if "fibula" in by_name and "tibia" in by_name:
+        _check_fibula(out, by_name["fibula"], by_name["tibia"], geom)
+    for name, (bones, max_mm) in _NEAR.items():
+        if name not in by_name:
+            continue
+        value = by_name[name]
+        box = bbox(out == value)
+        if box is None:
+            continue
+        m = np.ceil(max_mm / sp).astype(int) + 1
+        box = tuple(slice(max(0, b.start - k), b.stop + k) for b, k in zip(box, m))
+        sub = out[box]
+        mask = sub == value
+        comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+        counts = np.bincount(comps.ravel(), minlength=n + 1)
+        keep = counts * vox >= min_component_mm3
+        bone = np.isin(sub, [by_name[b] for b in bones if b in by_name])
+        if bone.any():
+            dist = edt.edt(~bone, anisotropy=tuple(sp), black_border=False)
+            touching = np.zeros(n + 1, bool)
+            touching[np.unique(comps[mask & (dist <= max_mm)])] = True
+            keep &= touching
+        keep[0] = True
+        sub[mask & ~keep[comps]] = 0
+    return out
+
+
+def to_cartiq_scheme(raw: np.ndarray, volume: Volume, labels: dict[int, str], model_name: str,
+                     side: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Map a cleaned prediction (model output values) into the cartiq scheme (uint8).
+
+    Returns the label map on ``volume``'s grid and ``side``, ``side_source`` and the
+    ``structures`` present.
+    """
+    from cartiq.io.labels import LabelMapping, default_scheme, to_default_scheme
+
+    scheme = default_scheme()
+    mapping = LabelMapping(name=model_name, description="model outputs",
+                           map={v: n for v, n in labels.items() if n != "meniscus"},
+                           unmapped="background")
+    header_side = volume.meta.get("side") if volume.meta else None
+    try:
+        out, info = to_default_scheme(raw, mapping, volume.geometry.affine, side=side,
+                                      header_side=header_side, path=volume.path)
+    except InputError:
+        raise InputError("cannot tell the knee side to split medial/lateral tibial "
+                         "cartilage and menisci (no header laterality, no fibula found); "
+                         "pass --side left|right", volume.path) from None
+    men_values = [v for v, n in labels.items() if n == "meniscus"]
+    if men_values:
+        _split_menisci(out, np.isin(raw, men_values), volume.geometry, info.get("side"))
+    keep = {"side": info.get("side"), "side_source": info.get("side_source")}
+    present = sorted(scheme.name_of(int(v)) for v in np.unique(out) if v)
+    keep["structures"] = present
+    return out.astype(np.uint8), keep
+
+
+_BONE_CART = {"femur": ("femoral_cartilage",),
+              "tibia": ("tibial_cartilage", "medial_tibial_cartilage",
+                        "lateral_tibial_cartilage"),
+              "patella": ("patellar_cartilage",)}
+_NEAR = {  # soft label -> (bones it must lie on, max distance mm)
+    "femoral_cartilage": (("femur",), 2.0),
+    "tibial_cartilage": (("tibia",), 2.0),
+    "medial_tibial_cartilage": (("tibia",), 2.0),
+    "lateral_tibial_cartilage": (("tibia",), 2.0),
+    "patellar_cartilage": (("patella",), 2.0),
+    "meniscus": (("tibia", "femur"), 4.0),
+    "medial_meniscus": (("tibia", "femur"), 4.0),
+    "lateral_meniscus": (("tibia", "femur"), 4.0),
+    "bone_marrow_lesion": (("femur", "tibia", "patella"), 1.0),
+}
+
+
+def _check_fibula(out: np.ndarray, fib: int, tib: int, geom: Geometry) -> None:
+    """Remove a predicted fibula that is implausible (it would decide the knee side)."""
+    f, t = out == fib, out == tib
+    if not f.any():
+        return
+    ok = t.any() and f.sum() * geom.voxel_volume_mm3 >= 1000
+    if ok:
+        zf = geom.index_to_world(np.argwhere(f).mean(0))[0, 2]
+        tz = geom.index_to_world(np.argwhere(t))[:, 2]
+        ok = zf < np.percentile(tz, 90) - 5  # below the tibial plateau
+        if ok:
+            import edt
+
+            box = bbox(f | t)
+            d = edt.edt(~t[box], anisotropy=tuple(geom.spacing), black_border=False)
+            ok = float(d[f[box]].min()) <= 10.0
+    if not ok:
+        log.info("predicted fibula is implausible; not used for the knee side")
+        out[f] = 0
+
+
+def bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Bounding box of a mask as slices (None if empty)."""
+    out = []
+    for ax in range(mask.ndim):
+        proj = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
+        if proj.size == 0:
+            return None
+        out.append(slice(int(proj[0]), int(proj[-1]) + 1))
+    return tuple(out)
+
+
+def _split_menisci(out: np.ndarray, men: np.ndarray, geom: Geometry, side: str | None) -> None:
+    """Label meniscus voxels medial/lateral by the nearer tibial plate (LPS x)."""
+    from cartiq.io.labels import default_scheme, lateral_sign
+
+    if not men.any():
+        return
+    s = default_scheme()
+    aff = geom.affine
+
+    def cx(mask: np.ndarray) -> float:
+        idx = np.argwhere(mask)
+        return float(idx.mean(0) @ aff[0, :3] + aff[0, 3]) if len(idx) else float("nan")
+
+    xm = cx(out == s["medial_tibial_cartilage"])
+    xl = cx(out == s["lateral_tibial_cartilage"])
+    idx = np.argwhere(men)
+    x = idx @ aff[0, :3] + aff[0, 3]
+    if np.isfinite(xm) and np.isfinite(xl):
+        lateral = np.abs(x - xl) < np.abs(x - xm)
+    elif side is not None:
+        center = cx(out == s["tibia"])
+        if not np.isfinite(center):
+            center = float(np.median(x))
+        lateral = (x - center) * lateral_sign(side) > 0
+    else:
+        return  # cannot tell: menisci stay background rather than guessed
+    vals = np.where(lateral, s["lateral_meniscus"], s["medial_meniscus"]).astype(out.dtype)
+    out[tuple(idx.T)] = vals

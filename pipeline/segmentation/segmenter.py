@@ -1,0 +1,342 @@
+"""Segmentation inference: scan in, cartiq label map on the scan's own grid out.
+
+Geometry
+--------
+The network works on a *canonical grid*: axes aligned with the LPS world axes (axis 0 =
+patient right->left, axis 1 = anterior->posterior, axis 2 = inferior->superior), so a 2D
+network's slices across axis 0 are sagittal whatever the scan's on-disk orientation.  The
+scan is resampled (SimpleITK, linear) onto that grid at the model's spacing (2D models keep
+the scan's own spacing across slices, clipped to the card's range), the network predicts
+class probabilities slice batch by slice batch (2D) or by MONAI sliding-window inference
+(3D), the probabilities are resampled back (linear) onto the exact input grid and
+arg-maxed there, so that the output overlays the input in any viewer.
+
+Labels
+------
+Model outputs are mapped into the cartiq scheme through the package's ``labels``.  Tibial
+cartilage and menisci predicted without a medial/lateral distinction are split by the
+sagittal plane between the two tibial plates (:func:`cartiq.io.labels.to_default_scheme`);
+the side comes from ``side=``, the DICOM header, or the predicted fibula.
+
+Modules
+-------
+The canonical grid and resampling live in :mod:`cartiq.segmentation.grid`, the clean-up and
+the mapping into the cartiq scheme in :mod:`cartiq.segmentation.post`; this module holds the
+input checks, the device choice, the :class:`Segmenter` and the file-level entry points
+(:func:`segment_file`; ``cartiq run`` is :func:`cartiq.measurement.run.run_file`).  Every name is importable from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cartiq.errors import InputError, ModelError
+from cartiq.io.volume import Geometry, Volume
+from cartiq.segmentation.grid import (
+    axis_spacing_along,
+    canonical_geometry,
+    resample_array,
+)
+from cartiq.segmentation.post import (
+    clean_prediction,
+    to_cartiq_scheme,
+)
+
+__all__ = ["canonical_geometry", "resample_array", "select_device", "Segmenter",
+           "SegmentResult", "segment_file", "check_knee_like"]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_knee_like(volume: Volume) -> None:
+    """Reject inputs no knee model can segment: 2D-like stacks and absurd fields of view."""
+    g = volume.geometry
+    if min(g.shape) < 8:
+        raise InputError(f"has only {min(g.shape)} voxels along one axis "
+                         f"({'x'.join(map(str, g.shape))}); a 3D knee scan is needed",
+                         volume.path)
+    fov = np.asarray(g.shape) * np.asarray(g.spacing)
+    if fov.max() > 400 or fov.max() < 40:
+        raise InputError(f"field of view {np.round(fov).astype(int).tolist()} mm is not that "
+                         "of a knee scan (expected roughly 80-250 mm)", volume.path)
+    if np.ptp(volume.array) == 0:
+        raise InputError("image is constant (no contrast to segment)", volume.path)
+
+
+def _range_warnings(volume: Volume, spec: Any) -> list[str]:
+    g = volume.geometry
+    sp = np.sort(np.asarray(g.spacing))
+    lo, hi = spec.expected_spacing_range_mm
+    out = []
+    if sp[0] < lo or sp[1] > hi:
+        out.append(f"in-plane spacing {np.round(sp[:2], 3).tolist()} mm is outside the model "
+                   f"card's range {lo}-{hi} mm; resampled, accuracy unknown")
+    if sp[2] > spec.expected_slice_spacing_max_mm:
+        out.append(f"slice spacing {sp[2]:.2f} mm exceeds the model card's maximum "
+                   f"{spec.expected_slice_spacing_max_mm} mm; accuracy unknown")
+    if spec.slice_axis == 0:
+        # the scan's slices should be roughly sagittal for a 2D sagittal model
+        k = g.slice_axis()
+        if g.spacing[k] > 1.2 * min(g.spacing) and abs(g.matrix[0, k]) < 0.7:
+            out.append("scan slices are not sagittal; the 2D sagittal model sees reformatted "
+                       "slices (through-plane blur), accuracy unknown")
+    return out
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def select_device(requested: str = "auto") -> str:
+    """``auto`` -> CUDA when present (logged) else CPU (warning); ``cuda`` without GPU fails."""
+    import torch
+
+    req = (requested or "auto").lower()
+    if req == "auto":
+        if torch.cuda.is_available():
+            log.info("using CUDA device 0 (%s)", torch.cuda.get_device_name(0))
+            return "cuda:0"
+        log.warning("no CUDA GPU found; running on the CPU (slower)")
+        return "cpu"
+    if req == "cpu":
+        return "cpu"
+    if req.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {requested!r} requested but no CUDA GPU is available "
+                             "(use --device cpu or auto)")
+        idx = int(req.split(":")[1]) if ":" in req and req.split(":")[1].isdigit() else 0
+        if idx >= torch.cuda.device_count():
+            raise ModelError(f"device {requested!r}: only {torch.cuda.device_count()} CUDA "
+                             "device(s) present")
+        log.info("using CUDA device %d (%s)", idx, torch.cuda.get_device_name(idx))
+        return f"cuda:{idx}"
+    raise ModelError(f"unknown device {requested!r}; use auto, cpu, cuda or cuda:N")
+
+
+# ----------------------------------------------------------------------------- segmenter
+
+
+@dataclass
+class SegmentResult:
+    labels: np.ndarray  # cartiq scheme, input grid, uint8
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Segmenter:
+    """A loaded model ready to segment many scans (load once per worker).
+
+    Parameters
+    ----------
+    model : registry name, package folder or metadata file (default model if None).
+    device : ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    amp : mixed precision (CUDA only; default on for CUDA).
+    batch_size : 2D slices per forward pass (bounds memory).
+    """
+
+    def __init__(self, model: str | Path | None = None, *, device: str = "auto",
+                 amp: bool | None = None, batch_size: int = 8,
+                 min_component_mm3: float = 20.0) -> None:
+        from cartiq.segmentation.models import load_model
+
+        self.device = select_device(device)
+        t0 = time.monotonic()
+        self.model = load_model(model, device=self.device)
+        self.load_seconds = time.monotonic() - t0
+        meta = self.model.metadata
+        if meta.format != "nnunetv2":
+            if meta.network is None:
+                raise ModelError("model metadata needs a 'network' entry (spatial_dims, "
+                                 "in_channels, out_channels)", self.model.folder)
+            if meta.network.in_channels != 1:
+                raise ModelError(f"model expects {meta.network.in_channels} input channels; "
+                                 "cartiq feeds it one image channel (one scan/echo)",
+                                 self.model.folder)
+        cuda = self.device.startswith("cuda")
+        if amp and not cuda:
+            log.warning("mixed precision (--amp) needs CUDA; running in float32 on the CPU")
+        self.amp = bool(cuda if amp is None else amp) and cuda
+        self.batch_size = batch_size
+        self.min_component_mm3 = min_component_mm3
+
+    # -- public API
+    def segment(self, volume: Volume, *, side: str | None = None) -> np.ndarray:
+        """Cartiq label map (uint8) on ``volume``'s grid."""
+        return self.run(volume, side=side).labels
+
+    def run(self, volume: Volume, *, side: str | None = None) -> SegmentResult:
+        """Segment and return labels plus provenance, warnings and timings."""
+        check_knee_like(volume)
+        meta = self.model.metadata
+        warnings = _range_warnings(volume, meta.input)
+        for w in warnings:
+            log.warning("%s: %s", volume.path or "image", w)
+        t0 = time.monotonic()
+        if meta.format == "nnunetv2":
+            raw = self._predict_nnunet(volume)
+        else:
+            raw = self._predict(volume)
+        t1 = time.monotonic()
+        labels, side_info = self._to_scheme(raw, volume, side)
+        info = {"model": self.model.provenance(), "device": self.device, "amp": self.amp,
+                "warnings": warnings, **side_info,
+                "timings_s": {"load_model": round(self.load_seconds, 3),
+                              "inference": round(t1 - t0, 3),
+                              "postprocess": round(time.monotonic() - t1, 3)}}
+        return SegmentResult(labels=labels, info=info)
+
+    # -- inference
+    def _canonical(self, volume: Volume) -> tuple[np.ndarray, Geometry]:
+        spec = self.model.metadata.input
+        sp = list(spec.spacing_mm)
+        if self.model.metadata.network.spatial_dims == 2 and spec.keep_slice_spacing:
+            a = spec.slice_axis
+            lo, hi = spec.slice_spacing_range_mm
+            sp[a] = float(np.clip(axis_spacing_along(volume.geometry, a), lo, hi))
+        dst = canonical_geometry(volume.geometry, tuple(sp))
+        arr = volume.array.astype(np.float32, copy=False)
+        flat = arr.ravel()[:: max(1, arr.size // 2_000_000)]
+        lo, hi = np.percentile(flat, spec.percentiles)
+        norm = np.clip((arr - lo) / max(float(hi - lo), 1e-6), 0, 1).astype(np.float32)
+        return resample_array(norm, volume.geometry, dst, default=0.0), dst
+
+    def _forward(self, x):
+        import torch
+
+        try:
+            with torch.autocast("cuda", enabled=self.amp):
+                return self.model.network(x).float()
+        except RuntimeError as exc:
+            msg = str(exc).splitlines()[0][:200]
+            raise ModelError(f"model forward pass failed ({msg}); does the model take one "
+                             "input channel of the declared spatial dims?",
+                             self.model.folder) from None
+
+    def _predict(self, volume: Volume) -> np.ndarray:
+        """Class index per input voxel (model's own output values)."""
+        import torch
+
+        net = self.model.metadata.network
+        canon, cgeom = self._canonical(volume)
+        n_out = net.out_channels
+        probs = np.zeros((n_out,) + canon.shape, np.float16)
+        with torch.inference_mode():
+            if net.spatial_dims == 2:
+                a = self.model.metadata.input.slice_axis
+                stack = np.moveaxis(canon, a, 0)
+                pview = np.moveaxis(probs, a + 1, 1)
+                h, w = stack.shape[1:]
+                ph, pw = (-h) % 16, (-w) % 16
+                for s in range(0, stack.shape[0], self.batch_size):
+                    x = torch.from_numpy(np.ascontiguousarray(stack[s:s + self.batch_size]))
+                    x = torch.nn.functional.pad(x[:, None], (0, pw, 0, ph)).to(self.device)
+                    y = torch.softmax(self._forward(x), 1)[:, :, :h, :w]
+                    if y.shape[1] != n_out:
+                        raise ModelError(f"model returned {y.shape[1]} channels, metadata "
+                                         f"says {n_out}", self.model.folder)
+                    pview[:, s:s + self.batch_size] = y.permute(1, 0, 2, 3).cpu().numpy()
+            else:
+                from monai.inferers import sliding_window_inference
+
+                x = torch.from_numpy(canon)[None, None].to(self.device)
+                roi = tuple(int(v) for v in self.model.metadata.input.patch_size)
+                y = sliding_window_inference(x, roi, sw_batch_size=2,
+                                             predictor=self._forward, overlap=0.25,
+                                             mode="gaussian", sw_device=self.device,
+                                             device="cpu")
+                probs[:] = torch.softmax(y[0].float(), 0).numpy()
+        del canon
+        return self._probs_back(probs, cgeom, volume.geometry)
+
+    @staticmethod
+    def _probs_back(probs: np.ndarray, src: Geometry, dst: Geometry) -> np.ndarray:
+        """Resample each class probability onto the input grid (linear) and arg-max."""
+        best = np.full(dst.shape, -1.0, np.float32)
+        arg = np.zeros(dst.shape, np.uint8)
+        for c in range(probs.shape[0]):
+            p = resample_array(probs[c].astype(np.float32), src, dst,
+                               default=1.0 if c == 0 else 0.0)
+            better = p > best
+            arg[better] = c
+            best[better] = p[better]
+        return arg
+
+    def _predict_nnunet(self, volume: Volume) -> np.ndarray:
+        arr = volume.array.transpose(2, 1, 0)[None].astype(np.float32)
+        props = {"spacing": tuple(float(s) for s in volume.geometry.spacing[::-1])}
+        seg = self.model.network.predict_single_npy_array(arr, props, None, None, False)
+        return np.asarray(seg).transpose(2, 1, 0).astype(np.uint8)
+
+    # -- labels
+    def _clean(self, raw: np.ndarray, geom: Geometry) -> np.ndarray:
+        """Anatomical clean-up of the raw prediction (:func:`clean_prediction`)."""
+        return clean_prediction(raw, geom, self.model.metadata.labels, self.min_component_mm3)
+
+    def _to_scheme(self, raw: np.ndarray, volume: Volume,
+                   side: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+        raw = self._clean(raw, volume.geometry)
+        return to_cartiq_scheme(raw, volume, self.model.metadata.labels,
+                                self.model.metadata.name, side)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _describe(vol: Volume) -> dict[str, Any]:
+    from cartiq.io.volume import sha256_file
+
+    meta = {k: v for k, v in vol.meta.items() if k != "files"}
+    return {"path": str(Path(vol.path).resolve()), "sha256": sha256_file(vol.path),
+            "geometry": vol.geometry.to_json(), **meta}
+
+
+def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
+                 device: str = "auto", amp: bool | None = None, side: str | None = None,
+                 series: str | None = None, echo: int | None = None,
+                 segmenter: Segmenter | None = None,
+                 write_manifest_file: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Segment one scan into ``out_dir/segmentation.nii.gz`` (+ ``manifest.json`` last).
+
+    Everything is checked (input readable and knee-like, model loadable, device present)
+    before anything is written.  Returns the segmentation path and the manifest dict.
+    """
+    from cartiq.io.volume import read_volume, write_volume
+    from cartiq.io.outputs import begin_folder, check_writable, write_manifest
+
+    t0 = time.monotonic()
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    vol = read_volume(image, series=series, echo=echo, kind="image")
+    check_knee_like(vol)
+    t_read = time.monotonic() - t0
+    seg = segmenter or Segmenter(model, device=device, amp=amp)
+    result = seg.run(vol, side=side)
+    t1 = time.monotonic()
+    begin_folder(out_dir)
+    path = write_volume(out_dir / "segmentation.nii.gz", result.labels, vol.geometry)
+    info = result.info
+    manifest = {
+        "stage": "segment",
+        "inputs": {"image": _describe(vol)},
+        "model": info["model"],
+        "device": info["device"],
+        "amp": info["amp"],
+        "side": info.get("side"),
+        "side_source": info.get("side_source"),
+        "structures": info.get("structures", []),
+        "timings_s": {"read": round(t_read, 3), **info["timings_s"],
+                      "write": round(time.monotonic() - t1, 3)},
+        "warnings": info["warnings"],
+        "outputs": ["segmentation.nii.gz"],
+        "geometry": vol.geometry.to_json(),
+    }
+    if write_manifest_file:
+        write_manifest(out_dir, manifest)
+    return path, manifest

@@ -1,0 +1,318 @@
+"""SynthSeg-style synthetic MR images rendered from label maps (training data).
+
+No real labelled knee MRI is available, so the default model is trained the way SynthSeg
+(Billot et al., Medical Image Analysis 2023, doi:10.1016/j.media.2023.102789) is: every
+training sample is a random image rendered from a real label map.  One sample is made by
+
+1. a random affine (rotation, per-axis scale) + elastic deformation and optional
+   left/right mirroring of the label map, sampled on a crop of the canonical LPS grid;
+2. optional bone-marrow lesions planted as random ellipsoids in subchondral femur/tibia;
+3. rendering-only sub-labels: random smooth "soft tissue" regions splitting the background,
+   a cortical-bone rim and a joint-fluid shell around cartilage and menisci;
+4. per-label Gaussian intensities (fully random, or MR-like contrast families: DESS-,
+   PD-fat-sat- and T1-like, jittered);
+5. per-axis Gaussian blur for a random acquisition resolution (slice thickness across the
+   sagittal axis, in-plane resolution) and partial volume, a multiplicative smooth bias
+   field, Rician noise, percentile normalisation and a random gamma.
+
+Everything runs vectorised in torch on one crop (``D x H x W`` voxels, axis 0 = patient
+left-right, the sagittal slice axis).  Label values are the network's training classes
+:data:`MODEL_CLASSES` (tibial cartilage and menisci not split into medial/lateral; fibula
+kept to tell the knee side).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from cartiq.config import Strict
+
+__all__ = ["MODEL_CLASSES", "SynthConfig", "Renderer", "to_model_classes",
+           "load_label_map_canonical"]
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASSES = ("background", "femur", "tibia", "patella", "femoral_cartilage",
+                 "tibial_cartilage", "patellar_cartilage", "meniscus", "fibula",
+                 "bone_marrow_lesion")
+_C = {n: i for i, n in enumerate(MODEL_CLASSES)}
+_BONES = (_C["femur"], _C["tibia"], _C["patella"], _C["fibula"])
+_SOFT = (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartilage"],
+         _C["meniscus"])
+N_BG, CORTEX, FLUID = 4, len(MODEL_CLASSES) + 4, len(MODEL_CLASSES) + 5
+N_RENDER = len(MODEL_CLASSES) + 6
+
+# MR-like contrast families: (low, high) mean intensity per rendering class
+_FAMILIES = {
+    "dess": {"bone": (0.2, 0.45), "femoral_cartilage": (0.5, 0.8), "cart": (0.5, 0.8),
+             "meniscus": (0.0, 0.12), "bml": (0.55, 1.0), "cortex": (0.0, 0.08),
+             "fluid": (0.75, 1.0), "bg": [(0.15, 0.35), (0.05, 0.6), (0.0, 0.3), (0.2, 0.7)]},
+    "pdfs": {"bone": (0.05, 0.2), "cart": (0.3, 0.55), "meniscus": (0.0, 0.08),
+             "bml": (0.5, 0.9), "cortex": (0.0, 0.06), "fluid": (0.75, 1.0),
+             "bg": [(0.2, 0.4), (0.03, 0.15), (0.0, 0.3), (0.1, 0.5)]},
+    "t1": {"bone": (0.65, 0.95), "cart": (0.25, 0.45), "meniscus": (0.0, 0.08),
+           "bml": (0.1, 0.3), "cortex": (0.0, 0.06), "fluid": (0.08, 0.2),
+           "bg": [(0.2, 0.35), (0.75, 1.0), (0.0, 0.3), (0.3, 0.6)]},
+}
+
+
+class SynthConfig(Strict):
+    """Randomisation ranges of the generative model (units in the key names)."""
+
+    spacing_mm: float = Field(0.5, gt=0, description="isotropic grid the labels are sampled on")
+    crop_depth: int = Field(16, ge=4, description="voxels across the slice axis per crop")
+    rotation_deg: float = Field(15.0, ge=0)
+    scale_fraction: float = Field(0.15, ge=0, lt=1)
+    elastic_mm: float = Field(3.0, ge=0, description="max displacement of the elastic field")
+    mirror_probability: float = Field(0.5, ge=0, le=1)
+    bml_probability: float = Field(0.35, ge=0, le=1)
+    bml_radius_mm: tuple[float, float] = (2.0, 7.0)
+    random_contrast_probability: float = Field(0.5, ge=0, le=1,
+        description="fully random per-label means; else an MR-like family, jittered")
+    intensity_std: tuple[float, float] = (0.0, 0.06)
+    slice_thickness_mm: tuple[float, float] = (0.5, 3.0)
+    inplane_resolution_mm: tuple[float, float] = (0.3, 0.9)
+    bias_std: float = Field(0.3, ge=0)
+    noise_std: tuple[float, float] = (0.0, 0.06)
+    gamma_std: float = Field(0.25, ge=0)
+    fluid_probability: float = Field(0.7, ge=0, le=1)
+    cortex_probability: float = Field(0.8, ge=0, le=1)
+
+
+def to_model_classes(cartiq: np.ndarray, fibula: np.ndarray | None = None) -> np.ndarray:
+    """Cartiq-scheme labels (+ optional fibula mask) to the network's training classes."""
+    from cartiq.io.labels import default_scheme
+
+    s = default_scheme()
+    lut = np.zeros(max(s.labels.values()) + 1, np.uint8)
+    same = ("femur", "tibia", "patella", "femoral_cartilage", "patellar_cartilage",
+            "bone_marrow_lesion")
+    for name in same:
+        lut[s[name]] = _C[name]
+    lut[s["medial_tibial_cartilage"]] = lut[s["lateral_tibial_cartilage"]] = _C["tibial_cartilage"]
+    lut[s["medial_meniscus"]] = lut[s["lateral_meniscus"]] = _C["meniscus"]
+    out = lut[np.asarray(cartiq)]
+    if fibula is not None:
+        out[np.asarray(fibula, bool) & (out == 0)] = _C["fibula"]
+    return out
+
+
+def load_label_map_canonical(path: Path, mapping: str, spacing_mm: float) -> np.ndarray:
+    """Read a real label map, convert to training classes, resample onto an LPS grid."""
+    from cartiq.io.volume import read_volume
+    from cartiq.io.labels import load_mapping, to_default_scheme
+    from cartiq.segmentation.segmenter import canonical_geometry, resample_array
+
+    vol = read_volume(path, kind="labels")
+    mp = load_mapping(mapping)
+    cart, _ = to_default_scheme(vol.array, mp, vol.geometry.affine, path=path)
+    fib_values = [v for v, t in mp.map.items() if t == "fibula"]
+    fib = np.isin(vol.array, fib_values) if fib_values else None
+    classes = to_model_classes(cart, fib)
+    dst = canonical_geometry(vol.geometry, (spacing_mm,) * 3)
+    return resample_array(classes, vol.geometry, dst, nearest=True)
+
+
+# ---------------------------------------------------------------------------- renderer
+
+
+def _gauss_kernel(sigma: float) -> torch.Tensor:
+    r = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def blur3d(img: torch.Tensor, sigmas: tuple[float, float, float]) -> torch.Tensor:
+    """Separable Gaussian blur of a (D, H, W) tensor; sigma in voxels per axis."""
+    x = img[None, None]
+    for axis, sigma in enumerate(sigmas):
+        if sigma < 0.2:
+            continue
+        k = _gauss_kernel(sigma)
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = k.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        r = k.numel() // 2
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        x = F.conv3d(F.pad(x, pad, mode="replicate"), k.view(shape))
+    return x[0, 0]
+
+
+def _dilate(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Grey dilation of a (D, H, W) float tensor by a (2r+1)^3 box, separably."""
+    y = x[None, None]
+    for k in ((2 * r + 1, 1, 1), (1, 2 * r + 1, 1), (1, 1, 2 * r + 1)):
+        y = F.max_pool3d(y, k, stride=1, padding=tuple(v // 2 for v in k))
+    return y[0, 0]
+
+
+def _smooth_field(shape: tuple[int, ...], coarse: int, gen: torch.Generator,
+                  n: int = 1) -> torch.Tensor:
+    small = torch.randn((1, n) + tuple(max(2, s // coarse) for s in shape), generator=gen)
+    return F.interpolate(small, size=shape, mode="trilinear", align_corners=True)[0]
+
+
+class Renderer:
+    """Random image + label crops from canonical label maps (see module docstring)."""
+
+    def __init__(self, config: SynthConfig, seed: int = 0) -> None:
+        self.cfg = config
+        self.gen = torch.Generator().manual_seed(seed)
+        self._fg: dict[int, torch.Tensor] = {}
+        self._float: torch.Tensor | None = None
+        self._float_key: int | None = None
+
+    def _u(self, lo: float, hi: float, n: int | tuple = ()) -> torch.Tensor:
+        shape = (n,) if isinstance(n, int) else n
+        return lo + (hi - lo) * torch.rand(shape, generator=self.gen)
+
+    def _center(self, labels: torch.Tensor) -> torch.Tensor:
+        key = id(labels)
+        if key not in self._fg:
+            idx = torch.nonzero(labels > 0)
+            self._fg[key] = idx[torch.randperm(len(idx), generator=self.gen)[:20000]].float()
+        pts = self._fg[key]
+        return pts[int(torch.randint(len(pts), (1,), generator=self.gen))]
+
+    def _grid(self, labels: torch.Tensor, shape: tuple[int, int, int],
+              center: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        c = self._center(labels) if center is None else center
+        a = torch.deg2rad(self._u(-cfg.rotation_deg, cfg.rotation_deg, 3))
+        cx, cy, cz = torch.cos(a)
+        sx, sy, sz = torch.sin(a)
+        rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+        scale = self._u(1 - cfg.scale_fraction, 1 + cfg.scale_fraction, 3)
+        m = rz @ ry @ rx @ torch.diag(scale)
+        if float(torch.rand(1, generator=self.gen)) < cfg.mirror_probability:
+            m = m @ torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
+        axes = [torch.arange(s, dtype=torch.float32) - (s - 1) / 2 for s in shape]
+        q = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # D,H,W,3
+        p = q @ m.T + c
+        if cfg.elastic_mm > 0:
+            amp = float(self._u(0, cfg.elastic_mm / cfg.spacing_mm))
+            disp = _smooth_field(shape, 16, self.gen, n=3).permute(1, 2, 3, 0)
+            p = p + amp * disp / 2.0
+        size = torch.tensor(labels.shape, dtype=torch.float32)
+        norm = 2 * p / (size - 1) - 1
+        return norm.flip(-1)[None]  # grid_sample wants (z, y, x) = (W, H, D) order
+
+    def _plant_bml(self, lab: torch.Tensor) -> None:
+        cfg = self.cfg
+        bone_c = _C["femur"] if float(torch.rand(1, generator=self.gen)) < 0.5 else _C["tibia"]
+        bone = lab == bone_c
+        if bone.sum() < 100:
+            return
+        cart = ((lab == _C["femoral_cartilage"]) | (lab == _C["tibial_cartilage"])).float()
+        near = _dilate(cart, 10) > 0
+        cand = torch.nonzero(bone & near)
+        if len(cand) == 0:
+            return
+        c = cand[int(torch.randint(len(cand), (1,), generator=self.gen))].float()
+        r = self._u(*cfg.bml_radius_mm, 3) / cfg.spacing_mm
+        axes = [torch.arange(s, dtype=torch.float32) for s in lab.shape]
+        g = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+        d = (((g - c) / r) ** 2).sum(-1)
+        d = d + 0.3 * _smooth_field(tuple(lab.shape), 4, self.gen)[0]
+        lab[(d < 1) & bone] = _C["bone_marrow_lesion"]
+
+    def _means(self) -> torch.Tensor:
+        cfg = self.cfg
+        if float(torch.rand(1, generator=self.gen)) < cfg.random_contrast_probability:
+            return torch.rand(N_RENDER, generator=self.gen)
+        fams = list(_FAMILIES)
+        fam = _FAMILIES[fams[int(torch.randint(len(fams), (1,), generator=self.gen))]]
+        mu = torch.zeros(N_RENDER)
+
+        def pick(rng: tuple[float, float]) -> float:
+            return float(self._u(*rng))
+
+        bone = pick(fam["bone"])
+        for b in _BONES:
+            mu[b] = min(1.0, max(0.0, bone + float(self._u(-0.04, 0.04))))
+        cart = pick(fam["cart"])
+        for c in (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartilage"]):
+            mu[c] = min(1.0, max(0.0, cart + float(self._u(-0.05, 0.05))))
+        mu[_C["meniscus"]] = pick(fam["meniscus"])
+        mu[_C["bone_marrow_lesion"]] = pick(fam["bml"])
+        for i, rng in enumerate(fam["bg"]):
+            mu[len(MODEL_CLASSES) + i] = pick(rng)
+        mu[_C["background"]] = pick(fam["bg"][0])
+        mu[CORTEX] = pick(fam["cortex"])
+        mu[FLUID] = pick(fam["fluid"])
+        return mu
+
+    def render(self, lab: torch.Tensor) -> torch.Tensor:
+        """Random MR-like image (float32, normalised to [0, 1]) for a (D, H, W) label crop."""
+        cfg = self.cfg
+        shape = tuple(lab.shape)
+        rl = lab.clone().long()
+        bgsub = _smooth_field(shape, 32, self.gen, n=N_BG).argmax(0) + len(MODEL_CLASSES)
+        bg = lab == 0
+        rl[bg] = bgsub[bg]
+        if float(torch.rand(1, generator=self.gen)) < cfg.cortex_probability:
+            bone = torch.zeros_like(bg)
+            for b in _BONES:
+                bone |= lab == b
+            bone |= lab == _C["bone_marrow_lesion"]
+            eroded = -_dilate(-bone.float(), 1)
+            rl[bone & (eroded < 0.5) & (lab != _C["bone_marrow_lesion"])] = CORTEX
+        if float(torch.rand(1, generator=self.gen)) < cfg.fluid_probability:
+            soft = torch.zeros_like(bg)
+            for s in _SOFT:
+                soft |= lab == s
+            k = 3 if float(torch.rand(1, generator=self.gen)) < 0.5 else 5
+            near = _dilate(soft.float(), k // 2)
+            rl[bg & (near > 0)] = FLUID
+        mu = self._means()
+        sd = self._u(*cfg.intensity_std, N_RENDER)
+        img = mu[rl] + sd[rl] * torch.randn(shape, generator=self.gen)
+        thick = float(self._u(*cfg.slice_thickness_mm))
+        inpl = float(self._u(*cfg.inplane_resolution_mm))
+        base = float(self._u(0.0, 0.6))
+        sig = [max(base, 0.42 * thick / cfg.spacing_mm)] + [max(base, 0.42 * inpl /
+                                                               cfg.spacing_mm)] * 2
+        img = blur3d(img, tuple(sig))
+        if cfg.bias_std > 0:
+            img = img * torch.exp(cfg.bias_std * _smooth_field(shape, 32, self.gen)[0])
+        ns = float(self._u(*cfg.noise_std))
+        n1 = torch.randn(shape, generator=self.gen)
+        n2 = torch.randn(shape, generator=self.gen)
+        img = torch.sqrt((img + ns * n1) ** 2 + (ns * n2) ** 2)
+        img = normalize_percentile(img, (0.5, 99.5))
+        gamma = math.exp(float(torch.randn(1, generator=self.gen)) * cfg.gamma_std)
+        return img.clamp(0, 1) ** gamma
+
+    def sample(self, labels: torch.Tensor, shape: tuple[int, int, int], *,
+               center: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One random (image, labels) crop of ``shape`` from a canonical label volume."""
+        grid = self._grid(labels, shape, center)
+        key = id(labels)
+        if self._float_key != key:
+            self._float, self._float_key = labels[None, None].float(), key
+        lab = F.grid_sample(self._float, grid, mode="nearest",
+                            padding_mode="zeros", align_corners=True)[0, 0].round().to(torch.uint8)
+        if float(torch.rand(1, generator=self.gen)) < self.cfg.bml_probability:
+            self._plant_bml(lab)
+        return self.render(lab), lab.long()
+
+
+def normalize_percentile(img: torch.Tensor, percentiles: tuple[float, float]) -> torch.Tensor:
+    """Map the given intensity percentiles to 0 and 1 (on a subsample for speed)."""
+    flat = img.reshape(-1)
+    if flat.numel() > 200_000:
+        step = flat.numel() // 200_000
+        flat = flat[::step]
+    lo, hi = torch.quantile(flat.float(), torch.tensor([percentiles[0] / 100,
+                                                         percentiles[1] / 100]))
+    return (img - lo) / torch.clamp(hi - lo, min=1e-6)
