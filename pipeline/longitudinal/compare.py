@@ -115,7 +115,7 @@ class Visit:
     image: Volume | None
     side: str | None
     measure_config: MeasureConfig
-    result: Any = None  # cartiq.measurement.measure.ScanResult
+    result: Any = None  # cartiq.measurement.measure.MeasureResult
     warnings: list[str] = field(default_factory=list)
 
 

@@ -9,7 +9,7 @@ import lazy_loader as _lazy
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
     submod_attrs={
-        "measure": ["ScanResult", "PlateResult", "Defect", "Lesion", "MeasureRun", "measure_labels", "run_measure", "METRIC_UNITS"],
+        "measure": ["MeasureResult", "PlateResult", "Defect", "Lesion", "MeasureRun", "measure_labels", "run_measure", "METRIC_UNITS"],
         "outputs": ["MEASUREMENT_COLUMNS", "DEFECT_COLUMNS", "LESION_COLUMNS"],
         "qc": ["QCFlag", "QCResult", "qc_checks", "write_qc"],
         "run": ["run_file"],

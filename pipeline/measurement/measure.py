@@ -26,7 +26,7 @@ from cartiq.measurement.lesions import find_lesions
 from cartiq.measurement.regions import KneeFrame, assign_regions, knee_frame, region_parents
 from cartiq.measurement.thickness import plate_surface
 
-__all__ = ["PlateResult", "Defect", "Lesion", "ScanResult", "MeasureRun", "measure_labels",
+__all__ = ["PlateResult", "Defect", "Lesion", "MeasureResult", "MeasureRun", "measure_labels",
            "run_measure", "plate_rows", "METRIC_UNITS"]
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class Lesion:
 
 
 @dataclass
-class ScanResult:
+class MeasureResult:
     side: str | None
     geometry: Geometry
     plates: dict[str, PlateResult]
@@ -98,7 +98,7 @@ class ScanResult:
 @dataclass
 class MeasureRun:
     out_dir: Path
-    result: ScanResult
+    result: MeasureResult
     manifest: dict[str, Any]
 
 
@@ -268,7 +268,7 @@ def _collect_defects(plate: PlateResult, next_id: int) -> list[Defect]:
 
 
 def measure_labels(labels: np.ndarray, geometry: Geometry, *, side: str | None,
-                   config: MeasureConfig | None = None) -> ScanResult:
+                   config: MeasureConfig | None = None) -> MeasureResult:
     """Measure every plate and lesion of a label map in the cartiq scheme.
 
     Parameters
@@ -339,7 +339,7 @@ def measure_labels(labels: np.ndarray, geometry: Geometry, *, side: str | None,
     rows += _lesion_rows(lesions, geometry.slice_axis(), spacing)
     for w in warnings:
         log.warning(w)
-    return ScanResult(side=side, geometry=geometry, plates=plates, defects=defects,
+    return MeasureResult(side=side, geometry=geometry, plates=plates, defects=defects,
                       lesions=lesions, rows=rows, thickness_map=thickness_map, warnings=warnings)
 
 

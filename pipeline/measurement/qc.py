@@ -179,7 +179,7 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
     geometry : its grid (spacing mm, LPS direction).
     side : knee side, for the medial/lateral position check (skipped when None).
     thickness : voxel thickness map (mm, 0 outside cartilage), or ``result`` (a
-        :class:`cartiq.measurement.measure.ScanResult`) whose surface thickness is preferred.
+        :class:`cartiq.measurement.measure.MeasureResult`) whose surface thickness is preferred.
     """
     cfg = config or QCConfig()
     scheme = default_scheme()

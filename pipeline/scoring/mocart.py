@@ -376,7 +376,7 @@ def score_sites(image: Volume | None, labels: np.ndarray, sites: Any, *,
     sites : integer array (0 none, k site k) in that grid, a list of boolean masks, or a list
         of :class:`SiteSpec`; ``None`` takes the defects of ``scan_result``.
     config : scoring config (default ``configs/mocart2.yaml``).
-    scan_result : a :class:`cartiq.measurement.measure.ScanResult` whose defects (per-vertex
+    scan_result : a :class:`cartiq.measurement.measure.MeasureResult` whose defects (per-vertex
         ``defect_id``) become sites when ``sites`` is ``None``.
     geometry : the grid, when ``image`` is ``None``.
     """
