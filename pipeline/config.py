@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,12 +33,25 @@ class ThicknessConfig(Strict):
         description="Gaussian smoothing of the masks before surface extraction")
     min_sigma_voxels: float = Field(0.5, ge=0, le=2,
         description="smoothing is at least this many voxels along each axis")
-    mesh_smoothing_iterations: int = Field(10, ge=0, le=100,
+    mesh_smoothing_iterations: int = Field(30, ge=0, le=100,
         description="Taubin smoothing steps on the extracted surfaces")
     cover_fraction: float = Field(0.25, gt=0, lt=1,
         description="bone-surface point counts as covered where the interpolated cartilage "
                     "fraction reaches this value")
     crop_margin_mm: float = Field(6.0, ge=1, description="margin around each plate's bone ROI")
+    thickness_method: Literal["nearest", "normal"] = Field("nearest",
+        description="nearest: 3D distance from each covered bone-interface point to the "
+                    "nearest articular-surface point; normal: along the bone surface normal")
+    articular_max_angle_deg: float = Field(60.0, gt=0, le=90,
+        description="articular surface: free cartilage surface whose normal is within this "
+                    "angle of the facing bone's normal (side walls are not)")
+    rim_exclusion_mm: float = Field(0.0, ge=0, le=3,
+        description="covered points closer than this to the plate's outer cAB boundary get "
+                    "no thickness (0: the mean runs over the whole cAB)")
+    normal_smoothing_iterations: int = Field(5, ge=0, le=50,
+        description="normal method: neighbour averaging of the bone-surface normals")
+    ray_max_mm: float = Field(10.0, gt=0, le=30,
+        description="normal method: rays not leaving the cartilage within this get no value")
     map_max_distance_mm: float = Field(12.0, gt=0,
         description="thickness map: cartilage voxels farther than this from any interface "
                     "point get no value")

@@ -28,10 +28,12 @@ Geometry (defaults in brackets, see :class:`cartiq.data.phantom.PhantomSpec`)
   cartilage by ``patellar_gap_mm``.
 * BMLs: ellipsoids (axes along x, y, z) inside the medial femoral condyle and medial tibia.
 
-Truth thickness follows the measurement's definition: for each point of the covered
-bone-cartilage interface, the 3D distance to the nearest point of the plate's non-bone
-boundary (articular surface, side faces, defect walls and floors), computed by sampling the
-exact surfaces densely (step ``h`` mm) and a k-d tree.
+Truth thickness follows the measurement's definition (tAB to AC, Eckstein/Wirth): for each
+point of the covered bone-cartilage interface, the 3D distance to the nearest point of the
+plate's articular surface AC - the joint-facing faces only: the top face of a slab, the outer
+cylinder of the condyle shell, and the floor of the partial defect; side faces, end faces and
+defect walls are not AC.  Where the nearest AC point is not the one straight above (near the
+partial defect) the floor is sampled densely (step ``h`` mm) and searched with a k-d tree.
 """
 
 from __future__ import annotations
@@ -262,8 +264,8 @@ def slab_thickness_samples(a: float, b: float, T: float, h: float,
     Local frame: footprint ``(u/a)^2 + (v/b)^2 < 1`` on the interface w = 0, articular
     surface w = T.  ``hole`` = (u0, v0, r, depth_fraction): inside that disk the thickness
     is ``(1 - depth) T``.  Returns interface points (N, 3) (cell centres, equal areas h^2)
-    and their nearest distance (N,) to the non-bone boundary: the point straight above on
-    the top face (exact) or a dense sample (step h) of the side wall, hole wall and floor.
+    and their distance (N,) to the nearest AC point: the point straight above on the top face
+    or floor (exact), or a dense sample (step h) of the defect's floor next to it.
     """
     u, v = np.meshgrid(_grid(-a, a, h), _grid(-b, b, h), indexing="ij")
     u, v = u.ravel(), v.ravel()
@@ -271,29 +273,23 @@ def slab_thickness_samples(a: float, b: float, T: float, h: float,
     iface = np.stack([u[keep], v[keep], np.zeros(keep.sum())], 1)
     direct = np.full(len(iface), float(T))
     parts = []
-    if hole is not None:
+    cand = np.zeros(len(iface), dtype=bool)
+    if hole is not None:  # the floor is AC (it faces the joint); the hole's wall is not
         u0, v0, r, d = hole
         floor = (1.0 - d) * T
         direct[(iface[:, 0] - u0) ** 2 + (iface[:, 1] - v0) ** 2 < r ** 2] = floor
-        th = np.linspace(0, 2 * np.pi, max(8, int(math.ceil(2 * np.pi * r / h))), endpoint=False)
-        tt, wg = np.meshgrid(th, _edges(floor, T, h), indexing="ij")
-        parts.append(np.stack([u0 + r * np.cos(tt).ravel(), v0 + r * np.sin(tt).ravel(),
-                               wg.ravel()], 1))
         fu, fv = np.meshgrid(_edges(-r, r, h), _edges(-r, r, h), indexing="ij")
-        inside = fu ** 2 + fv ** 2 < r ** 2
+        inside = fu ** 2 + fv ** 2 <= r ** 2
         parts.append(np.stack([u0 + fu[inside], v0 + fv[inside],
                                np.full(inside.sum(), floor)], 1))
-    # side wall of the elliptic footprint (perimeter step about h)
-    perim = math.pi * (3 * (a + b) - math.sqrt((3 * a + b) * (a + 3 * b)))
-    th = np.linspace(0, 2 * np.pi, max(16, int(math.ceil(perim / h))), endpoint=False)
-    tt, wg = np.meshgrid(th, _edges(0.0, T, h), indexing="ij")
-    parts.append(np.stack([a * np.cos(tt).ravel(), b * np.sin(tt).ravel(), wg.ravel()], 1))
-    # candidates: points whose lower bound on the distance to those faces is < T
-    # (a point at elliptic scale s is >= (1 - s) min(a, b) from the footprint's edge)
-    sc = np.sqrt((iface[:, 0] / a) ** 2 + (iface[:, 1] / b) ** 2)
-    cand = (1.0 - sc) * min(a, b) < T
-    if hole is not None:
-        cand |= np.hypot(iface[:, 0] - hole[0], iface[:, 1] - hole[1]) < hole[2] + T
+        # the disk's rim, so that the floor's edge is sampled exactly
+        th = np.linspace(0, 2 * np.pi, max(16, int(math.ceil(2 * np.pi * r / h))),
+                         endpoint=False)
+        parts.append(np.stack([u0 + r * np.cos(th), v0 + r * np.sin(th),
+                               np.full(th.size, floor)], 1))
+        cand = np.hypot(iface[:, 0] - u0, iface[:, 1] - v0) < r + T
+    if not parts:
+        return iface, direct
     return iface, _nearest(iface, np.concatenate(parts), direct, cand)
 
 
@@ -313,9 +309,9 @@ def _nearest(points: np.ndarray, boundary: np.ndarray, direct: np.ndarray,
 def _femoral_thickness_samples(m: KneeModel, h: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Interface (x, phi) samples of both condyles, their truth thickness, and covered mask.
 
-    A covered interface point's nearest articular-surface point is the one radially
-    outward (distance T, exact); the other faces (side faces x = const, end faces
-    phi = +-arc, defect wall) are sampled with step h.
+    AC is the outer cylinder rho = R + T, so a covered interface point's nearest AC point is
+    the one radially outward, at distance T exactly (the side faces x = const, the end faces
+    phi = +-arc and the defect wall are not AC).
     """
     R, T = m.R, m.T_f
     arc = math.radians(m.arc_deg)
@@ -329,37 +325,8 @@ def _femoral_thickness_samples(m: KneeModel, h: float) -> tuple[np.ndarray, np.n
         if sign > 0 and m.full_r > 0:
             fx, fphi = m.full_centre
             covered = (X - fx) ** 2 + (R * (P - math.radians(fphi))) ** 2 >= m.full_r ** 2
-        iface = _cyl(X, P, np.full(X.shape, R), m)
-        parts = []
-        xe = _edges(lo, hi, h)
-        pe = _edges(-arc, arc, h / (R + T))
-        rr = _edges(R, R + T, h)
-        for xf in (lo, hi):  # side faces
-            Rg, Pg = np.meshgrid(rr, pe, indexing="ij")
-            parts.append(_cyl(np.full(Rg.size, xf), Pg.ravel(), Rg.ravel(), m))
-        for pf in (-arc, arc):  # end faces
-            Xg, Rg = np.meshgrid(xe, rr, indexing="ij")
-            parts.append(_cyl(Xg.ravel(), np.full(Xg.size, pf), Rg.ravel(), m))
-        if sign > 0 and m.full_r > 0:  # defect wall
-            fx, fphi = m.full_centre
-            n = max(16, int(math.ceil(2 * math.pi * m.full_r * (R + T) / R / h)))
-            th = np.linspace(0, 2 * np.pi, n, endpoint=False)
-            Tg, Rg = np.meshgrid(th, rr, indexing="ij")
-            parts.append(_cyl(fx + m.full_r * np.cos(Tg.ravel()),
-                              math.radians(fphi) + m.full_r / R * np.sin(Tg.ravel()),
-                              Rg.ravel(), m))
-        # candidates from lower bounds: |x - x_face| for side faces, R sin(dphi) for end
-        # faces, ~ the unrolled distance to the defect rim (chord >= 0.95 arc here)
-        cand = (np.minimum(X - lo, hi - X) < T) | (
-            R * np.sin(np.minimum(arc - np.abs(P), np.pi / 2)) < T)
-        if sign > 0 and m.full_r > 0:
-            ur = np.hypot(X - fx, R * (P - math.radians(fphi)))
-            cand |= np.abs(ur - m.full_r) < 1.05 * T
-        d = np.zeros(len(X))
-        d[covered] = _nearest(iface[covered], np.concatenate(parts),
-                              np.full(int(covered.sum()), float(T)), cand[covered])
-        out_pts.append(iface)
-        out_d.append(d)
+        out_pts.append(_cyl(X, P, np.full(X.shape, R), m))
+        out_d.append(np.where(covered, float(T), 0.0))
         out_cov.append(covered)
     return np.concatenate(out_pts), np.concatenate(out_d), np.concatenate(out_cov)
 

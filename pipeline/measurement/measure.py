@@ -199,7 +199,12 @@ def _measure_plate(name: str, labels: np.ndarray, bone_mask: np.ndarray, geometr
                          min_hole_area_mm2=dc.min_defect_area_mm2,
                          max_hole_fraction=dc.max_hole_fraction,
                          min_sigma_voxels=tc.min_sigma_voxels,
-                         mesh_smoothing_iterations=tc.mesh_smoothing_iterations)
+                         mesh_smoothing_iterations=tc.mesh_smoothing_iterations,
+                         method=tc.thickness_method,
+                         articular_max_angle_deg=tc.articular_max_angle_deg,
+                         rim_exclusion_mm=tc.rim_exclusion_mm,
+                         normal_smoothing_iterations=tc.normal_smoothing_iterations,
+                         ray_max_mm=tc.ray_max_mm)
     if surf is None:
         return PlateResult(name=name, bone=bone_name, present=False,
                            volume_mm3=float(cart.sum()) * geometry.voxel_volume_mm3)

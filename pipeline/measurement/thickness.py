@@ -5,19 +5,23 @@ Definitions (Eckstein-style nomenclature):
 * **tAB**, total subchondral bone area: the bone surface under the plate - where the
   cartilage covers it, plus the bare patches enclosed by the cartilage footprint.
 * **cAB**, covered bone area; **dAB = tAB - cAB**, denuded area (full-thickness defects).
-* **thickness** at a covered bone-surface point: the 3D distance from that point of the
-  bone-cartilage interface to the nearest point of the articular (non-bone) cartilage
-  surface.
+* **AC**, articular surface: the joint-facing part of the cartilage surface (not its side
+  walls); the rule is in :mod:`cartiq.measurement.articular`.
+* **thickness** at a covered bone-surface point: from tAB to AC, by the ``nearest`` method
+  (3D distance to the nearest AC point, default) or the ``normal`` method (along the bone
+  surface normal to where it leaves the cartilage).
 
 Method: both masks are smoothed with a small Gaussian (``sigma_mm``) and their 0.5
 iso-surfaces extracted by marching cubes in millimetres, so surfaces are sub-voxel and the
 voxel size and anisotropy enter only through the spacing.  A bone-surface vertex is covered
 where the interpolated cartilage fraction reaches ``cover_fraction`` (0.25: half of the 0.5
 found at a bone-cartilage face, i.e. the rim lies where the cartilage wall meets the bone).
-Articular-surface vertices are cartilage-surface vertices where the bone fraction is below
-the same value.  Bare patches of bone surface enclosed by covered surface (connected
-components of uncovered vertices on the mesh graph that neither touch the region's border
-nor are the largest one) are the denuded areas.
+Cartilage-surface vertices where the bone fraction is below the same value are free; the
+free ones facing the bone are AC.  Bare patches of bone surface enclosed by covered surface
+(connected components of uncovered vertices on the mesh graph that neither touch the
+region's border nor are the largest one) are the denuded areas.  Covered points closer than
+``rim_exclusion_mm`` to the plate's outer cAB boundary keep their area but get no thickness
+(0 by default: the mean runs over the whole cAB).
 
 All coordinates here are grid-aligned millimetres (``index * spacing``); rotation into world
 space is the caller's business, since distances and areas do not depend on it.
@@ -30,7 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, sparse
 from scipy.sparse.csgraph import connected_components
-from scipy.spatial import cKDTree
+
+from cartiq.measurement.articular import (articular_vertices, nearest_thickness,
+                                          normal_ray_thickness, outward_normals, rim_distance,
+                                          smooth_normals)
 
 __all__ = ["PlateSurface", "plate_surface", "vertex_areas", "mesh_components", "crop_box",
            "taubin_smooth"]
@@ -138,7 +145,10 @@ def plate_surface(cartilage: np.ndarray, bone: np.ndarray, spacing_mm, *,
                   sigma_mm: float = 0.35, cover_fraction: float = 0.25,
                   margin_mm: float = 6.0, min_hole_area_mm2: float = 2.0,
                   max_hole_fraction: float = 0.5, min_sigma_voxels: float = 0.5,
-                  mesh_smoothing_iterations: int = 10) -> PlateSurface | None:
+                  mesh_smoothing_iterations: int = 30, method: str = "nearest",
+                  articular_max_angle_deg: float = 60.0, rim_exclusion_mm: float = 0.0,
+                  ray_max_mm: float = 10.0,
+                  normal_smoothing_iterations: int = 5) -> PlateSurface | None:
     """Thickness and covered/denuded bone area of one cartilage plate.
 
     Parameters
@@ -154,6 +164,13 @@ def plate_surface(cartilage: np.ndarray, bone: np.ndarray, spacing_mm, *,
         are taken as a gap in the plate's extent, not a defect.
     mesh_smoothing_iterations : Taubin smoothing steps applied to both surfaces before
         distances and areas are measured (0 disables).
+    method : ``"nearest"`` (nearest AC point) or ``"normal"`` (ray along the bone normal).
+    articular_max_angle_deg : AC is the free cartilage surface whose normal is within this
+        angle of the facing bone's normal.
+    rim_exclusion_mm : covered points closer than this to the plate's outer cAB boundary get
+        no thickness (their area still counts in cAB).
+    ray_max_mm : ``normal`` method: rays that do not leave the cartilage within this get none.
+    normal_smoothing_iterations : ``normal`` method: neighbour averaging of the bone normals.
 
     Returns
     -------
@@ -213,19 +230,28 @@ def plate_surface(cartilage: np.ndarray, bone: np.ndarray, spacing_mm, *,
             hole_id[members] = k
     denuded = hole_id > 0
 
-    # thickness at covered interface points: nearest articular-surface point
+    # thickness at covered interface points, from tAB to AC
     thickness = np.full(n, np.nan)
     if covered.any():
-        pad = 1
-        cart_p = np.pad(cart_f, pad)
-        cverts, cfaces = _marching_cubes(cart_p, spacing)
-        cverts -= pad * spacing
-        is_articular = _sample(bone_f, cverts, spacing) < cover_fraction
-        cverts = taubin_smooth(cverts, cfaces, mesh_smoothing_iterations)
-        articular = cverts[is_articular]
-        if len(articular):
-            dist, _ = cKDTree(articular).query(bverts[covered], workers=-1)
-            thickness[covered] = dist
+        bnormals = outward_normals(bverts, bfaces, bone_f, spacing)
+        if method == "normal":
+            bnormals = smooth_normals(bnormals, bfaces, normal_smoothing_iterations)
+            thickness[covered] = normal_ray_thickness(
+                bverts[covered], bnormals[covered], cart_f + bone_f, spacing, max_mm=ray_max_mm)
+        else:
+            pad = 1
+            cart_p = np.pad(cart_f, pad)
+            cverts, cfaces = _marching_cubes(cart_p, spacing)
+            cverts -= pad * spacing
+            free = _sample(bone_f, cverts, spacing) < cover_fraction
+            cverts = taubin_smooth(cverts, cfaces, mesh_smoothing_iterations)
+            cnormals = outward_normals(cverts, cfaces, cart_f, spacing)
+            ac = articular_vertices(cverts, cnormals, free, bverts[covered], bnormals[covered],
+                                    articular_max_angle_deg)
+            thickness[covered] = nearest_thickness(bverts[covered], cverts[ac])
+        if rim_exclusion_mm > 0:
+            outside = uncovered & ~denuded & ~filled
+            thickness[rim_distance(bverts, bfaces, covered, outside) < rim_exclusion_mm] = np.nan
 
     keep = covered | denuded | filled
     if not keep.any():
