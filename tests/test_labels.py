@@ -73,21 +73,27 @@ def test_scheme_and_shipped_mappings():
 def test_pymskt_right_knee_side_from_labels_and_from_fibula(pymskt):
     src, aff = pymskt.array, pymskt.geometry.affine
     out, info = to_default_scheme(src, load_mapping("pymskt_dess"), aff)
-    assert info["side"] == "right" and info["side_source"] == "tibial labels"
+    assert info["side"] == "right" and info["side_source"] == "anatomy:fibula"
+    assert [e["source"] for e in info["side_check"]["evidence"]] == ["anatomy:fibula",
+                                                                    "anatomy:plates"]
     np.testing.assert_array_equal(out, _lut(PYMSKT)[src])  # fibula -> background
     # the fibula alone (no medial/lateral labels) must give the same side
     no_ml = np.where(np.isin(out, [S["medial_tibial_cartilage"],
                                    S["lateral_tibial_cartilage"]]), 0, out)
-    assert infer_side(no_ml, aff, fibula=src == PYMSKT["fibula"]) == ("right", "fibula")
-    # an explicit side or a header side wins over the anatomy
-    assert infer_side(out, aff, side="left") == ("left", "argument")
-    assert infer_side(out, aff, header_side="left") == ("left", "header")
+    assert infer_side(no_ml, aff, fibula=src == PYMSKT["fibula"]) == ("right", "anatomy:fibula")
+    # a given side the anatomy contradicts stops, unless overridden
+    assert infer_side(out, aff, side="right") == ("right", "flag")
+    with pytest.raises(InputError, match="--side says left but the anatomy says right"):
+        infer_side(out, aff, side="left")
+    with pytest.raises(InputError, match="DICOM header says left but the anatomy says right"):
+        infer_side(out, aff, header_side="left")
+    assert infer_side(out, aff, side="left", override=True) == ("left", "flag")
 
 
 def test_spl_left_knee_soft_tissue_becomes_background(spl):
     src, aff = spl.array, spl.geometry.affine
     out, info = to_default_scheme(src, load_mapping("spl_knee_atlas"), aff)
-    assert info["side"] == "left" and info["side_source"] == "tibial labels"
+    assert info["side"] == "left" and info["side_source"] == "anatomy:fibula"
     assert out.dtype == np.uint8 and set(np.unique(out)) == set(range(10))
     np.testing.assert_array_equal(out, _lut(SPL)[src])  # everything else -> background
     soft = np.ones(int(src.max()) + 1, bool)
@@ -97,7 +103,7 @@ def test_spl_left_knee_soft_tissue_becomes_background(spl):
     assert not set(info["dropped_labels"]) & set(SPL.values())
     no_ml = np.where(np.isin(out, [S["medial_tibial_cartilage"],
                                    S["lateral_tibial_cartilage"]]), 0, out)
-    assert infer_side(no_ml, aff, fibula=src == SPL["fibula"]) == ("left", "fibula")
+    assert infer_side(no_ml, aff, fibula=src == SPL["fibula"]) == ("left", "anatomy:fibula")
 
 
 def _as_oai_zib(src: np.ndarray) -> np.ndarray:
@@ -112,14 +118,23 @@ def test_oai_zib_single_tibial_label_split_recovers_medial_lateral(pymskt):
     src, aff = pymskt.array, pymskt.geometry.affine
     oai = _as_oai_zib(src)
     out, info = to_default_scheme(oai, load_mapping("oai_zib"), aff, side="right")
-    assert info["tibial_split"] and info["side_source"] == "argument"
+    assert info["tibial_split"] and info["side_source"] == "flag"
     assert _agreement(out, src, PYMSKT["medial_tibial_cartilage"],
                       PYMSKT["lateral_tibial_cartilage"]) > 0.95
     # the wrong side swaps the plates: the split really uses the side
-    wrong, _ = to_default_scheme(oai, load_mapping("oai_zib"), aff, side="left")
+    wrong, _ = to_default_scheme(oai, load_mapping("oai_zib"), aff, side="left",
+                                 side_override=True)
     assert _agreement(wrong, src, PYMSKT["medial_tibial_cartilage"],
                       PYMSKT["lateral_tibial_cartilage"]) < 0.05
-    # no side, no header, no fibula: a clear error, not a guess
+    # ...and without --side-override the femur's shape stops it
+    with pytest.raises(InputError, match="--side says left but the anatomy says right "
+                                         r"\(anatomy:bone shape"):
+        to_default_scheme(oai, load_mapping("oai_zib"), aff, side="left")
+    # no side: the femur's shape decides
+    _, info = to_default_scheme(oai, load_mapping("oai_zib"), aff)
+    assert (info["side"], info["side_source"]) == ("right", "anatomy:bone shape")
+    # no side, no header, no fibula, no femur: a clear error, not a guess
+    oai[oai == 1] = 0
     with pytest.raises(InputError, match="cannot tell the knee side.*--side") as info:
         to_default_scheme(oai, load_mapping("oai_zib"), aff, path=pymskt.path)
     assert str(pymskt.path) in str(info.value)
@@ -143,7 +158,7 @@ def test_tibial_split_with_touching_plates_and_side_from_fibula(pymskt, tmp_path
     mapping_file.write_text("name: oai_fib\nmap:\n  1: femur\n  2: femoral_cartilage\n"
                             "  3: tibia\n  4: tibial_cartilage\n  8: fibula\n")
     out, info = to_default_scheme(oai, load_mapping(str(mapping_file)), aff)
-    assert (info["side"], info["side_source"]) == ("right", "fibula")
+    assert (info["side"], info["side_source"]) == ("right", "anatomy:fibula")
     assert _agreement(out, src, PYMSKT["medial_tibial_cartilage"],
                       PYMSKT["lateral_tibial_cartilage"]) > 0.95
 
@@ -156,7 +171,7 @@ def test_spl_merged_tibial_label_split_left_knee(spl):
                                     if k != SPL["medial_tibial_cartilage"]},
                                  SPL["lateral_tibial_cartilage"]: "tibial_cartilage"})
     out, info = to_default_scheme(merged, mapping, aff)
-    assert (info["side"], info["side_source"]) == ("left", "fibula")
+    assert (info["side"], info["side_source"]) == ("left", "anatomy:fibula")
     assert _agreement(out, src, SPL["medial_tibial_cartilage"],
                       SPL["lateral_tibial_cartilage"]) > 0.95
 

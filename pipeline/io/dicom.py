@@ -41,11 +41,71 @@ def _read_header(path: Path):
 
     try:
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    except Exception:  # not a DICOM file: skipped silently (folders hold other files)
+    except Exception as exc:  # not a DICOM file: skipped silently (folders hold other files)
+        if _has_dicom_magic(path):  # ...but a damaged DICOM file is an error
+            raise InputError(f"DICOM file is damaged or truncated ({str(exc).strip()[:100]})",
+                             path) from None
         return None
     if "PixelData" not in ds and not hasattr(ds, "Rows"):
+        sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+        if sop is not None and "Image Storage" in str(getattr(sop, "name", "")):
+            raise InputError(f"DICOM file is truncated: an {sop.name} file whose header "
+                             "ends before its image attributes", path)
         return None
     return ds
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def check_pixel_data(path: Path) -> None:
+    """Raise :class:`InputError` naming ``path`` when its pixel data are cut short.
+
+    ITK's error for a cut slice names neither the file nor the problem; uncompressed pixel
+    data must hold Rows x Columns x samples x bytes x frames and end inside the file.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), defer_size=256)
+        try:
+            elem = ds.get_item(0x7FE00010, keep_deferred=True)
+        except TypeError:  # pydicom < 3 keeps deferred elements raw anyway
+            elem = ds.get_item(0x7FE00010)
+    except Exception as exc:
+        raise InputError(f"DICOM file is damaged or truncated ({str(exc).strip()[:100]})",
+                         path) from None
+    if elem is None:
+        raise InputError("DICOM image file has no pixel data (truncated?)", path)
+    length, tell = getattr(elem, "length", None), getattr(elem, "value_tell", None)
+    if length is None or tell is None:
+        return
+    size = path.stat().st_size
+    if length == 0xFFFFFFFF:  # encapsulated (compressed): parse the fragments to the end
+        try:
+            pydicom.dcmread(str(path)).PixelData
+        except Exception as exc:
+            raise InputError(f"DICOM file's compressed pixel data are damaged or truncated "
+                             f"({str(exc).strip()[:100]})", path) from None
+        return
+    if tell + length > size:
+        raise InputError(f"DICOM file is truncated: its pixel data need {length:,} bytes, "
+                         f"{max(size - tell, 0):,} are present", path)
+    try:
+        need = (int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "SamplesPerPixel", 1) or 1)
+                * int(ds.BitsAllocated) // 8 * int(getattr(ds, "NumberOfFrames", 1) or 1))
+    except (AttributeError, TypeError, ValueError):
+        return
+    if length < need:
+        raise InputError(f"DICOM pixel data hold {length:,} bytes; its header "
+                         f"({int(ds.Rows)}x{int(ds.Columns)}, {int(ds.BitsAllocated)} bit) "
+                         f"needs {need:,}", path)
 
 
 def list_series(folder: Path, *, recursive: bool = True) -> list[SeriesInfo]:
@@ -167,6 +227,8 @@ def _read_echo(info: SeriesInfo, folder: Path, echo: int | None) -> tuple[Any, d
         raise InputError(f"is 2D: DICOM series {info.number} echo {chosen} has a single "
                          "slice; a 3D image is needed", folder)
     files = _sorted_files(items, folder)
+    for f in files:
+        check_pixel_data(f)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in files])
     # slice spacing is checked above; keep ITK's own sub-micron non-uniformity warning

@@ -5,7 +5,9 @@ This module is the one place that knows label numbers; it imports no torch or Si
 Tibial split (schemes with one tibial-cartilage label, e.g. OAI-ZIB)
 --------------------------------------------------------------------
 1. The knee side is taken from ``--side``, else the DICOM header (Laterality), else the
-   anatomy: the fibula lies lateral to the tibia.
+   anatomy (the fibula lies lateral to the tibia; else the femur's shape); a given side
+   that the anatomy contradicts stops the run unless ``--side-override`` (see
+   :mod:`cartiq.io.side`).
 2. The tibial cartilage is split by a sagittal plane (constant patient left-right
    coordinate).  When its two largest 3D connected components each hold at least 20% of
    its voxels (the usual case: two separate plates), the plane lies midway between their
@@ -26,6 +28,7 @@ import yaml
 
 from cartiq._resources import CONFIGS, resource_dir
 from cartiq.errors import ConfigError, InputError
+from cartiq.io.side import anatomy_evidence, decide_side
 
 __all__ = [
     "CONFIG_DIR",
@@ -157,34 +160,25 @@ def lateral_sign(side: str) -> float:
     return -1.0 if side == "right" else 1.0
 
 
-def _centroid_x(mask: np.ndarray, affine: np.ndarray) -> float:
-    idx = np.argwhere(mask)
-    if idx.size == 0:
-        return float("nan")
-    mean = idx.mean(axis=0)
-    return float(affine[0, :3] @ mean + affine[0, 3])
-
-
 def infer_side(labels: np.ndarray, affine: np.ndarray, *, side: str | None = None,
                header_side: str | None = None, fibula: np.ndarray | None = None,
-               path: Path | None = None) -> tuple[str, str]:
-    """Knee side and how it was found: argument, header, tibial labels, or fibula."""
-    if side:
-        return side, "argument"
-    if header_side:
-        return header_side, "header"
-    scheme = default_scheme()
-    med = labels == scheme["medial_tibial_cartilage"]
-    lat = labels == scheme["lateral_tibial_cartilage"]
-    if med.any() and lat.any():
-        dx = _centroid_x(lat, affine) - _centroid_x(med, affine)
-        return ("left" if dx > 0 else "right"), "tibial labels"
-    if fibula is not None and fibula.any():
-        dx = _centroid_x(fibula, affine) - _centroid_x(labels == scheme["tibia"], affine)
-        if np.isfinite(dx):
-            return ("left" if dx > 0 else "right"), "fibula"
-    raise InputError("cannot tell the knee side (no header laterality, no fibula, no "
-                     "medial/lateral labels); pass --side left|right", path)
+               path: Path | None = None, side_source: str = "flag",
+               override: bool = False) -> tuple[str, str]:
+    """Knee side and how it was decided (see :mod:`cartiq.io.side`).
+
+    A given side that the anatomy contradicts is an :class:`InputError` unless
+    ``override``; no side at all is an :class:`InputError` too.
+    """
+    evidence = anatomy_evidence(labels, affine, default_scheme().labels, fibula=fibula)
+    found, how, _ = decide_side(evidence, side=side, side_source=side_source,
+                                header_side=header_side, override=override, path=path)
+    if found is None:
+        raise InputError(_NO_SIDE, path)
+    return found, how
+
+
+_NO_SIDE = ("cannot tell the knee side (no header laterality, no fibula, no medial/lateral "
+            "labels, no clear femur shape); pass --side left|right")
 
 
 def _split_tibial(tib: np.ndarray, affine: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray]:
@@ -218,12 +212,16 @@ def _split_tibial(tib: np.ndarray, affine: np.ndarray, side: str) -> tuple[np.nd
 
 def to_default_scheme(array: np.ndarray, mapping: LabelMapping, affine: np.ndarray, *,
                       side: str | None = None, header_side: str | None = None,
-                      path: Path | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                      path: Path | None = None, side_source: str = "flag",
+                      side_override: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Convert a label array to the cartiq scheme.
 
-    Returns the converted ``uint8`` array and a dict with the side, how it was found, and
-    which labels were dropped.  Unknown label values raise :class:`InputError` unless the
-    mapping says ``unmapped: background``.
+    Returns the converted ``uint8`` array and a dict with the side, how it was decided
+    (``side_source``), the side check for the manifest (``side_check``) and which labels
+    were dropped.  Unknown label values raise :class:`InputError` unless the mapping says
+    ``unmapped: background``; so does a given ``side`` (from ``side_source``: flag,
+    manifest) or ``header_side`` that the anatomy contradicts, unless ``side_override``
+    (see :mod:`cartiq.io.side`).
     """
     scheme = default_scheme()
     present = np.unique(array)
@@ -246,14 +244,13 @@ def to_default_scheme(array: np.ndarray, mapping: LabelMapping, affine: np.ndarr
     fibula = np.isin(array, fibula_values) if fibula_values else None
     info: dict[str, Any] = {"mapping": mapping.name, "dropped_labels": unknown}
     needs_side = bool(tibial_values) and np.isin(array, tibial_values).any()
-    try:
-        found_side, how = infer_side(out, affine, side=side, header_side=header_side,
-                                     fibula=fibula, path=path)
-    except InputError:
-        if needs_side:
-            raise
-        found_side, how = None, "unknown"
-    info.update(side=found_side, side_source=how)
+    evidence = anatomy_evidence(out, affine, scheme.labels, fibula=fibula)
+    found_side, how, record = decide_side(evidence, side=side, side_source=side_source,
+                                          header_side=header_side, override=side_override,
+                                          path=path)
+    if needs_side and found_side is None:
+        raise InputError(_NO_SIDE, path)
+    info.update(side=found_side, side_source=how, side_check=record)
     if needs_side:
         tib = np.isin(array, tibial_values)
         med, lat = _split_tibial(tib, affine, found_side)

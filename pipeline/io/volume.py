@@ -36,6 +36,7 @@ __all__ = [
     "check_same_geometry",
     "atomic_path",
     "atomic_write_text",
+    "atomic_write_bytes",
     "sha256_file",
     "IMAGE_SUFFIXES",
 ]
@@ -171,17 +172,48 @@ def read_volume(
 
         image, meta = read_dicom_file_series(path, echo=echo)
     else:
-        sitk = _sitk()
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            detail = next((ln for ln in first if "ERROR" in ln or "Unable" in ln), "unreadable")
-            raise InputError(f"cannot read image ({detail.strip()[:160]})", path) from None
+        from cartiq.io.integrity import check_complete
+
+        # ITK zero-fills a cut file: prove the data are complete first (and hash them)
+        sha = check_complete(path)
+        image = _read_itk(path)
         meta = {"format": _format_of(path)}
+        if sha is not None:
+            meta["sha256"] = sha
         if meta["format"] == "nifti":
             _check_nifti_finite(path, kind)
     return _volume_from_sitk(image, path, meta, kind)
+
+
+def _read_itk(path: Path) -> Any:
+    """``sitk.ReadImage`` of exactly ``path``.
+
+    ITK's NIfTI reader resolves ``X.nii.gz`` by its stem and reads ``X.nii`` (or
+    ``X.hdr/.img``) when such a file lies beside it; a NIfTI file with a sibling of the
+    same stem is therefore read through a link in a private folder.
+    """
+    sitk = _sitk()
+    name = path.name
+    stem = name[:-7] if name.lower().endswith(".nii.gz") else path.stem
+    isolate = _format_of(path) == "nifti" and any(
+        (path.parent / (stem + ext)).exists() for ext in
+        (".nii", ".nii.gz", ".hdr", ".hdr.gz", ".img", ".img.gz") if stem + ext != name)
+    try:
+        if not isolate:
+            return sitk.ReadImage(str(path))
+        with tempfile.TemporaryDirectory(prefix="cartiq-read-") as tmp:
+            link = Path(tmp) / ("image" + name[len(stem):])
+            try:
+                link.symlink_to(path.resolve())
+            except OSError:  # no symlinks here: read a copy
+                import shutil
+
+                shutil.copyfile(path, link)
+            return sitk.ReadImage(str(link))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((ln for ln in first if "ERROR" in ln or "Unable" in ln), "unreadable")
+        raise InputError(f"cannot read image ({detail.strip()[:160]})", path) from None
 
 
 def _check_nifti_finite(path: Path, kind: str) -> None:
@@ -280,8 +312,14 @@ def check_same_geometry(a: Geometry, b: Geometry, path_a: Path | None, path_b: P
 
 
 @contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``final``; rename it into place on success only."""
+def atomic_path(final: str | Path, *, expect_size: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success it is flushed to the disk, read
+    back and checked (:func:`cartiq.io.verify.verify_written`; ``expect_size``: the bytes
+    written, when known), then renamed into place.
+
+    A failed write - full disk, file-size limit, permission denied, a writer that left a
+    short file - raises :class:`OutputError` naming ``final`` and leaves nothing behind.
+    """
     final = Path(final)
     suffix = "".join(final.suffixes) or ".tmp"
     try:
@@ -290,15 +328,48 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
                                    dir=final.parent)
         os.close(fd)
     except OSError as exc:
-        raise OutputError(f"cannot write here ({exc.strerror})", final.parent) from None
+        raise OutputError(f"cannot write here ({exc.strerror or exc})", final.parent) from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
-        os.replace(tmp_path, final)
+        _commit(tmp_path, final, expect_size)
+    except OSError as exc:
+        _discard(tmp_path)
+        raise OutputError(f"cannot write ({exc.strerror or exc})", final) from None
     except BaseException:
-        tmp_path.unlink(missing_ok=True)
+        _discard(tmp_path)
         raise
+
+
+def _commit(tmp: Path, final: Path, expect_size: int | None) -> None:
+    """fsync, verify, give the usual mode, rename into place, fsync the folder."""
+    from cartiq.io.verify import verify_written
+
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    verify_written(tmp, final, expect_size=expect_size)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
+    os.replace(tmp, final)
+    try:
+        dfd = os.open(final.parent, os.O_RDONLY)
+    except OSError:  # a platform without directory handles
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:  # the folder became unwritable: nothing more to do
+        pass
 
 
 @lru_cache(maxsize=1)
@@ -308,14 +379,20 @@ def _umask() -> int:
     return mask
 
 
+def atomic_write_bytes(final: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``final`` through :func:`atomic_path` (size checked after the write)."""
+    with atomic_path(final, expect_size=len(data)) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+
 def atomic_write_text(final: str | Path, text: str) -> None:
-    with atomic_path(final) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    atomic_write_bytes(final, text.encode("utf-8"))
 
 
 def write_volume(path: str | Path, array: np.ndarray, geometry: Geometry,
                  *, compress: bool = True) -> Path:
-    """Write ``array`` (ITK index order) with ``geometry``, atomically."""
+    """Write ``array`` (ITK index order) with ``geometry``, atomically and verified."""
     sitk = _sitk()
     path = Path(path)
     if tuple(array.shape) != tuple(geometry.shape):
@@ -325,8 +402,14 @@ def write_volume(path: str | Path, array: np.ndarray, geometry: Geometry,
     image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
     geometry.apply_to_sitk(image)
     with atomic_path(path) as tmp:
-        # level 1: several times faster than the default with files only ~10% larger
-        sitk.WriteImage(image, str(tmp), compress, 1 if compress else -1)
+        try:
+            # level 1: several times faster than the default with files only ~10% larger
+            sitk.WriteImage(image, str(tmp), compress, 1 if compress else -1)
+        except RuntimeError as exc:  # ITK reports a failed write as a RuntimeError
+            lines = str(exc).strip().splitlines()
+            detail = next((ln for ln in lines if "rror" in ln), lines[-1] if lines else "")
+            raise OutputError(f"cannot write ({detail.strip()[:160] or 'ITK writer failed'})",
+                              path) from None
     return path
 
 

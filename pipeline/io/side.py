@@ -1,0 +1,220 @@
+"""Knee side (left/right) from the anatomy, and its check against a side that was given.
+
+A wrong side silently swaps medial and lateral: every medial number becomes a lateral one.
+So a side given on the command line (``--side``), in a batch manifest or in the DICOM header
+is checked against the anatomy of the label map, and a disagreement stops the run unless
+the user says ``--side-override``.
+
+Evidence, strongest first (world coordinates LPS, +x = patient left; lateral is -x for a
+right knee and +x for a left knee):
+
+``anatomy:fibula``      the fibula lies lateral to the tibia (label maps with a fibula).
+``anatomy:plates``      the lateral tibial-cartilage label lies lateral to the medial one
+                        (label maps with both tibial plates).
+``anatomy:bone shape``  two features of the distal femur that must agree: the femoral
+                        shaft leans laterally above the condyles (the femur's valgus), and
+                        the medial condyle reaches further distally than the lateral one.
+                        Used only when both are clear (see the margins below) and the
+                        femoral shaft is in the field of view.
+
+Each test needs a clear margin; a weak or contradictory feature is no evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from cartiq.errors import InputError
+
+__all__ = ["SideEvidence", "anatomy_evidence", "decide_side", "SIDE_SOURCES"]
+
+SIDE_SOURCES = ("flag", "header", "manifest", "anatomy:fibula", "anatomy:plates",
+                "anatomy:bone shape")
+
+FIBULA_MARGIN_MM = 5.0     # fibula centroid this far lateral of the tibia's
+PLATES_MARGIN_MM = 5.0     # lateral plate centroid this far lateral of the medial one
+SHAFT_MARGIN_MM = 2.0      # femoral shaft this far lateral of the condyles
+CONDYLE_MARGIN_MM = 1.5    # medial condyle this far below the lateral one
+MIN_FEMUR_EXTENT_MM = 50.0  # femur height in view needed for the shaft test
+
+
+@dataclass(frozen=True)
+class SideEvidence:
+    side: str
+    source: str  # one of the anatomy:* SIDE_SOURCES
+    detail: str  # what was measured, for the message and the manifest
+
+
+def _side_of_lateral_x(dx: float) -> str:
+    """The side whose lateral direction is the sign of ``dx`` (LPS x)."""
+    return "left" if dx > 0 else "right"
+
+
+class _Masks:
+    """Label masks cropped to their bounding boxes (one pass over the volume), so that
+    centroids and point sets cost little on a 384 x 384 x 160 map."""
+
+    def __init__(self, labels: np.ndarray, affine: np.ndarray) -> None:
+        from scipy import ndimage
+
+        self.labels, self.affine = labels, affine
+        self.boxes = ndimage.find_objects(labels)
+
+    def points(self, value: int | None = None, mask: np.ndarray | None = None,
+               step: int = 1) -> np.ndarray:
+        """World coordinates (N, 3) of the voxels of label ``value`` (or of ``mask``)."""
+        if mask is not None:
+            from scipy import ndimage
+
+            found = ndimage.find_objects(mask.view(np.uint8))
+            box = found[0] if found else None
+            sub = None if box is None else mask[box]
+        else:
+            box = self.boxes[value - 1] if 0 < value <= len(self.boxes) else None
+            sub = None if box is None else self.labels[box] == value
+        if box is None:
+            return np.zeros((0, 3))
+        idx = np.argwhere(sub)[::step] + np.array([b.start for b in box])
+        return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def count(self, value: int) -> int:
+        box = self.boxes[value - 1] if 0 < value <= len(self.boxes) else None
+        return 0 if box is None else int(np.count_nonzero(self.labels[box] == value))
+
+
+def _centroid_x(points: np.ndarray) -> float:
+    return float(points[:, 0].mean()) if len(points) else float("nan")
+
+
+def _fibula(masks: _Masks, fibula: np.ndarray | None, tibia: int) -> SideEvidence | None:
+    if fibula is None or not fibula.any():
+        return None
+    dx = _centroid_x(masks.points(mask=fibula)) - _centroid_x(masks.points(tibia))
+    if not np.isfinite(dx) or abs(dx) < FIBULA_MARGIN_MM:
+        return None
+    side = _side_of_lateral_x(dx)
+    return SideEvidence(side, "anatomy:fibula",
+                        f"the fibula lies {abs(dx):.0f} mm to the patient's {side} of the "
+                        f"tibia")
+
+
+def _plates(masks: _Masks, med: int, lat: int) -> SideEvidence | None:
+    dx = _centroid_x(masks.points(lat)) - _centroid_x(masks.points(med))
+    if not np.isfinite(dx) or abs(dx) < PLATES_MARGIN_MM:
+        return None
+    side = _side_of_lateral_x(dx)
+    return SideEvidence(side, "anatomy:plates",
+                        f"the lateral tibial plate lies {abs(dx):.0f} mm to the patient's "
+                        f"{side} of the medial one")
+
+
+def _bone_shape(masks: _Masks, femur: int) -> SideEvidence | None:
+    """Femoral valgus and the lower medial condyle (both must agree, see module doc)."""
+    n = masks.count(femur)
+    if n < 1000:
+        return None
+    pts = masks.points(femur, step=max(1, n // 200_000))
+    z = pts[:, 2]
+    z_lo, z_hi = np.percentile(z, [0.5, 99.5])
+    if z_hi - z_lo < MIN_FEMUR_EXTENT_MM:
+        return None
+    condyles = pts[z < z_lo + 25.0]
+    shaft = pts[z > z_hi - 15.0]
+    if len(condyles) < 100 or len(shaft) < 100:
+        return None
+    cx = float(condyles[:, 0].mean())
+    shaft_dx = float(shaft[:, 0].mean()) - cx  # sign = lateral direction
+    plus = condyles[condyles[:, 0] > cx, 2]
+    minus = condyles[condyles[:, 0] < cx, 2]
+    if len(plus) < 50 or len(minus) < 50:
+        return None
+    dz = float(np.percentile(plus, 1) - np.percentile(minus, 1))  # >0: -x condyle lower
+    if abs(shaft_dx) < SHAFT_MARGIN_MM or abs(dz) < CONDYLE_MARGIN_MM:
+        return None
+    if np.sign(shaft_dx) != np.sign(dz):  # the lower (medial) condyle must be opposite
+        return None
+    side = _side_of_lateral_x(shaft_dx)
+    return SideEvidence(side, "anatomy:bone shape",
+                        f"the femoral shaft leans {abs(shaft_dx):.0f} mm to the patient's "
+                        f"{side} and the condyle on the other side reaches {abs(dz):.0f} mm "
+                        "lower (medial)")
+
+
+def anatomy_evidence(labels: np.ndarray, affine: np.ndarray, values: dict[str, int], *,
+                     fibula: np.ndarray | None = None,
+                     plates_labelled: bool = True) -> list[SideEvidence]:
+    """All clear anatomical evidence of the knee side, strongest first.
+
+    ``labels`` is in the cartiq scheme with label ``values``; ``plates_labelled`` is False
+    when the medial/lateral tibial labels were derived by a split (they then carry no
+    evidence of their own).  The bone shape is looked at only when there is no other.
+    """
+    masks = _Masks(labels, affine)
+    out = []
+    if (e := _fibula(masks, fibula, values["tibia"])) is not None:
+        out.append(e)
+    if plates_labelled:
+        e = _plates(masks, values["medial_tibial_cartilage"], values["lateral_tibial_cartilage"])
+        if e is not None:
+            out.append(e)
+    if not out and (e := _bone_shape(masks, values["femur"])) is not None:
+        out.append(e)
+    return out
+
+
+def _given_name(source: str) -> str:
+    return {"flag": "--side", "header": "the DICOM header", "manifest": "the manifest's "
+            "side column"}.get(source, source)
+
+
+def decide_side(evidence: list[SideEvidence], *, side: str | None = None,
+                side_source: str = "flag", header_side: str | None = None,
+                override: bool = False, path: Any = None) -> tuple[str | None, str, dict[str, Any]]:
+    """Side, how it was decided, and a record for the manifest.
+
+    A given side (``side`` from ``side_source``, else ``header_side``) that the strongest
+    anatomical evidence contradicts - or a ``side`` that contradicts the header - is an
+    :class:`InputError` unless ``override``.  Contradicting anatomical evidence (a fibula
+    on one side, the plate labels on the other) is an error too: the plate labels are
+    swapped.  Without a given side the strongest evidence decides; without any, the side is
+    ``None`` (source ``"unknown"``).
+    """
+    anatomy = evidence[0] if evidence else None
+    record: dict[str, Any] = {
+        "given": side or header_side,
+        "given_source": side_source if side else ("header" if header_side else None),
+        "anatomy": anatomy.side if anatomy else None,
+        "anatomy_source": anatomy.source if anatomy else None,
+        "evidence": [{"side": e.side, "source": e.source, "detail": e.detail}
+                     for e in evidence],
+        "overridden": False,
+    }
+    hint = "; check the side, or pass --side-override to keep the given one"
+    if anatomy is not None:
+        for e in evidence[1:]:
+            if e.side != anatomy.side and e.source == "anatomy:plates" and not override:
+                raise InputError(f"medial/lateral tibial labels contradict the knee side: "
+                                 f"{anatomy.detail} (a {anatomy.side} knee) but {e.detail} "
+                                 "(swapped plate labels?); pass --side-override to measure "
+                                 "the labels as they are", path)
+    if side and header_side and side != header_side:
+        if not override:
+            raise InputError(f"{_given_name(side_source)} says {side} but the DICOM header "
+                             f"says {header_side}{hint}", path)
+        record["overridden"] = True
+    given = side or header_side
+    source = record["given_source"]
+    if given:
+        if anatomy is not None and anatomy.side != given:
+            if not override:
+                raise InputError(f"{_given_name(source)} says {given} but the anatomy says "
+                                 f"{anatomy.side} ({anatomy.source}: {anatomy.detail})"
+                                 f"{hint}", path)
+            record["overridden"] = True
+        return given, source, record
+    if anatomy is not None:
+        return anatomy.side, anatomy.source, record
+    return None, "unknown", record
