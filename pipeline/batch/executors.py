@@ -50,19 +50,66 @@ class Serial:
             fn, task = self._queue.popleft()
             yield task, fn(task)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         self._queue.clear()
 
 
-def _init_worker(counter: Any, threads: int) -> None:
-    """Pool worker start-up: its number (GPU assignment) and its share of the CPU threads."""
+def _init_worker(counter: Any, threads: int, main_pid: int | None = None) -> None:
+    """Pool worker start-up: it dies with the batch process, takes its number (GPU
+    assignment) and its share of the CPU threads."""
     global _WORKER_INDEX
     import SimpleITK as sitk
+
+    if main_pid is not None:
+        _die_with(main_pid)
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)  # this process only: torch loads it later
     with counter.get_lock():
         _WORKER_INDEX, counter.value = counter.value, counter.value + 1
+
+
+def _die_with(main_pid: int) -> None:
+    """End this worker when the batch process ends, however it ends (SIGKILL included).
+
+    Linux: the kernel sends SIGKILL when the parent (the fork server, which exits when the
+    batch process is gone) dies.  Everywhere: a watchdog thread exits the process once
+    ``main_pid`` is gone or this process has been re-parented.
+    """
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    parent = os.getppid()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        try:  # a killed process that its own parent has not reaped yet
+            with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+                return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return True
+
+    def watch() -> None:
+        while os.getppid() == parent and alive(main_pid):
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="cartiq-watchdog", daemon=True).start()
 
 
 class LocalPool:
@@ -95,7 +142,7 @@ class LocalPool:
 
         threads = max(1, (os.cpu_count() or 1) // self._workers)
         return ProcessPoolExecutor(self._workers, mp_context=self._ctx, initializer=_init_worker,
-                                   initargs=(self._counter, threads))
+                                   initargs=(self._counter, threads, os.getpid()))
 
     def submit(self, fn: Callable, task: Any, gpu: bool = False) -> None:
         self._backlog.append((fn, task, 0))
@@ -131,8 +178,15 @@ class LocalPool:
                     yield task, WorkerFailure(one_line(exc))
             self._fill()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, abort: bool = False) -> None:
+        """Wait for the workers to finish; ``abort``: end them now (SIGTERM, an error)."""
+        if abort:
+            for proc in list((getattr(self._pool, "_processes", None) or {}).values()):
+                try:
+                    proc.terminate()
+                except (OSError, ValueError):  # already gone
+                    pass
+        self._pool.shutdown(wait=not abort, cancel_futures=True)
 
 
 class DaskCluster:
@@ -148,19 +202,20 @@ class DaskCluster:
         info = self._client.scheduler_info().get("workers", {})
         self._gpu_resource = any("GPU" in (w.get("resources") or {}) for w in info.values())
         log.info("dask: %d worker(s) at %s", len(info), scheduler)
-        self._retries, self._ac, self._tasks = retries, as_completed(), {}
+        self._retries, self._ac, self._tasks, self._futures = retries, as_completed(), {}, {}
 
     def submit(self, fn: Callable, task: Any, gpu: bool = False) -> None:
         """``gpu``: the task needs a GPU; on workers started with ``--resources GPU=1`` it
         takes one (one model per GPU at a time)."""
         fut = self._client.submit(fn, task, pure=False, retries=self._retries,
                                   resources={"GPU": 1} if gpu and self._gpu_resource else None)
-        self._tasks[fut.key] = task
+        self._tasks[fut.key], self._futures[fut.key] = task, fut
         self._ac.add(fut)
 
     def results(self) -> Iterator[tuple[Any, Any]]:
         for fut in self._ac:
             task = self._tasks.pop(fut.key)
+            self._futures.pop(fut.key, None)
             try:
                 outcome = fut.result()
             except Exception as exc:  # KilledWorker, lost connection...
@@ -168,5 +223,7 @@ class DaskCluster:
             fut.release()
             yield task, outcome
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        if abort:  # this batch's tasks only; the cluster is not ours to stop
+            self._client.cancel(list(self._futures.values()), force=True)
         self._client.close()

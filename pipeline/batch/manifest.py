@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ScanRow", "InvalidRow", "Manifest", "read_manifest_csv", "timepoint_sort_key",
            "is_baseline_name", "stage_group", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS",
            "input_hashes", "model_identity", "config_hashes", "fingerprint", "scan_is_current",
-           "compare_is_current"]
+           "scan_outdated", "compare_is_current"]
 
 REQUIRED_COLUMNS = ("subject_id", "timepoint", "image")
 OPTIONAL_COLUMNS = ("seg", "side", "arm", "kl_grade", "visit_order", "sites", "labels")
@@ -324,7 +324,7 @@ def read_manifest_csv(path: str | Path, *, skip_invalid: bool = False,
 # ----------------------------------------------------------------------------- resume
 # What a scan's results depend on, recorded in its manifest.json as the batch fingerprint.
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: the cartiq version is part of it
 
 
 def sha256_or_none(path: Path | None) -> str | None:
@@ -375,7 +375,9 @@ def config_hashes(measure_config: Path | None, compare: bool = True) -> dict[str
 def fingerprint(row: ScanRow, inputs: dict[str, Any], model: dict[str, Any] | None,
                 configs: dict[str, str]) -> str:
     """sha256 over everything a scan's results depend on (the comparison config excluded)."""
-    data = {"v": FINGERPRINT_VERSION, "inputs": inputs, "model": model,
+    from cartiq._version import __version__
+
+    data = {"v": FINGERPRINT_VERSION, "cartiq": __version__, "inputs": inputs, "model": model,
             "configs": {k: v for k, v in configs.items() if k != "compare"},
             "side": row.side, "labels": row.labels}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
@@ -389,15 +391,33 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def scan_is_current(out_dir: Path, fp: str) -> bool:
-    """A finished batch scan folder whose recorded fingerprint is ``fp``."""
-    return (_read_json(out_dir / "manifest.json").get("batch") or {}).get("fingerprint") == fp
+    """A complete batch scan folder whose recorded fingerprint is ``fp``."""
+    return scan_outdated(out_dir, fp) is None
+
+
+def scan_outdated(out_dir: Path, fp: str) -> str | None:
+    """Why the scan folder must be (re)computed, or ``None`` when it is up to date: complete
+    (every file the manifest lists there, unchanged) and made with fingerprint ``fp``."""
+    from cartiq.io.outputs import why_incomplete
+
+    path = out_dir / "manifest.json"
+    if not path.is_file():
+        return "not computed yet"
+    recorded = (_read_json(path).get("batch") or {}).get("fingerprint")
+    if recorded is None:
+        return "unfinished (no batch record in manifest.json)"
+    if recorded != fp:
+        return "inputs, model, configs or cartiq version changed"
+    return why_incomplete(out_dir)
 
 
 def compare_is_current(out_dir: Path, baseline_dir: Path, followup_dir: Path,
                        config_hash: str | None) -> bool:
     """A finished comparison with the same config, newer than both scans' manifests."""
+    from cartiq.io.outputs import why_incomplete
+
     m = out_dir / "manifest.json"
-    if _read_json(m).get("config_hash") != config_hash:
+    if _read_json(m).get("config_hash") != config_hash or why_incomplete(out_dir) is not None:
         return False
     try:
         return all(m.stat().st_mtime >= (d / "manifest.json").stat().st_mtime
