@@ -38,6 +38,7 @@ from cartiq.errors import InputError
 from cartiq.io.volume import Volume, read_volume, write_volume
 from cartiq.io.labels import default_scheme
 from cartiq.longitudinal.register import BoneRegistration, RegistrationConfig, register_visits
+from cartiq.longitudinal.records import registration_qc
 from cartiq.longitudinal.tracking import (DEFECT_TRACKING_COLUMNS, LESION_TRACKING_COLUMNS, MatchingConfig,
                                PlateMatch, carry_regions, change_summary, match_plate, region_select,
                                score_defect_sites, track_defects, track_lesions)
@@ -84,7 +85,8 @@ class SdcConfig(Strict):
 
 class MismatchConfig(Strict):
     min_dice: float = Field(0.9, gt=0, le=1, description="bone overlap after registration")
-    max_residual_mm: float = Field(0.6, gt=0, description="bone-surface distance after registration")
+    max_residual_mm: float = Field(0.6, gt=0, description="bone-surface distance after "
+        "registration (or the bone's residual_limit_mm when that is larger)")
     volume_ratio_range: tuple[float, float] = (0.92, 1.09)
     min_failing_bones: int = Field(2, ge=1,
         description="the pair is a mismatch when this many bones fail (or all registered ones)")
@@ -192,8 +194,10 @@ def _mismatch(regs: dict[str, BoneRegistration], cfg: MismatchConfig) -> list[st
     lo, hi = cfg.volume_ratio_range
     for r in registered:
         why = []
-        if not np.isfinite(r.residual_mm) or r.residual_mm > cfg.max_residual_mm:
-            why.append(f"surface residual {r.residual_mm:.2f} mm > {cfg.max_residual_mm}")
+        limit = max(cfg.max_residual_mm, r.residual_limit_mm if np.isfinite(r.residual_limit_mm)
+                    else 0.0)  # never below the bone's own residual limit
+        if not np.isfinite(r.residual_mm) or r.residual_mm > limit:
+            why.append(f"surface residual {r.residual_mm:.2f} mm > {limit:.2f}")
         if not np.isfinite(r.dice) or r.dice < cfg.min_dice:
             why.append(f"Dice {r.dice:.3f} < {cfg.min_dice}")
         if not np.isfinite(r.volume_ratio) or not lo <= r.volume_ratio <= hi:
@@ -292,7 +296,6 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
         knee.  Where possible ``registration.json`` and ``manifest.json`` (with the reason)
         are written first.
     """
-    from cartiq.measurement.measure import measure_labels
     from cartiq.io.outputs import begin_folder, check_writable, write_manifest
 
     t0 = time.perf_counter()
@@ -301,18 +304,20 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
     for name, folder in (("baseline", baseline_dir), ("follow-up", followup_dir)):
         if Path(folder).resolve() == out.resolve():
             raise InputError(f"the output folder is the {name} folder; choose another", out)
-    check_writable(out)
+    check_writable(out, inputs=(baseline_dir, followup_dir))
     bl, fu = load_visit(baseline_dir, "baseline"), load_visit(followup_dir, "follow-up")
     warnings = bl.warnings + fu.warnings + _acquisition_warnings(bl, fu)
     manifest: dict[str, Any] = {
         "stage": "compare",
         "inputs": {"baseline": _describe(bl), "followup": _describe(fu)},
         "config": resolved(cfg), "config_hash": config_hash(cfg)}
-    begin_folder(out)
+    begin_folder(out, inputs=(baseline_dir, followup_dir))
     _remove_stale(out)
 
-    def fail(status: str, message: str, regs=None) -> None:
-        manifest.update(status=status, error=message, warnings=warnings)
+    def fail(status: str, message: str, regs=None, reasons=()) -> None:
+        manifest.update(status=status, error=message, warnings=warnings,
+                        qc=registration_qc(regs or {}, list(reasons),
+                                           error=None if reasons else message))
         if regs:
             manifest["outputs"] = [_write_registration(out, regs, [])]
         write_manifest(out, manifest)
@@ -327,8 +332,7 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
         warnings.append("visits were measured with different configs; both re-measured with "
                         "the baseline's")
     t1 = time.perf_counter()
-    bl.result = measure_labels(bl.labels.array, bl.labels.geometry, side=side, config=bl.measure_config)
-    fu.result = measure_labels(fu.labels.array, fu.labels.geometry, side=side, config=bl.measure_config)
+    bl.result, fu.result = (_measured(v, side, bl.measure_config) for v in (bl, fu))
     t2 = time.perf_counter()
     regs = register_visits(bl.labels, fu.labels, baseline_image=bl.image, followup_image=fu.image,
                            config=cfg.registration)
@@ -337,13 +341,14 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
         if r.reason:
             warnings.append(r.reason)
         elif r.present and r.residual_flag:
-            warnings.append(f"{r.bone}: residual {r.residual_mm:.2f} mm exceeds half a voxel "
-                            f"({r.residual_limit_mm:.2f} mm)")
+            warnings.append(f"{r.bone}: residual {r.residual_mm:.2f} mm exceeds its limit "
+                            f"({r.residual_limit_mm:.2f} mm, one voxel along the surface normal)")
     reasons = _mismatch(regs, cfg.mismatch)
     manifest["mismatch"] = {"suspected": bool(reasons), "reasons": reasons}
     if reasons and not allow_mismatch:
         fail("mismatch", "baseline and follow-up do not look like the same knee ("
-             + "; ".join(reasons) + "); nothing compared (override with --allow-mismatch)", regs)
+             + "; ".join(reasons) + "); nothing compared (override with --allow-mismatch)", regs,
+             reasons)
     if reasons:
         warnings.append("MISMATCH SUSPECTED (compared anyway): " + "; ".join(reasons))
     if not any(r.converged for r in regs.values()):
@@ -371,6 +376,7 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
     status = "partial" if len(matches) < sum(p.present for p in bl.result.plates.values()) \
         or reasons else "ok"
     manifest.update(status=status, side=side, warnings=warnings, outputs=outputs,
+                    qc=registration_qc(regs, reasons),
                     timings_s={"read": round(t1 - t0, 2), "measure": round(t2 - t1, 2),
                                "register": round(t3 - t2, 2), "compare": round(t4 - t3, 2),
                                "write": round(time.perf_counter() - t4, 2)})
@@ -380,6 +386,19 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
     return CompareResult(out_dir=out, status=status, rows=rows, registrations=regs,
                          defect_rows=defect_rows, lesion_rows=lesion_rows, warnings=warnings,
                          manifest=manifest, mismatch_reasons=reasons)
+
+
+def _measured(v: Visit, side: str | None, config: MeasureConfig):
+    """The visit's own saved measurement when it fits (same side and config), else a new one:
+    a scan is measured once and its surfaces reused by every comparison."""
+    from cartiq.measurement.measure import measure_labels
+    from cartiq.measurement.store import load_if_current
+
+    saved = load_if_current(v.folder, v.labels.geometry, side=side,
+                            config_hash=config_hash(config))
+    if saved is not None:
+        return saved
+    return measure_labels(v.labels.array, v.labels.geometry, side=side, config=config)
 
 
 def _remove_stale(out: Path) -> None:

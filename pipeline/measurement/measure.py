@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from cartiq.io.volume import Geometry
 from cartiq.io.labels import PLATES, default_scheme
 from cartiq.measurement.lesions import find_lesions
 from cartiq.measurement.regions import KneeFrame, assign_regions, knee_frame, region_parents
+from cartiq.measurement.records import Defect, Lesion, MeasureResult, PlateResult
 from cartiq.measurement.thickness import plate_surface
 
 __all__ = ["PlateResult", "Defect", "Lesion", "MeasureResult", "MeasureRun", "measure_labels",
@@ -38,61 +39,6 @@ METRIC_UNITS = {
     "denuded_area_pct": "%", "defect_count": "count", "lesion_count": "count",
     "max_slice_area": "mm2", "max_diameter": "mm",
 }
-
-
-@dataclass
-class PlateResult:
-    """One cartilage plate: its subchondral surface patch (tAB) with per-point values."""
-
-    name: str
-    bone: str
-    present: bool
-    volume_mm3: float = 0.0
-    points_world: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
-    faces: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.int64))
-    thickness_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    expected_thickness_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    covered: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
-    denuded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
-    vertex_area_mm2: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    region: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
-    defect_id: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    region_volume_mm3: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Defect:
-    id: int
-    plate: str
-    region: str
-    kind: str  # "full" | "partial"
-    area_mm2: float
-    depth_pct: float
-    centroid_world: np.ndarray
-
-
-@dataclass
-class Lesion:
-    id: int
-    bone: str
-    region: str
-    volume_mm3: float
-    max_slice_area_mm2: float
-    max_diameter_mm: float
-    centroid_world: np.ndarray
-    mask_index: np.ndarray  # (K, 3) voxel indices
-
-
-@dataclass
-class MeasureResult:
-    side: str | None
-    geometry: Geometry
-    plates: dict[str, PlateResult]
-    defects: list[Defect]
-    lesions: list[Lesion]
-    rows: list[dict[str, Any]]
-    thickness_map: np.ndarray
-    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -352,18 +298,24 @@ def run_measure(image: Path, seg: Path, out_dir: Path, *, labels: str | None = N
                 side: str | None = None, config_path: Path | None = None,
                 series: str | None = None, echo: int | None = None,
                 extra_manifest: dict[str, Any] | None = None,
-                dicom_out: bool = False) -> MeasureRun:
+                dicom_out: bool = False, fresh: bool = True, side_source: str = "flag",
+                side_override: bool = False) -> MeasureRun:
     """Read, check, measure and write one scan's results (see module docstring).
 
     ``dicom_out``: also write the segmentation as DICOM SEG and the measurements as a DICOM
     SR (TID 1500) into ``out_dir/dicom`` (the input must be a DICOM series).
+    ``fresh``: empty ``out_dir`` before writing, refusing one that holds an input;
+    ``False`` keeps what an earlier step of the same run wrote there (``cartiq run``).
+    ``side_source``: where ``side`` came from (flag, manifest, ...); a side the anatomy
+    contradicts is an error unless ``side_override`` (see :mod:`cartiq.io.side`).
     """
     from cartiq.measurement.outputs import load_inputs, write_results
 
     t0 = time.perf_counter()
     config = load_config(config_path, MeasureConfig, default_name="measure.yaml")
     inputs = load_inputs(Path(image), Path(seg), Path(out_dir), labels=labels, side=side,
-                         series=series, echo=echo)
+                         series=series, echo=echo, fresh=fresh, side_source=side_source,
+                         side_override=side_override)
     if dicom_out and inputs.image.meta.get("format") != "dicom":
         from cartiq.errors import InputError
 
@@ -376,6 +328,7 @@ def run_measure(image: Path, seg: Path, out_dir: Path, *, labels: str | None = N
         "inputs": inputs.describe(),
         "side": inputs.side,
         "side_source": inputs.side_source,
+        "side_check": inputs.side_check,
         "label_mapping": inputs.mapping_name,
         "config": resolved(config),
         "config_hash": config_hash(config),
@@ -383,5 +336,5 @@ def run_measure(image: Path, seg: Path, out_dir: Path, *, labels: str | None = N
         **(extra_manifest or {}),
     }
     manifest = write_results(Path(out_dir), result, inputs, config, manifest, t_start=t2,
-                             dicom_out=dicom_out)
+                             dicom_out=dicom_out, fresh=fresh)
     return MeasureRun(out_dir=Path(out_dir), result=result, manifest=manifest)

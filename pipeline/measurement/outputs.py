@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,14 @@ import numpy as np
 import yaml
 
 from cartiq.config import MeasureConfig, resolved
+from cartiq.errors import InputError, OutputError
 from cartiq.io.volume import Geometry, Volume, check_same_geometry, read_volume, sha256_file, write_volume
-from cartiq.io.labels import load_mapping, to_default_scheme
+from cartiq.io.labels import PLATES, default_scheme, load_mapping, to_default_scheme
 from cartiq.io.outputs import begin_folder, check_writable, write_csv, write_manifest, write_vtk_polydata
 from cartiq.measurement.regions import REGION_CODES
 
-__all__ = ["MeasureInputs", "load_inputs", "write_results", "MEASUREMENT_COLUMNS",
-           "DEFECT_COLUMNS", "LESION_COLUMNS"]
+__all__ = ["MeasureInputs", "load_inputs", "write_results", "defect_rows", "lesion_rows",
+           "MEASUREMENT_COLUMNS", "DEFECT_COLUMNS", "LESION_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class MeasureInputs:
     side: str | None
     side_source: str
     mapping_name: str
+    side_check: dict[str, Any] = field(default_factory=dict)  # given side vs anatomy
 
     @property
     def geometry(self) -> Geometry:
@@ -57,7 +59,11 @@ class MeasureInputs:
     def describe(self) -> dict[str, Any]:
         def one(vol: Volume) -> dict[str, Any]:
             meta = {k: v for k, v in vol.meta.items() if k != "files"}
-            return {"path": str(Path(vol.path).resolve()), "sha256": sha256_file(vol.path),
+            if vol.path is None:  # an in-memory volume (Python API)
+                return {"path": None, "sha256": None, "geometry": vol.geometry.to_json(), **meta}
+            # the sha256 taken while the file was checked and read (cartiq.io.integrity)
+            sha = meta.pop("sha256", None) or sha256_file(vol.path)
+            return {"path": str(Path(vol.path).resolve()), "sha256": sha,
                     "geometry": vol.geometry.to_json(), **meta}
 
         return {"image": one(self.image), "seg": one(self.seg)}
@@ -65,27 +71,45 @@ class MeasureInputs:
 
 def load_inputs(image: Path, seg: Path, out_dir: Path, *, labels: str | None = None,
                 side: str | None = None, series: str | None = None,
-                echo: int | None = None) -> MeasureInputs:
-    """Read image and label map and check everything before any output is written."""
-    check_writable(out_dir)
+                echo: int | None = None, fresh: bool = True, side_source: str = "flag",
+                side_override: bool = False) -> MeasureInputs:
+    """Read image and label map and check everything before any output is written
+    (``fresh``: the output folder will be emptied, so it must not hold an input).
+
+    An empty label map, or one with nothing of the cartiq scheme after mapping, is an
+    :class:`InputError`; so is a given side (``side`` from ``side_source``, or the DICOM
+    header) that the anatomy contradicts, unless ``side_override``."""
+    check_writable(out_dir, inputs=(image, seg) if fresh else ())
     mapping = load_mapping(labels)
     img = read_volume(image, series=series, echo=echo, kind="image")
     lab = read_volume(seg, kind="labels")
     check_same_geometry(img.geometry, lab.geometry, img.path, lab.path)
+    if not lab.array.any():
+        raise InputError("label map is empty (every voxel is 0): nothing to measure", lab.path)
     converted, info = to_default_scheme(lab.array, mapping, lab.geometry.affine, side=side,
-                                        header_side=img.meta.get("side"), path=lab.path)
+                                        header_side=img.meta.get("side"), path=lab.path,
+                                        side_source=side_source, side_override=side_override)
+    counts = np.bincount(converted.ravel(), minlength=256)
+    if not counts[1:].any():
+        raise InputError(f"label map holds no structure of the cartiq scheme under label "
+                         f"mapping '{mapping.name}' (wrong --labels?): nothing to measure",
+                         lab.path)
+    if not any(counts[default_scheme()[p]] for p in PLATES):
+        raise InputError("label map has no cartilage plate (femoral, tibial or patellar "
+                         "cartilage label): nothing to measure", lab.path)
     return MeasureInputs(image=img, seg=lab, labels=converted, side=info["side"],
-                         side_source=info["side_source"], mapping_name=mapping.name)
+                         side_source=info["side_source"], mapping_name=mapping.name,
+                         side_check=info.get("side_check", {}))
 
 
-def _defect_rows(result) -> list[dict[str, Any]]:
+def defect_rows(result) -> list[dict[str, Any]]:
     return [{"defect_id": d.id, "plate": d.plate, "region": d.region, "kind": d.kind,
              "area_mm2": d.area_mm2, "depth_pct": d.depth_pct,
              "centroid_x_mm": d.centroid_world[0], "centroid_y_mm": d.centroid_world[1],
              "centroid_z_mm": d.centroid_world[2]} for d in result.defects]
 
 
-def _lesion_rows(result) -> list[dict[str, Any]]:
+def lesion_rows(result) -> list[dict[str, Any]]:
     return [{"lesion_id": l.id, "bone": l.bone, "region": l.region, "volume_mm3": l.volume_mm3,
              "max_slice_area_mm2": l.max_slice_area_mm2, "max_diameter_mm": l.max_diameter_mm,
              "centroid_x_mm": l.centroid_world[0], "centroid_y_mm": l.centroid_world[1],
@@ -99,14 +123,16 @@ def _region_ids(plate: str, codes: np.ndarray) -> np.ndarray:
 
 def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureConfig,
                   manifest: dict[str, Any], *, t_start: float,
-                  dicom_out: bool = False) -> dict[str, Any]:
-    """Write the output contract; the manifest goes last."""
-    begin_folder(out_dir)
+                  dicom_out: bool = False, fresh: bool = True) -> dict[str, Any]:
+    """Write the output contract into an emptied folder (``fresh=False``: keep what an
+    earlier step of the same run wrote there); the manifest goes last."""
+    begin_folder(out_dir, fresh=fresh, inputs=(inputs.image.path, inputs.seg.path)
+                 if fresh else ())
     geometry = inputs.geometry
     outputs = [
         write_csv(out_dir / "measurements.csv", MEASUREMENT_COLUMNS, result.rows),
-        write_csv(out_dir / "defects.csv", DEFECT_COLUMNS, _defect_rows(result)),
-        write_csv(out_dir / "lesions.csv", LESION_COLUMNS, _lesion_rows(result)),
+        write_csv(out_dir / "defects.csv", DEFECT_COLUMNS, defect_rows(result)),
+        write_csv(out_dir / "lesions.csv", LESION_COLUMNS, lesion_rows(result)),
         write_volume(out_dir / "thickness.nii.gz", result.thickness_map, geometry),
         write_volume(out_dir / "segmentation.nii.gz", inputs.labels.astype(np.uint8), geometry),
     ]
@@ -117,6 +143,10 @@ def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureC
             out_dir / "meshes" / f"{name}.vtk", p.points_world, p.faces,
             {"thickness_mm": p.thickness_mm, "region_id": _region_ids(name, p.region),
              "defect_id": p.defect_id.astype(float)}, title=f"cartiq {name}"))
+    from cartiq.config import config_hash
+    from cartiq.measurement.store import RESULT_FILE, save_result
+
+    outputs.append(save_result(result, out_dir / RESULT_FILE, config_hash=config_hash(config)))
     config_path = out_dir / "config.yaml"
     from cartiq.io.volume import atomic_write_text
 
@@ -145,6 +175,8 @@ def _run_qc(out_dir: Path, result, inputs: MeasureInputs) -> dict[str, Any]:
     try:
         qc = write_qc(out_dir, result=result, image=inputs.image, labels=inputs.labels)
         return qc if isinstance(qc, dict) else getattr(qc, "to_json", lambda: {"status": "ok"})()
+    except OutputError:  # a full disk is not a plotting failure: the folder is not complete
+        raise
     except Exception as exc:  # reports never fail the analysis
         log.warning("QC figure failed: %s", exc)
         return {"status": "failed", "error": str(exc)[:300]}
@@ -158,6 +190,8 @@ def _run_dicom_out(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         res = write_dicom_outputs(out_dir, manifest=manifest)
         return {"status": "ok", "seg": str(Path(res.seg).relative_to(out_dir)),
                 "sr": str(Path(res.sr).relative_to(out_dir)), "n_segments": res.n_segments}
+    except OutputError:  # a full disk: the folder must not be marked complete
+        raise
     except Exception as exc:  # the numbers are written already; DICOM export is extra
         log.warning("DICOM SEG/SR export failed: %s", exc)
         return {"status": "failed", "error": str(exc)[:300]}

@@ -433,9 +433,14 @@ def _default_sites(scan_dir: Path, manifest: dict[str, Any], seg: Volume
         from cartiq.config import MeasureConfig
         from cartiq.measurement.measure import measure_labels
 
+        from cartiq.measurement.store import load_if_current
+
         mcfg_path = scan_dir / "config.yaml"
-        mcfg = load_config(mcfg_path, MeasureConfig) if mcfg_path.is_file() else None
-        res = measure_labels(seg.array, seg.geometry, side=manifest.get("side"), config=mcfg)
+        mcfg = load_config(mcfg_path, MeasureConfig) if mcfg_path.is_file() else MeasureConfig()
+        res = load_if_current(scan_dir, seg.geometry, side=manifest.get("side"),
+                              config_hash=config_hash(mcfg))
+        if res is None:
+            res = measure_labels(seg.array, seg.geometry, side=manifest.get("side"), config=mcfg)
         patches = {s.site_id: s for s in sites_from_scan_result(res)}
         ok = all(d.site_id in patches and patches[d.site_id].plate == d.plate and np.linalg.norm(
             patches[d.site_id].points_world.mean(0) - d.points_world[0]) <= max(2.0, d.radius_mm)
@@ -483,7 +488,7 @@ def run_score(scan_dir: str | Path, out_dir: str | Path, *, sites_path: str | Pa
     result = score_sites(image, seg.array, sites, config=cfg, geometry=seg.geometry)
     if not result.sites:
         log.warning("no repair sites in %s: writing an empty table", site_source)
-    begin_folder(out_dir)
+    begin_folder(out_dir, inputs=(scan_dir, sites_path))
     doc = {**provenance(), **result.to_json(), "scan_dir": str(scan_dir),
            "sites_from": site_source}
     write_csv(out_dir / "mocart.csv", CSV_COLUMNS, result.rows())  # not measured: empty cell
