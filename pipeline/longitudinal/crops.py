@@ -18,7 +18,7 @@ from cartiq.io.volume import Geometry
 from cartiq.io.labels import default_scheme
 from cartiq.longitudinal.records import RegistrationConfig, euler_to_matrix, apply_matrix
 
-__all__ = ["bone_mask", "to_sitk_image"]
+__all__ = ["bone_mask", "to_sitk_image", "normal_voxel_extent"]
 
 
 def bone_mask(labels: np.ndarray, bone: str) -> np.ndarray:
@@ -133,6 +133,40 @@ def surface_points(crop: BoneCrop, cfg: RegistrationConfig) -> np.ndarray:
         rng = np.random.default_rng(cfg.seed)
         verts = verts[rng.choice(len(verts), cfg.max_points, replace=False)]
     return crop.geometry.index_to_world(verts)
+
+
+def normal_voxel_extent(crop: BoneCrop) -> float:
+    """Mean extent (mm) of one voxel along the bone-surface normal, area-weighted.
+
+    A voxel with edges ``s_k`` measures ``sum_k s_k |n_k|`` along the unit normal ``n``
+    (``n_k`` in the voxel-axis frame): ``s`` where the surface faces an axis, up to
+    ``sum(s) / sqrt(3)`` on a diagonal.  Averaged over the voxels of a thin band around the
+    zero level of the distance map inside the field of view (a band of constant width holds
+    voxels in proportion to the surface area).  The registration residual limit is a
+    multiple of it: two segmentations of one bone that disagree by one voxel everywhere
+    differ by this much on average.
+    """
+    sp = np.asarray(crop.geometry.spacing, dtype=float)
+    band = (np.abs(crop.sdm) < 0.5 * sp.max()) & crop.interior
+    idx = np.argwhere(band)
+    if len(idx) == 0:
+        return float(np.mean(sp))
+    if len(idx) > 200_000:
+        idx = idx[:: len(idx) // 200_000 + 1]
+    hi = np.asarray(crop.sdm.shape) - 1
+    grad = np.empty((len(idx), 3))
+    for ax in range(3):  # central differences (mm) along each voxel axis
+        up, dn = idx.copy(), idx.copy()
+        up[:, ax] = np.minimum(up[:, ax] + 1, hi[ax])
+        dn[:, ax] = np.maximum(dn[:, ax] - 1, 0)
+        grad[:, ax] = (crop.sdm[tuple(up.T)] - crop.sdm[tuple(dn.T)]) / \
+            (np.maximum(up[:, ax] - dn[:, ax], 1) * sp[ax])
+    norm = np.linalg.norm(grad, axis=1)
+    ok = norm > 1e-6
+    if not ok.any():
+        return float(np.mean(sp))
+    n = np.abs(grad[ok]) / norm[ok, None]
+    return float((n * sp).sum(axis=1).mean())
 
 
 def _sample(crop: BoneCrop, points_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

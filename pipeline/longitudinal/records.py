@@ -15,7 +15,8 @@ from pydantic import Field
 
 from cartiq.config import Strict
 
-__all__ = ["BoneRegistration", "RegistrationConfig", "apply_matrix", "rotation_angle_deg"]
+__all__ = ["BoneRegistration", "RegistrationConfig", "apply_matrix", "rotation_angle_deg",
+           "registration_qc"]
 
 
 class RegistrationConfig(Strict):
@@ -37,6 +38,10 @@ class RegistrationConfig(Strict):
         description="intensity stage kept unless it worsens the residual by more than this")
     max_residual_mm: float = Field(2.0, gt=0,
         description="a registration with a larger residual has not converged")
+    residual_limit_voxels: float = Field(1.0, gt=0, le=5,
+        description="residual_flag is set above this many voxels along the bone-surface "
+                    "normal (mean voxel extent along the normal, coarser visit): what two "
+                    "segmentations of the same bone differ by at most")
     extra_start_deg: float = Field(15.0, ge=0, le=90,
         description="when the moment starts leave a residual above half a voxel, starts "
                     "rotated by +-this about each axis are tried too")
@@ -95,6 +100,48 @@ class BoneRegistration:
         })
         out.update(self.details)
         return out
+
+
+def registration_qc(regs: dict[str, BoneRegistration], mismatch_reasons: list[str] = (),
+                    error: str | None = None) -> dict[str, Any]:
+    """QC block of a comparison's ``manifest.json``: status, flags, per-bone residuals.
+
+    Flags (same fields as a scan's QC flags): ``registration_residual`` (warning: a bone's
+    surface residual above its limit), ``registration_failed`` (error: not converged, its
+    plates get no location-based values), ``bone_missing`` (warning), ``mismatch`` (error:
+    not the same knee), ``compare_failed`` (error).  Status ``fail`` with any error,
+    ``warn`` with any flag, else ``pass``.
+    """
+    flags: list[dict[str, Any]] = []
+
+    def flag(code: str, severity: str, structure: str, message: str, value=None) -> None:
+        flags.append({"code": code, "severity": severity, "structure": structure,
+                      "message": message, "value": _r(value, 4) if value is not None else None})
+
+    bones: dict[str, Any] = {}
+    for b, r in regs.items():
+        if not r.present:
+            flag("bone_missing", "warning", b, r.reason)
+            continue
+        bones[b] = {"residual_mean_mm": _r(r.residual_mm), "residual_limit_mm":
+                    _r(r.residual_limit_mm), "residual_flag": bool(r.residual_flag),
+                    "dice": _r(r.dice, 4), "converged": bool(r.converged)}
+        if not r.converged:
+            flag("registration_failed", "error", b, r.reason or f"{b}: not registered",
+                 r.residual_mm if np.isfinite(r.residual_mm) else None)
+        elif r.residual_flag:
+            flag("registration_residual", "warning", b,
+                 f"{b}: bone-surface residual {r.residual_mm:.2f} mm > limit "
+                 f"{r.residual_limit_mm:.2f} mm (one voxel along the surface normal): more than "
+                 "two segmentations of one bone differ by; check the registration before "
+                 "trusting location-based change", r.residual_mm)
+    for reason in mismatch_reasons:
+        flag("mismatch", "error", "registration", f"not the same knee? {reason}")
+    if error:
+        flag("compare_failed", "error", "compare", error)
+    status = "fail" if any(f["severity"] == "error" for f in flags) else \
+        "warn" if flags else "pass"
+    return {"status": status, "n_flags": len(flags), "flags": flags, "bones": bones}
 
 
 def _r(x: float, nd: int = 3) -> float | None:

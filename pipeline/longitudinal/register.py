@@ -24,7 +24,12 @@ separately (rigid, 6 degrees of freedom) with SimpleITK:
    surfaces after registration (baseline surface points mapped into the follow-up distance
    map and vice versa), plus the Dice overlap and volume ratio of the bone masks inside the
    field of view common to both visits.  ``residual_flag`` is set when the residual exceeds
-   half a voxel (the cube root of the voxel volume of the coarser visit).
+   what two segmentations of the same bone differ by: ``residual_limit_voxels`` (default 1)
+   times the mean extent of one voxel along the bone-surface normal
+   (:func:`~cartiq.longitudinal.crops.normal_voxel_extent`, the coarser of the two visits;
+   0.64-0.70 mm at OAI DESS 0.36 x 0.36 x 0.7 mm).  Calibration: a no-change pair of the
+   real pymskt DESS map (re-sampled after a small motion, +-1 voxel boundary jitter) gives
+   0.19-0.27 mm, a follow-up from another knee 1.9-3.6 mm (``benchmarks/registration_flag_bench.py``).
 
 Conventions: world = LPS mm.  ``matrix`` (4x4) maps **follow-up world points to baseline
 world points**; the SimpleITK transform written to disk maps baseline points to follow-up
@@ -49,6 +54,7 @@ from cartiq.longitudinal.crops import (
     BoneCrop,
     isotropic,
     make_crop,
+    normal_voxel_extent,
     overlap,
     residual,
     surface_points,
@@ -170,7 +176,9 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
     c_f, v_f = _moments(fm, fgeo)
     c_m, v_m = _moments(mm, mgeo)
     voxel = max(float(np.prod(fgeo.spacing)) ** (1 / 3), float(np.prod(mgeo.spacing)) ** (1 / 3))
-    limit = 0.5 * voxel
+    retry_above = 0.5 * voxel  # a result this far off may be a local minimum: more starts
+    normal_extent = max(normal_voxel_extent(fc), normal_voxel_extent(mc))
+    limit = cfg.residual_limit_voxels * normal_extent
     starts = {"centre_of_mass": np.eye(3), "principal_axes": _principal_rotation(v_f, v_m)}
     best, tried = None, {}
 
@@ -193,7 +201,7 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
         del starts["principal_axes"]  # same as the first start, or uninformative axes
     run_starts(starts)
     res = residual(best[0], fc, mc, surfaces) if best is not None else (np.inf,) * 3
-    if res[0] > limit:  # a local minimum? try rotated starts about each world axis
+    if res[0] > retry_above:  # a local minimum? try rotated starts about each world axis
         from scipy.spatial.transform import Rotation
 
         run_starts({f"rotated_{ax}{sgn * cfg.extra_start_deg:+.0f}deg": Rotation.from_euler(
@@ -233,6 +241,7 @@ def register_bone(bone: str, baseline_labels: Volume, followup_labels: Volume, *
         residual_limit_mm=limit, residual_flag=bool(not np.isfinite(mean) or mean > limit),
         dice=dice, volume_ratio=vratio, stage=stage, sitk_transform=tx,
         details={"start": start, "starts": tried, "stop_condition": stop,
+                 "voxel_extent_along_normal_mm": round(normal_extent, 3),
                  "intensity_refinement": intensity,
                  "baseline_bone_volume_mm3": round(float(fm.sum()) * fgeo.voxel_volume_mm3, 1),
                  "followup_bone_volume_mm3": round(float(mm.sum()) * mgeo.voxel_volume_mm3, 1)})

@@ -5,8 +5,9 @@ in any browser with no server.
 Subject report (after ``compare`` or ``batch``), sections:
 
 1. header: subject, side, arm, KL grade, visits;
-2. QC flags of every visit (``manifest.json`` "qc") and of every comparison (registration
-   residual);
+2. QC flags of every visit (``manifest.json`` "qc") and of every comparison (its
+   ``manifest.json`` "qc": bone-surface residuals against their limits, unregistered bones,
+   a suspected mismatch; older folders: ``registration.json``);
 3. visits side by side: thickness maps of each plate (rows) per visit (columns) on one
    colour scale, defects ``D<id>`` and lesions ``B<id>`` marked, then the key measurements
    per visit, and each visit's ``qc.png`` (collapsed);
@@ -209,21 +210,60 @@ def _qc_flags(scans: list[Path], compares: list[Path]) -> tuple[str, list[QCFlag
             reg = json.loads((c / "registration.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             reg = {}
-        flags = _registration_flags({"manifest": m, "registration": reg})
-        mismatch = m.get("mismatch") or {}
-        if mismatch.get("suspected"):
-            flags.append(QCFlag("mismatch", "error", "compare", "baseline and follow-up may not "
-                                "be the same knee: " + "; ".join(mismatch.get("reasons") or [])))
-        if m.get("status") not in (None, "ok"):
-            flags.append(QCFlag("compare_status", "warning", "compare",
-                                f"comparison status {m.get('status')}: {m.get('error') or 'see warnings'}"))
+        flags = _compare_flags(m, reg)
         all_flags += flags
         status = ("fail" if any(f.severity == "error" for f in flags) else "warn") if flags else "pass"
         rows.append(f"<div class='card'><h3>{esc(c.name)}: <span class='{status}'>{status.upper()}"
-                    "</span></h3>" + ("<ul>" + "".join(f"<li>{esc(f.message)}</li>" for f in flags)
-                                      + "</ul>" if flags else "<p class='muted'>registration residual "
-                                      "within limit (or not reported)</p>") + "</div>")
+                    "</span></h3>" + ("<ul>" + "".join(f"<li>[{esc(f.severity)}] {esc(f.message)}</li>"
+                                                       for f in flags) + "</ul>" if flags else
+                                      f"<p class='muted'>{esc(_residual_summary(reg))}</p>") + "</div>")
     return "<div class='grid'>" + "".join(rows) + "</div>", all_flags
+
+
+def _compare_flags(m: dict[str, Any], reg: dict[str, Any]) -> list[QCFlag]:
+    """A comparison's QC flags: its manifest's ``qc`` block, else (older folders) the
+    per-bone ``residual_flag`` of ``registration.json``, else residuals above 1 mm; plus a
+    suspected mismatch and a status other than ok."""
+    qc = m.get("qc") if isinstance(m.get("qc"), dict) else None
+    bones = reg.get("bones") if isinstance(reg.get("bones"), dict) else {}
+    if qc is not None and isinstance(qc.get("flags"), list):
+        flags = [QCFlag(str(f.get("code")), str(f.get("severity")), str(f.get("structure")),
+                        str(f.get("message")), f.get("value")) for f in qc["flags"]
+                 if isinstance(f, dict)]
+    elif any("residual_flag" in b for b in bones.values() if isinstance(b, dict)):
+        flags = []
+        for name, b in bones.items():
+            if not isinstance(b, dict) or not b.get("present", True):
+                continue
+            if b.get("converged") is False:
+                flags.append(QCFlag("registration_failed", "error", name,
+                                    b.get("reason") or f"{name}: not registered"))
+            elif b.get("residual_flag"):
+                flags.append(QCFlag("registration_residual", "warning", name,
+                                    f"{name}: bone-surface residual {b.get('residual_mean_mm')} mm "
+                                    f"> limit {b.get('residual_limit_mm')} mm",
+                                    b.get("residual_mean_mm")))
+    else:
+        flags = _registration_flags({"manifest": m, "registration": reg})
+    codes = {f.code for f in flags}
+    mismatch = m.get("mismatch") or {}
+    if mismatch.get("suspected") and "mismatch" not in codes:
+        flags.append(QCFlag("mismatch", "error", "compare", "baseline and follow-up may not "
+                            "be the same knee: " + "; ".join(mismatch.get("reasons") or [])))
+    if m.get("status") not in (None, "ok") and "compare_failed" not in codes:
+        flags.append(QCFlag("compare_status", "warning", "compare",
+                            f"comparison status {m.get('status')}: {m.get('error') or 'see warnings'}"))
+    return flags
+
+
+def _residual_summary(reg: dict[str, Any]) -> str:
+    """One line for an unflagged comparison: each bone's residual against its limit."""
+    parts = [f"{name} {b.get('residual_mean_mm')} mm (limit {b.get('residual_limit_mm')} mm)"
+             for name, b in (reg.get("bones") or {}).items()
+             if isinstance(b, dict) and b.get("residual_mean_mm") is not None]
+    if not parts:
+        return "no registration residuals reported"
+    return "bone-surface residuals within their limits: " + ", ".join(parts)
 
 
 def _registration_flags(manifest: dict[str, Any]) -> list[QCFlag]:
