@@ -48,3 +48,33 @@ def test_small_lesions_dropped_and_sorted_by_volume():
 def test_no_lesions():
     assert find_lesions(np.zeros((5, 5, 5), np.uint8), (1, 1, 1), bml_label=10,
                         bones={"femur": 1}, slice_axis=2) == []
+
+
+@pytest.mark.parametrize("spacing", [(0.5, 0.5, 0.5), (0.4, 0.4, 1.0), (1.2, 0.45, 0.45)])
+def test_diameter_is_skimage_feret_of_a_convex_lesion(spacing):
+    """Our Feret diameter (hull vertices only) equals regionprops' feret_diameter_max (every
+    surface vertex of the convex image) on the same mask: an independent implementation;
+    on the lesion itself it is within a voxel of the ellipsoid's 10 mm."""
+    from skimage.measure import regionprops
+
+    from cartiq.measurement.lesions import feret_diameter_mm
+
+    les = ellipsoid(spacing, (5.0, 3.0, 2.5), extent=14)
+    labels = np.where(les, 10, 2).astype(np.uint8)
+    (c,) = find_lesions(labels, spacing, bml_label=10, bones={"tibia": 2}, slice_axis=0)
+    (ref,) = regionprops(les.astype(np.uint8), spacing=spacing)
+    assert feret_diameter_mm(ref.image_convex, spacing) == pytest.approx(ref.feret_diameter_max,
+                                                                         abs=1e-6)
+    assert c.max_diameter_mm <= ref.feret_diameter_max + 1e-6  # the lesion is inside its hull
+    assert abs(c.max_diameter_mm - 10.0) < max(spacing)
+    assert c.volume_mm3 == pytest.approx(les.sum() * np.prod(spacing))
+
+
+def test_diameter_of_voxel_lines():
+    """n voxels in a row are n voxel edges long; one voxel is its largest edge."""
+    spacing = np.array([0.4, 0.7, 1.1])
+    assert max_diameter_mm(np.zeros((1, 3)), spacing) == pytest.approx(1.1)
+    for axis in range(3):
+        pts = np.zeros((6, 3))
+        pts[:, axis] = np.arange(6)
+        assert max_diameter_mm(pts, spacing) == pytest.approx(max(6 * spacing[axis], spacing.max()))

@@ -4,11 +4,19 @@ A lesion is a connected component of the BML label.  Its bone is the bone label 
 touches it most (BML voxels replace bone voxels, so the lesion sits inside or against one
 bone).  Sizes:
 
-* ``volume_mm3``: voxel count x voxel volume.
+* ``volume_mm3``: voxel count x voxel volume (``skimage.measure.regionprops`` ``area``
+  with ``spacing``).
 * ``max_slice_area_mm2``: the largest cross-section in one acquired slice (the array axis
   with the coarsest spacing), as read on the images.
-* ``max_diameter_mm``: the largest distance between two voxel centres of the lesion plus
-  the voxel's extent along that direction (so a one-voxel lesion is one voxel wide).
+* ``max_diameter_mm``: the maximum Feret (caliper) diameter of the lesion's surface, the
+  marching-cubes iso-surface at 0.5 of the binary lesion mask (it runs halfway between
+  lesion voxel centres and their non-lesion neighbours), in mm with the voxel spacing:
+  the definition of ``regionprops``' ``feret_diameter_max``, but taken over the lesion
+  itself rather than its convex image and over the convex-hull vertices only (same value,
+  no quadratic memory).  A one-voxel lesion is one (largest) voxel edge wide.
+
+Per-lesion numbers come from ``regionprops`` (``area``, ``centroid``, ``coords``,
+``image``) on the ``cc3d`` components.
 """
 
 from __future__ import annotations
@@ -18,9 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
-from scipy.spatial.distance import pdist, squareform
+from scipy.spatial.distance import pdist
+from skimage.measure import regionprops
 
-__all__ = ["LesionComponent", "find_lesions", "max_diameter_mm"]
+__all__ = ["LesionComponent", "find_lesions", "max_diameter_mm", "feret_diameter_mm"]
 
 
 @dataclass
@@ -34,24 +43,33 @@ class LesionComponent:
     voxels: np.ndarray  # (K, 3) int indices
 
 
-def max_diameter_mm(index_points: np.ndarray, spacing: np.ndarray) -> float:
-    """Largest centre-to-centre distance plus the voxel extent along that direction."""
-    pts = index_points * spacing
-    if len(pts) == 1:
-        return float(np.max(spacing))
-    cand = pts
-    if len(pts) > 8:
+def feret_diameter_mm(mask: np.ndarray, spacing) -> float:
+    """Maximum Feret diameter (mm) of the 0.5 iso-surface of a binary mask (see above)."""
+    from skimage.measure import marching_cubes
+
+    sp = np.asarray(spacing, dtype=float)
+    padded = np.pad(np.asarray(mask, dtype=np.float32), 1)
+    if not padded.any():
+        return 0.0
+    verts = marching_cubes(padded, level=0.5, spacing=tuple(sp))[0]
+    cand = verts
+    if len(verts) > 8:
         try:
-            cand = pts[ConvexHull(pts).vertices]
-        except QhullError:  # flat lesion: all points in a plane or line
-            cand = pts
+            cand = verts[ConvexHull(verts).vertices]
+        except QhullError:  # degenerate surface: fall back to every vertex
+            cand = verts
     if len(cand) > 4000:
         cand = cand[:: len(cand) // 4000 + 1]
-    d = squareform(pdist(cand))
-    i, j = np.unravel_index(np.argmax(d), d.shape)
-    dist = d[i, j]
-    u = (cand[j] - cand[i]) / dist
-    return float(dist + np.abs(u * spacing).sum())
+    return float(pdist(cand).max()) if len(cand) > 1 else float(sp.max())
+
+
+def max_diameter_mm(index_points: np.ndarray, spacing: np.ndarray) -> float:
+    """:func:`feret_diameter_mm` of the voxels at ``index_points`` (K, 3)."""
+    idx = np.round(np.atleast_2d(np.asarray(index_points, dtype=float))).astype(int)
+    idx -= idx.min(axis=0)
+    mask = np.zeros(tuple(idx.max(axis=0) + 1), dtype=bool)
+    mask[tuple(idx.T)] = True
+    return feret_diameter_mm(mask, spacing)
 
 
 def find_lesions(labels: np.ndarray, spacing_mm, *, bml_label: int, bones: dict[str, int],
@@ -69,19 +87,16 @@ def find_lesions(labels: np.ndarray, spacing_mm, *, bml_label: int, bones: dict[
     sub = labels[grow]
     offset = np.array([s.start for s in grow])
     comps = cc3d.connected_components((sub == bml_label).astype(np.uint8), connectivity=connectivity)
-    voxvol = float(np.prod(spacing))
     in_plane = float(np.prod(np.delete(spacing, slice_axis)))
     bone_values = np.array(list(bones.values()))
     bone_names = list(bones.keys())
     out = []
-    for cid, slc in enumerate(ndimage.find_objects(comps), start=1):
-        if slc is None:
+    for region in regionprops(comps, spacing=tuple(spacing)):
+        volume = float(region.area)  # voxel count x voxel volume (mm3)
+        if volume < min_volume_mm3:
             continue
-        local = comps[slc] == cid
-        n = int(local.sum())
-        if n * voxvol < min_volume_mm3:
-            continue
-        idx = np.argwhere(local) + np.array([s.start for s in slc])
+        slc, cid = region.slice, region.label
+        idx = region.coords  # (K, 3) voxel indices in ``sub``
         # bone: the bone label most present in a one-voxel shell around the lesion
         shell_box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, m)) for s, m in zip(slc, sub.shape))
         comp_box = comps[shell_box] == cid
@@ -91,10 +106,10 @@ def find_lesions(labels: np.ndarray, spacing_mm, *, bml_label: int, bones: dict[
         bone = bone_names[int(np.argmax(counts))] if counts.max() > 0 else "unknown"
         per_slice = np.bincount(idx[:, slice_axis])
         out.append(LesionComponent(
-            id=0, bone=bone, volume_mm3=n * voxvol,
+            id=0, bone=bone, volume_mm3=volume,
             max_slice_area_mm2=float(per_slice.max()) * in_plane,
-            max_diameter_mm=max_diameter_mm(idx.astype(float), spacing),
-            centroid_index=idx.mean(axis=0) + offset,
+            max_diameter_mm=feret_diameter_mm(region.image, spacing),
+            centroid_index=np.asarray(region.centroid) / spacing + offset,
             voxels=idx + offset,
         ))
     out.sort(key=lambda c: -c.volume_mm3)
