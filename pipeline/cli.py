@@ -74,6 +74,8 @@ def version() -> None:
 # ----------------------------------------------------------------------------- measure
 
 SideOpt = typer.Option(None, "--side", help="Knee side, left|right (else header or anatomy).")
+SideOverrideOpt = typer.Option(False, "--side-override", help="Keep the given side (--side or "
+                               "the DICOM header) even when the anatomy says otherwise.")
 LabelsOpt = typer.Option(None, "--labels", help="Label convention of --seg: cartiq (default), "
                          "oai_zib, spl_knee_atlas, pymskt_dess, or a mapping YAML file.")
 
@@ -90,13 +92,15 @@ def measure(
     echo: Optional[int] = typer.Option(None, "--echo", help="DICOM echo number (default: first)."),
     dicom_out: bool = typer.Option(False, "--dicom-out", help="Also write DICOM SEG + SR "
                                    "(TID 1500) referencing the input series (DICOM input)."),
+    side_override: bool = SideOverrideOpt,
 ) -> None:
     """Measure thickness, defects and bone-marrow lesions from an image and its label map."""
     from cartiq.measurement.measure import run_measure
 
     _check_side(side)
     result = run_measure(image, seg, out, labels=labels, side=side, config_path=config,
-                         series=series, echo=echo, dicom_out=dicom_out)
+                         series=series, echo=echo, dicom_out=dicom_out,
+                         side_override=side_override)
     log.info("results in %s", result.out_dir)
     typer.echo(str(result.out_dir))
 
@@ -124,13 +128,14 @@ def segment(
     side: Optional[str] = SideOpt,
     series: Optional[str] = typer.Option(None, "--series", help="DICOM series number or description."),
     echo: Optional[int] = typer.Option(None, "--echo", help="DICOM echo number (default: first)."),
+    side_override: bool = SideOverrideOpt,
 ) -> None:
     """Segment bones, cartilage plates, menisci and BMLs into OUT/segmentation.nii.gz."""
     from cartiq.segmentation.segmenter import segment_file
 
     _check_side(side)
     path, _ = segment_file(image, out, model=model, device=device, amp=amp, side=side,
-                           series=series, echo=echo)
+                           series=series, echo=echo, side_override=side_override)
     typer.echo(str(path))
 
 
@@ -148,6 +153,7 @@ def run_cmd(
     config: Optional[Path] = typer.Option(None, "--config", help="Measurement config YAML."),
     series: Optional[str] = typer.Option(None, "--series", help="DICOM series number or description."),
     echo: Optional[int] = typer.Option(None, "--echo", help="DICOM echo number (default: first)."),
+    side_override: bool = SideOverrideOpt,
 ) -> None:
     """Segment, then measure: the outputs of `cartiq measure` plus the segmentation."""
     from cartiq.measurement.run import run_file
@@ -156,6 +162,7 @@ def run_cmd(
     if bml not in ("model", "intensity", "both"):
         raise click.BadParameter("must be model, intensity or both", param_hint="--bml")
     result = run_file(image, out, model=model, device=device, amp=amp, side=side,
+                      side_override=side_override,
                       series=series, echo=echo, bml=bml, bml_config=bml_config,
                       measure_config=config)
     typer.echo(str(result.out_dir))

@@ -139,7 +139,7 @@ def test_interrupted_batch_resumes_and_tables_are_exact(trial, tmp_path):
     assert fail[["subject_id", "timepoint", "stage"]].values.tolist() == \
         [["S02", "m12", "measure"], ["S02", "m24", "measure"]]
     assert "corrupt.nii.gz" in fail.error[0] and "cannot read" in fail.error[0]
-    assert "empty.nii.gz" in fail.error[1] and "no cartilage plate" in fail.error[1]
+    assert "empty.nii.gz" in fail.error[1] and "label map is empty" in fail.error[1]
     assert not any("\n" in e for e in fail.error)
     assert not (out / "S02" / "m24" / "manifest.json").exists()
 

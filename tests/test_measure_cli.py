@@ -41,7 +41,7 @@ def test_measure_writes_the_contract_and_warns_about_missing_plate(scan, tmp_pat
                  "meshes/femoral_cartilage.vtk"):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["side"] == "right" and manifest["side_source"] == "tibial labels"
+    assert manifest["side"] == "right" and manifest["side_source"] == "anatomy:plates"
     assert any("patellar_cartilage" in w for w in manifest["warnings"])
     assert "patellar_cartilage" in res.stderr  # the warning is logged too
     assert len(manifest["inputs"]["image"]["sha256"]) == 64

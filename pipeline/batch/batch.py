@@ -180,7 +180,8 @@ def process_scan(task: ScanTask) -> Outcome:
                 timings["segment"] = round(time.perf_counter() - t, 3)
             stage, t = "measure", time.perf_counter()
             run = run_measure(r.image, seg, out, labels=labels, side=r.side,
-                              config_path=task.measure_config)
+                              config_path=task.measure_config,
+                              side_source="manifest" if r.seg is not None else "flag")
             timings["measure"] = round(time.perf_counter() - t, 3)
             if not any(p.present for p in run.result.plates.values()):
                 raise InputError("segmentation has no cartilage plate (empty?)", seg)

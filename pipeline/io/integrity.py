@@ -130,11 +130,11 @@ def _inflated_length(chunks, path: Path, *, what: str,
                 data = d.unused_data if d.eof else (d.unconsumed_tail if bounded else b"")
     except (zlib.error, OSError, EOFError, ValueError) as exc:
         detail = str(exc).strip()[:120]
-        if total == 0:
+        if "header" in detail and total == 0:
             raise InputError(f"cannot read image: not {what}-compressed data ({detail})",
                              path) from None
-        raise InputError(f"{what} data is damaged ({detail}): a corrupt or partly copied "
-                         "file", path) from None
+        raise InputError(f"cannot read image: its {what} data are damaged ({detail}): a "
+                         "corrupt or partly copied file", path) from None
     if not d.eof:
         raise InputError(f"{what} stream ends early after {total:,} bytes: the file is "
                          "truncated (partly copied or downloaded?)", path)

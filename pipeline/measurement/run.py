@@ -17,7 +17,7 @@ def run_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
              device: str = "auto", amp: bool | None = None, side: str | None = None,
              series: str | None = None, echo: int | None = None, bml: str = "model",
              bml_config: Path | None = None, measure_config: Path | None = None,
-             segmenter: Segmenter | None = None):
+             segmenter: Segmenter | None = None, side_override: bool = False):
     """Segment, optionally add intensity BMLs, then measure (``cartiq run``)."""
     from cartiq.measurement.measure import run_measure
 
@@ -25,7 +25,8 @@ def run_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
         raise InputError(f"--bml must be model, intensity or both, not {bml!r}")
     seg_path, manifest = segment_file(image, out_dir, model=model, device=device, amp=amp,
                                       side=side, series=series, echo=echo,
-                                      segmenter=segmenter, write_manifest_file=False)
+                                      segmenter=segmenter, write_manifest_file=False,
+                                      side_override=side_override)
     bml_info: dict[str, Any] = {"mode": bml}
     if bml != "model":
         from cartiq.segmentation.bml import apply_bml, load_bml_config
@@ -44,5 +45,7 @@ def run_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
              "bml": bml_info,
              "warnings": manifest["warnings"]}
     return run_measure(image, seg_path, out_dir, side=side or manifest.get("side"),
+                       side_source="flag" if side else (manifest.get("side_source") or "flag"),
+                       side_override=side_override,
                        config_path=measure_config, series=series, echo=echo,
                        extra_manifest=extra)

@@ -85,7 +85,8 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
 
 
 def to_cartiq_scheme(raw: np.ndarray, volume: Volume, labels: dict[int, str], model_name: str,
-                     side: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+                     side: str | None, *,
+                     side_override: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Map a cleaned prediction (model output values) into the cartiq scheme (uint8).
 
     Returns the label map on ``volume``'s grid and ``side``, ``side_source`` and the
@@ -100,15 +101,19 @@ def to_cartiq_scheme(raw: np.ndarray, volume: Volume, labels: dict[int, str], mo
     header_side = volume.meta.get("side") if volume.meta else None
     try:
         out, info = to_default_scheme(raw, mapping, volume.geometry.affine, side=side,
-                                      header_side=header_side, path=volume.path)
-    except InputError:
+                                      header_side=header_side, path=volume.path,
+                                      side_override=side_override)
+    except InputError as exc:
+        if not exc.problem.startswith("cannot tell the knee side"):
+            raise  # a given side that the predicted anatomy contradicts
         raise InputError("cannot tell the knee side to split medial/lateral tibial "
                          "cartilage and menisci (no header laterality, no fibula found); "
                          "pass --side left|right", volume.path) from None
     men_values = [v for v, n in labels.items() if n == "meniscus"]
     if men_values:
         _split_menisci(out, np.isin(raw, men_values), volume.geometry, info.get("side"))
-    keep = {"side": info.get("side"), "side_source": info.get("side_source")}
+    keep = {"side": info.get("side"), "side_source": info.get("side_source"),
+            "side_check": info.get("side_check", {})}
     present = sorted(scheme.name_of(int(v)) for v in np.unique(out) if v)
     keep["structures"] = present
     return out.astype(np.uint8), keep

@@ -167,12 +167,17 @@ class Segmenter:
         self.min_component_mm3 = min_component_mm3
 
     # -- public API
-    def segment(self, volume: Volume, *, side: str | None = None) -> np.ndarray:
+    def segment(self, volume: Volume, *, side: str | None = None,
+                side_override: bool = False) -> np.ndarray:
         """Cartiq label map (uint8) on ``volume``'s grid."""
-        return self.run(volume, side=side).labels
+        return self.run(volume, side=side, side_override=side_override).labels
 
-    def run(self, volume: Volume, *, side: str | None = None) -> SegmentResult:
-        """Segment and return labels plus provenance, warnings and timings."""
+    def run(self, volume: Volume, *, side: str | None = None,
+            side_override: bool = False) -> SegmentResult:
+        """Segment and return labels plus provenance, warnings and timings.
+
+        A given ``side`` (or the header's) that the predicted anatomy contradicts is an
+        :class:`InputError` unless ``side_override`` (see :mod:`cartiq.io.side`)."""
         check_knee_like(volume)
         meta = self.model.metadata
         warnings = _range_warnings(volume, meta.input)
@@ -184,7 +189,7 @@ class Segmenter:
         else:
             raw = self._predict(volume)
         t1 = time.monotonic()
-        labels, side_info = self._to_scheme(raw, volume, side)
+        labels, side_info = self._to_scheme(raw, volume, side, side_override)
         info = {"model": self.model.provenance(), "device": self.device, "amp": self.amp,
                 "warnings": warnings, **side_info,
                 "timings_s": {"load_model": round(self.load_seconds, 3),
@@ -279,11 +284,11 @@ class Segmenter:
         """Anatomical clean-up of the raw prediction (:func:`clean_prediction`)."""
         return clean_prediction(raw, geom, self.model.metadata.labels, self.min_component_mm3)
 
-    def _to_scheme(self, raw: np.ndarray, volume: Volume,
-                   side: str | None) -> tuple[np.ndarray, dict[str, Any]]:
+    def _to_scheme(self, raw: np.ndarray, volume: Volume, side: str | None,
+                   side_override: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
         raw = self._clean(raw, volume.geometry)
         return to_cartiq_scheme(raw, volume, self.model.metadata.labels,
-                                self.model.metadata.name, side)
+                                self.model.metadata.name, side, side_override=side_override)
 
 
 # ----------------------------------------------------------------------------- files
@@ -301,7 +306,8 @@ def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
                  device: str = "auto", amp: bool | None = None, side: str | None = None,
                  series: str | None = None, echo: int | None = None,
                  segmenter: Segmenter | None = None,
-                 write_manifest_file: bool = True) -> tuple[Path, dict[str, Any]]:
+                 write_manifest_file: bool = True,
+                 side_override: bool = False) -> tuple[Path, dict[str, Any]]:
     """Segment one scan into ``out_dir/segmentation.nii.gz`` (+ ``manifest.json`` last).
 
     Everything is checked (input readable and knee-like, model loadable, device present)
@@ -317,7 +323,7 @@ def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
     check_knee_like(vol)
     t_read = time.monotonic() - t0
     seg = segmenter or Segmenter(model, device=device, amp=amp)
-    result = seg.run(vol, side=side)
+    result = seg.run(vol, side=side, side_override=side_override)
     t1 = time.monotonic()
     begin_folder(out_dir)
     path = write_volume(out_dir / "segmentation.nii.gz", result.labels, vol.geometry)
@@ -330,6 +336,7 @@ def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
         "amp": info["amp"],
         "side": info.get("side"),
         "side_source": info.get("side_source"),
+        "side_check": info.get("side_check", {}),
         "structures": info.get("structures", []),
         "timings_s": {"read": round(t_read, 3), **info["timings_s"],
                       "write": round(time.monotonic() - t1, 3)},
