@@ -17,4 +17,6 @@ python -m pytest "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi
-exit "$rc"
+if [ "$rc" -ne 0 ]; then exit "$rc"; fi
+# the wheel, installed outside the checkout, works on its own (skip with CARTIQ_SKIP_WHEEL_CHECK=1)
+if [ "${CARTIQ_SKIP_WHEEL_CHECK:-0}" != 1 ]; then bash scripts/wheel_check.sh; fi
