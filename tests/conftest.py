@@ -31,3 +31,25 @@ def data_mirror() -> Path:
         if candidate.is_dir():
             return candidate
     pytest.skip("no local mirror of the public sample data")
+
+
+# the four real manual label maps of ../shared/data/labels: (file, label mapping, side)
+REAL_LABEL_MAPS = [("pymskt_dess_right_label.nrrd", "pymskt_dess", "right"),
+                   ("mskt_right_knee_example_label.nrrd", "pymskt_dess", "right"),
+                   ("mskt_t2_left_knee_label.nrrd", "pymskt_dess", "left"),
+                   ("spl_knee_atlas_labels.nrrd", "spl_knee_atlas", "left")]
+
+
+@pytest.fixture(scope="session", params=REAL_LABEL_MAPS, ids=[m[0].split(".")[0] for m in REAL_LABEL_MAPS])
+def real_label_map(request, data_mirror):
+    """One real label map in the cartiq scheme: (labels array, geometry, side)."""
+    from cartiq.io.labels import load_mapping, to_default_scheme
+    from cartiq.io.volume import read_volume
+
+    name, mapping, side = request.param
+    path = data_mirror / "labels" / name
+    if not path.is_file():
+        pytest.skip(f"{name} not in the data mirror")
+    vol = read_volume(path, kind="labels")
+    lab, _ = to_default_scheme(vol.array, load_mapping(mapping), vol.geometry.affine, side=side)
+    return lab, vol.geometry, side

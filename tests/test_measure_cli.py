@@ -46,8 +46,11 @@ def test_measure_writes_the_contract_and_warns_about_missing_plate(scan, tmp_pat
     assert "patellar_cartilage" in res.stderr  # the warning is logged too
     assert len(manifest["inputs"]["image"]["sha256"]) == 64
     header = (out / "measurements.csv").read_text().splitlines()[0]
-    assert header == "structure,region,metric,value,unit"
+    assert header == "structure,region,metric,value,unit,qc_status"
     rows = [l.split(",") for l in (out / "measurements.csv").read_text().splitlines()[1:]]
+    # the patellar plate is missing: QC fails, and every row says so
+    assert manifest["qc"]["status"] == "fail"
+    assert {r[5] for r in rows} == {"fail"}
     fem = {r[2]: r[3] for r in rows if r[0] == "femoral_cartilage" and r[1] == "all"}
     assert abs(float(fem["thickness_median"]) - 1.6) < 0.08  # 2 voxels of 0.8 mm
     assert float(fem["thickness_mean"]) < float(fem["thickness_median"])  # thinner at the rim

@@ -10,7 +10,8 @@ import pytest
 
 from cartiq.io.volume import Geometry
 from cartiq.io.labels import default_scheme
-from cartiq.measurement.qc import QCConfig, qc_checks, registration_flag, write_qc
+from cartiq.measurement.qc import QCConfig, load_qc_config, qc_checks, registration_flag, write_qc
+from cartiq.measurement.qc_ranges import PlausibleRanges
 from cartiq.measurement.qc_maps import Projector, _plane, plate_map_from_points, plate_views, projector_for
 
 S = default_scheme()
@@ -101,7 +102,8 @@ def test_thickness_out_of_range(phantom):
     flags = qc_checks(lab, g, thickness=thick)
     tr = [f for f in flags if f.code == "thickness_range"]
     assert [f.structure for f in tr] == ["femoral_cartilage"] and tr[0].value == pytest.approx(6.0)
-    cfg = QCConfig(max_mean_thickness_mm=7.0)
+    assert tr[0].severity == "error"
+    cfg = QCConfig(plausible=PlausibleRanges(mean_thickness_mm={"femoral_cartilage": (1.0, 7.0)}))
     assert not [f for f in qc_checks(lab, g, thickness=thick, config=cfg) if f.code == "thickness_range"]
 
 

@@ -2,7 +2,8 @@
 
 Output folder of ``cartiq measure`` (and ``cartiq run``):
 
-``measurements.csv``  structure,region,metric,value,unit
+``measurements.csv``  structure,region,metric,value,unit,qc_status (the scan's QC status,
+                      pass|warn|fail, on every row: a ``fail`` scan's numbers are marked)
 ``defects.csv``       defect_id,plate,region,kind,area_mm2,depth_pct,centroid_{x,y,z}_mm
 ``lesions.csv``       lesion_id,bone,region,volume_mm3,max_slice_area_mm2,max_diameter_mm,centroid_{x,y,z}_mm
 ``thickness.nii.gz``  per cartilage voxel: thickness (mm) of its nearest interface point
@@ -28,6 +29,7 @@ from cartiq.errors import InputError, OutputError
 from cartiq.io.volume import Geometry, Volume, check_same_geometry, read_volume, sha256_file, write_volume
 from cartiq.io.labels import PLATES, default_scheme, load_mapping, to_default_scheme
 from cartiq.io.outputs import begin_folder, check_writable, write_csv, write_manifest, write_vtk_polydata
+from cartiq.measurement.qc import QCFlag, QCResult, write_qc
 from cartiq.measurement.regions import REGION_CODES
 
 __all__ = ["MeasureInputs", "load_inputs", "write_results", "defect_rows", "lesion_rows",
@@ -35,7 +37,7 @@ __all__ = ["MeasureInputs", "load_inputs", "write_results", "defect_rows", "lesi
 
 log = logging.getLogger(__name__)
 
-MEASUREMENT_COLUMNS = ["structure", "region", "metric", "value", "unit"]
+MEASUREMENT_COLUMNS = ["structure", "region", "metric", "value", "unit", "qc_status"]
 DEFECT_COLUMNS = ["defect_id", "plate", "region", "kind", "area_mm2", "depth_pct",
                   "centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]
 LESION_COLUMNS = ["lesion_id", "bone", "region", "volume_mm3", "max_slice_area_mm2",
@@ -129,8 +131,11 @@ def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureC
     begin_folder(out_dir, fresh=fresh, inputs=(inputs.image.path, inputs.seg.path)
                  if fresh else ())
     geometry = inputs.geometry
+    qc_flags = _qc_flags(out_dir, result, inputs)
+    status = "not run" if qc_flags is None else QCResult(flags=qc_flags).status
     outputs = [
-        write_csv(out_dir / "measurements.csv", MEASUREMENT_COLUMNS, result.rows),
+        write_csv(out_dir / "measurements.csv", MEASUREMENT_COLUMNS,
+                  [{**r, "qc_status": status} for r in result.rows]),
         write_csv(out_dir / "defects.csv", DEFECT_COLUMNS, defect_rows(result)),
         write_csv(out_dir / "lesions.csv", LESION_COLUMNS, lesion_rows(result)),
         write_volume(out_dir / "thickness.nii.gz", result.thickness_map, geometry),
@@ -154,7 +159,7 @@ def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureC
     outputs.append(config_path)
     manifest = dict(manifest)
     manifest["warnings"] = list(result.warnings) + list(manifest.get("warnings", []))
-    manifest["qc"] = _run_qc(out_dir, result, inputs)
+    manifest["qc"] = _run_qc(out_dir, result, inputs, qc_flags)
     manifest["timings_s"] = {**manifest.get("timings_s", {}),
                              "write": round(time.perf_counter() - t_start, 3)}
     manifest["outputs"] = sorted(str(Path(p).relative_to(out_dir)) for p in outputs)
@@ -166,20 +171,31 @@ def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureC
     return manifest
 
 
-def _run_qc(out_dir: Path, result, inputs: MeasureInputs) -> dict[str, Any]:
+def _qc_flags(out_dir: Path, result, inputs: MeasureInputs) -> list[QCFlag] | None:
+    """QC flags (cartiq.measurement.qc) before anything is written: the CSV carries the
+    status.  None when they cannot be computed (status ``not run``, logged)."""
+    try:
+        return write_qc(out_dir, result=result, image=inputs.image, labels=inputs.labels,
+                        figure=False).flags
+    except Exception as exc:  # QC never costs the numbers; "not run" is never "pass"
+        log.warning("QC flags failed: %s", exc)
+        return None
+
+
+def _run_qc(out_dir: Path, result, inputs: MeasureInputs,
+            flags: list[QCFlag] | None = None) -> dict[str, Any]:
     """QC picture and flags (cartiq.measurement.qc); a plotting failure never fails the measurement."""
+    if flags is None:
+        return {"status": "not run"}
     try:
-        from cartiq.measurement.qc import write_qc
-    except ImportError:
-        return {"status": "not available"}
-    try:
-        qc = write_qc(out_dir, result=result, image=inputs.image, labels=inputs.labels)
+        qc = write_qc(out_dir, result=result, image=inputs.image, labels=inputs.labels,
+                      flags=flags)
         return qc if isinstance(qc, dict) else getattr(qc, "to_json", lambda: {"status": "ok"})()
     except OutputError:  # a full disk is not a plotting failure: the folder is not complete
         raise
-    except Exception as exc:  # reports never fail the analysis
+    except Exception as exc:  # reports never fail the analysis; the flags stand
         log.warning("QC figure failed: %s", exc)
-        return {"status": "failed", "error": str(exc)[:300]}
+        return QCResult(flags=flags, errors=[str(exc)[:300]]).to_json()
 
 
 def _run_dicom_out(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -4,13 +4,20 @@ Flags (each a :class:`QCFlag` with a code, a severity and a message naming the s
 
 ``plate_empty`` (error)        a cartilage plate has no voxels.
 ``plate_small`` (warning)      a plate's volume is below ``min_plate_volume_mm3``.
-``thickness_range`` (warning)  a plate's mean thickness lies outside
-                               ``[min_mean_thickness_mm, max_mean_thickness_mm]`` or its 99th
+``plate_volume`` (error)       a plate's volume is outside its plausible adult range
+                               (``plausible.plate_volume_mm3``; sources in ``configs/qc.yaml``).
+``thickness_range`` (error)    a plate's mean thickness is outside its plausible adult range
+                               (``plausible.mean_thickness_mm``); (warning) its 99th
                                percentile exceeds ``max_thickness_mm``.
-``border`` (warning)           cartilage, menisci or lesions touch the image border (cut off?).
-``not_adjacent`` (error/warn)  a plate does not touch its bone (error), or more than
-                               ``max_far_fraction`` of its volume lies farther than
-                               ``max_distance_to_bone_mm`` from it (warning); lesions outside bone.
+``bml_volume`` (error)         bone-marrow lesions larger than ``plausible.max_bml_volume_mm3``
+                               or filling more than ``plausible.max_bml_bone_fraction`` of a bone.
+``border`` (error/warning)     more than ``plausible.max_border_fraction`` of a plate lies within
+                               ``plausible.border_margin_mm`` of the image border (error);
+                               cartilage, menisci or lesions touch the border (warning).
+``not_adjacent`` (error/warn)  a plate does not touch its bone, or more than
+                               ``plausible.max_far_fraction`` of it lies farther than
+                               ``max_distance_to_bone_mm`` from it (error); more than
+                               ``max_far_fraction`` does (warning); lesions outside bone.
 ``position`` (warning)         labels in implausible places: lateral tibial plate on the medial
                                side, femoral cartilage below the tibial plates, patellar
                                cartilage behind the femoral cartilage.
@@ -44,10 +51,12 @@ from scipy import ndimage
 from cartiq.config import Strict, load_config
 from cartiq.io.volume import Geometry, Volume, atomic_path, read_volume
 from cartiq.io.labels import PLATES, default_scheme, lateral_sign
+from cartiq.measurement.qc_ranges import (PlausibleRanges, bml_problems, border_fraction,
+                                          range_problems)
 from cartiq.measurement.qc_maps import (PlateMap, draw_plate_map, draw_slice, plate_map_from_points,
                              plate_views, projector_for)
 
-__all__ = ["QCConfig", "QCFlag", "QCResult", "qc_checks", "registration_flag", "write_qc",
+__all__ = ["QCConfig", "QCFlag", "QCResult", "qc_checks", "load_qc_config", "registration_flag", "write_qc",
            "read_table"]
 
 log = logging.getLogger(__name__)
@@ -57,14 +66,18 @@ class QCConfig(Strict):
     min_plate_volume_mm3: dict[str, float] = Field(
         default_factory=lambda: {"femoral_cartilage": 1000.0, "medial_tibial_cartilage": 150.0,
                                  "lateral_tibial_cartilage": 150.0, "patellar_cartilage": 150.0})
-    min_mean_thickness_mm: float = Field(0.7, ge=0)
-    max_mean_thickness_mm: float = Field(4.5, gt=0)
     max_thickness_mm: float = Field(8.0, gt=0, description="99th percentile limit")
     max_distance_to_bone_mm: float = Field(8.0, gt=0)
     max_far_fraction: float = Field(0.05, ge=0, le=1)
     max_registration_residual_mm: float = Field(1.0, gt=0)
     figure_dpi: int = Field(80, ge=30, le=300)
     map_vmax_mm: float = Field(4.0, gt=0, description="upper end of the thickness colour bar")
+    plausible: PlausibleRanges = Field(default_factory=PlausibleRanges)
+
+
+def load_qc_config(path: Path | None = None) -> QCConfig:
+    """QC limits from ``path`` or ``configs/qc.yaml``."""
+    return load_config(path, QCConfig, default_name="qc.yaml")
 
 
 @dataclass
@@ -150,27 +163,35 @@ def _adjacency_flags(name: str, cart: np.ndarray, labels: np.ndarray, bone_value
                        f"(closest {dist.min():.1f} mm)", float(dist.min()))]
     far = float((dist > cfg.max_distance_to_bone_mm).mean())
     if far > cfg.max_far_fraction:
-        return [QCFlag("not_adjacent", "warning", name,
+        severity = "error" if far > cfg.plausible.max_far_fraction else "warning"
+        return [QCFlag("not_adjacent", severity, name,
                        f"{100 * far:.0f}% of {name} lies more than "
                        f"{cfg.max_distance_to_bone_mm:g} mm from its bone", far)]
     return []
 
 
 def _thickness_values(name: str, mask: np.ndarray, thickness: np.ndarray | None,
-                      result: Any) -> np.ndarray:
+                      result: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Thickness values (mm) and weights: the covered surface (area-weighted, as
+    ``measurements.csv``) when ``result`` has it, else the voxel map (equal weights)."""
     plate = getattr(result, "plates", {}).get(name) if result is not None else None
     if plate is not None and getattr(plate, "present", False) and len(plate.thickness_mm):
-        t = np.asarray(plate.thickness_mm, float)[np.asarray(plate.covered, bool)]
-        return t[np.isfinite(t)]
+        cov = np.asarray(plate.covered, bool)
+        t = np.asarray(plate.thickness_mm, float)[cov]
+        w = np.asarray(plate.vertex_area_mm2, float)[cov]
+        ok = np.isfinite(t)
+        return t[ok], w[ok]
     if thickness is None:
-        return np.zeros(0)
+        return np.zeros(0), np.zeros(0)
     t = thickness[mask]
-    return t[np.isfinite(t) & (t > 0)]
+    t = t[np.isfinite(t) & (t > 0)]
+    return t, np.ones_like(t)
 
 
 def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None,
               thickness: np.ndarray | None = None, result: Any = None,
-              config: QCConfig | None = None) -> list[QCFlag]:
+              config: QCConfig | None = None,
+              mean_thickness_mm: dict[str, float] | None = None) -> list[QCFlag]:
     """Automatic QC flags of one label map (cartiq scheme); see the module docstring.
 
     Parameters
@@ -180,8 +201,10 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
     side : knee side, for the medial/lateral position check (skipped when None).
     thickness : voxel thickness map (mm, 0 outside cartilage), or ``result`` (a
         :class:`cartiq.measurement.measure.MeasureResult`) whose surface thickness is preferred.
+    mean_thickness_mm : per plate, the mean thickness to check against the plausible range
+        (``measurements.csv``); otherwise computed from ``result`` or ``thickness``.
     """
-    cfg = config or QCConfig()
+    cfg = config or load_qc_config()
     scheme = default_scheme()
     spacing = np.asarray(geometry.spacing, float)
     vox = geometry.voxel_volume_mm3
@@ -200,15 +223,15 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
         if volume < limit:
             flags.append(QCFlag("plate_small", "warning", name,
                                 f"{name} volume {volume:.0f} mm3 < {limit:g} mm3", volume))
-        t = _thickness_values(name, mask, thickness, result)
-        if t.size:
-            mean, p99 = float(t.mean()), float(np.percentile(t, 99))
-            if not cfg.min_mean_thickness_mm <= mean <= cfg.max_mean_thickness_mm:
-                flags.append(QCFlag("thickness_range", "warning", name,
-                                    f"{name} mean thickness {mean:.2f} mm outside "
-                                    f"{cfg.min_mean_thickness_mm:g}-{cfg.max_mean_thickness_mm:g} mm",
-                                    mean))
-            elif p99 > cfg.max_thickness_mm:
+        t, w = _thickness_values(name, mask, thickness, result)
+        mean = float(np.average(t, weights=w)) if t.size and w.sum() > 0 else None
+        if mean_thickness_mm and np.isfinite(mean_thickness_mm.get(name, np.nan)):
+            mean = float(mean_thickness_mm[name])
+        problems = range_problems(name, volume, mean, cfg.plausible)
+        flags += [QCFlag(code, "error", name, msg, v) for code, msg, v in problems]
+        if t.size and not any(code == "thickness_range" for code, _, _ in problems):
+            p99 = float(np.percentile(t, 99))
+            if p99 > cfg.max_thickness_mm:
                 flags.append(QCFlag("thickness_range", "warning", name,
                                     f"{name} 99th percentile thickness {p99:.1f} mm > "
                                     f"{cfg.max_thickness_mm:g} mm", p99))
@@ -222,9 +245,21 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
     inner = labels[1:-1, 1:-1, 1:-1] if min(labels.shape) > 2 else labels[:0, :0, :0]
     on_border = counts - np.bincount(inner.ravel(), minlength=len(counts))
     for name in PLATES + ("medial_meniscus", "lateral_meniscus", "bone_marrow_lesion"):
-        if (n := int(on_border[scheme[name]])):
+        if not (n := int(on_border[scheme[name]])):
+            continue
+        frac = border_fraction(labels == scheme[name], geometry, cfg.plausible.border_margin_mm) \
+            if name in PLATES else 0.0
+        if frac > cfg.plausible.max_border_fraction:
+            flags.append(QCFlag("border", "error", name, f"{100 * frac:.0f}% of {name} lies "
+                                f"within {cfg.plausible.border_margin_mm:g} mm of the image "
+                                "border: mostly cut off or not cartilage", frac))
+        else:
             flags.append(QCFlag("border", "warning", name,
                                 f"{name} touches the image border ({n} voxels): cut off?", n))
+    flags += [QCFlag("bml_volume", "error", where, msg, v) for where, msg, v in
+              bml_problems(labels, scheme["bone_marrow_lesion"],
+                           {b: scheme[b] for b in ("femur", "tibia", "patella")}, vox,
+                           cfg.plausible)]
     bml = labels == scheme["bone_marrow_lesion"]
     if bml.any():
         bones = np.isin(labels, [scheme[b] for b in scheme.bones])
@@ -353,16 +388,18 @@ def plate_maps(labels: np.ndarray, geometry: Geometry, values: np.ndarray | None
 
 def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
              labels: np.ndarray | None = None, registration_residual_mm: float | None = None,
-             config: QCConfig | Path | None = None, figure: bool = True) -> QCResult:
+             config: QCConfig | Path | None = None, figure: bool = True,
+             flags: list[QCFlag] | None = None) -> QCResult:
     """Compute the QC flags of a measure folder and write its ``qc.png``.
 
     Reads what is not given in memory from ``scan_dir``: ``manifest.json`` (image path,
     side), ``segmentation.nii.gz``, ``thickness.nii.gz``, ``defects.csv``, ``lesions.csv``.
     A plotting failure is logged and returned in ``QCResult.errors``; flags are still
-    computed.  Missing segmentation raises :class:`cartiq.errors.InputError`.
+    computed.  Missing segmentation raises :class:`cartiq.errors.InputError`.  ``flags``:
+    flags computed already (e.g. ``write_qc(..., figure=False).flags``): only drawn.
     """
     scan_dir = Path(scan_dir)
-    cfg = config if isinstance(config, QCConfig) else load_config(config, QCConfig)
+    cfg = config if isinstance(config, QCConfig) else load_qc_config(config)
     manifest = read_manifest(scan_dir)
     geometry = result.geometry if result is not None else None
     if labels is None:
@@ -378,8 +415,15 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
         thickness = read_volume(scan_dir / "thickness.nii.gz").array
     else:
         thickness = None
-    flags = qc_checks(labels, geometry, side=side, thickness=thickness, result=result, config=cfg)
-    flags += registration_flag(registration_residual_mm, cfg)
+    means = None
+    if result is None:  # from files: the plate means of measurements.csv
+        means = {r["structure"]: float(r["value"] or "nan")
+                 for r in read_table(scan_dir / "measurements.csv")
+                 if r.get("region") == "all" and r.get("metric") == "thickness_mean"}
+    if flags is None:
+        flags = qc_checks(labels, geometry, side=side, thickness=thickness, result=result,
+                          config=cfg, mean_thickness_mm=means)
+        flags += registration_flag(registration_residual_mm, cfg)
     out = QCResult(flags=flags)
     if not figure:
         return out
