@@ -140,33 +140,28 @@ def normal_voxel_extent(crop: BoneCrop) -> float:
 
     A voxel with edges ``s_k`` measures ``sum_k s_k |n_k|`` along the unit normal ``n``
     (``n_k`` in the voxel-axis frame): ``s`` where the surface faces an axis, up to
-    ``sum(s) / sqrt(3)`` on a diagonal.  Averaged over the voxels of a thin band around the
-    zero level of the distance map inside the field of view (a band of constant width holds
-    voxels in proportion to the surface area).  The registration residual limit is a
-    multiple of it: two segmentations of one bone that disagree by one voxel everywhere
-    differ by this much on average.
+    ``sum(s) / sqrt(3)`` on a diagonal; over a sphere the mean is ``sum(s) / 2``.  Averaged
+    over the triangles of the bone surface (zero level of the distance map, marching cubes
+    in mm) inside the field of view, weighted by their area.  The registration residual
+    limit is a multiple of it: two segmentations of one bone that disagree by one voxel
+    everywhere differ by this much on average.
     """
+    from skimage.measure import marching_cubes
+
     sp = np.asarray(crop.geometry.spacing, dtype=float)
-    band = (np.abs(crop.sdm) < 0.5 * sp.max()) & crop.interior
-    idx = np.argwhere(band)
-    if len(idx) == 0:
-        return float(np.mean(sp))
-    if len(idx) > 200_000:
-        idx = idx[:: len(idx) // 200_000 + 1]
-    hi = np.asarray(crop.sdm.shape) - 1
-    grad = np.empty((len(idx), 3))
-    for ax in range(3):  # central differences (mm) along each voxel axis
-        up, dn = idx.copy(), idx.copy()
-        up[:, ax] = np.minimum(up[:, ax] + 1, hi[ax])
-        dn[:, ax] = np.maximum(dn[:, ax] - 1, 0)
-        grad[:, ax] = (crop.sdm[tuple(up.T)] - crop.sdm[tuple(dn.T)]) / \
-            (np.maximum(up[:, ax] - dn[:, ax], 1) * sp[ax])
-    norm = np.linalg.norm(grad, axis=1)
-    ok = norm > 1e-6
-    if not ok.any():
-        return float(np.mean(sp))
-    n = np.abs(grad[ok]) / norm[ok, None]
-    return float((n * sp).sum(axis=1).mean())
+    if crop.sdm.min() >= 0 or crop.sdm.max() <= 0:
+        return float(sp.sum() / 2.0)
+    verts, faces, _, _ = marching_cubes(crop.sdm, level=0.0, spacing=tuple(sp))
+    tri = verts[faces]
+    cross = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    area = np.linalg.norm(cross, axis=1)
+    centre = tri.mean(axis=1) / sp  # voxel index of each triangle's centre
+    keep = (area > 0) & (ndimage.map_coordinates(crop.interior.astype(np.float32), centre.T,
+                                                 order=0) > 0.5)
+    if not keep.any():
+        return float(sp.sum() / 2.0)
+    extent = (np.abs(cross[keep]) / area[keep, None] * sp).sum(axis=1)
+    return float((extent * area[keep]).sum() / area[keep].sum())
 
 
 def _sample(crop: BoneCrop, points_world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
