@@ -459,7 +459,83 @@ def fetch(
     for name in wanted:
         sample_info(name)  # unknown names fail before anything is fetched
     for name in wanted:
-        typer.echo(str(fetch_sample(name, mirror=mirror, cache_dir=cache)))
+        typer.echo(str(fetch_sample(name, mirror=mirror, cache_dir=cache, progress=progress)))
+
+
+# -- commands: simulated trial and sample size (demo trial, power) --
+
+demo_app = typer.Typer(help="Demonstrations on simulated data.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+
+class _DemoProgress:
+    """Progress on stderr for ``cartiq demo trial``: phantoms written, then the batch's scans."""
+
+    def __init__(self, scans: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(TextColumn("[bold]phantoms"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn())
+        self._task = self._bar.add_task("phantoms", total=scans)
+        self._bar.start()
+        self.batch = _BatchProgress()
+
+    def phantom(self) -> None:
+        self._bar.update(self._task, advance=1)
+        if self._bar.tasks[0].finished:
+            self._bar.stop()
+
+
+@demo_app.command("trial")
+def demo_trial(
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (phantoms, manifest.csv, "
+                             "truth.csv, the batch's outputs, planted_vs_recovered.csv)."),
+    subjects_per_group: int = typer.Option(8, "--subjects-per-group",
+                                           help="Knees per arm x stage group (at least 2)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the whole trial."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Batch worker processes (default: CPU count)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> int:
+    """Simulated MSC trial (MSC vs placebo x early/late KL x baseline/12 months) through
+    `cartiq batch`: planted vs recovered change, sample sizes, cohort.html."""
+    from cartiq.demo import design_trial, run_demo_trial
+
+    design_trial(subjects_per_group, seed)  # bad sizes: one line before anything starts
+    progress = None if no_progress else _DemoProgress(8 * subjects_per_group)
+    result = run_demo_trial(out, subjects_per_group, seed, workers=workers, progress=progress)
+    typer.echo(str(result.table))
+    return result.exit_code
+
+
+@app.command()
+def power(
+    effect: Optional[float] = typer.Option(None, "--effect", help="Difference between the arms' "
+                                           "mean changes to detect (default: the outcome's "
+                                           "published effect)."),
+    sd: float = typer.Option(..., "--sd", help="SD of the change between knees (same unit)."),
+    outcome: Optional[str] = typer.Option(None, "--outcome", help="thickness, denuded_area, "
+                                          "bml_volume, bml_area or mocart_total."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Two-sided significance level."),
+    powers: list[float] = typer.Option([0.8, 0.9], "--power", help="Power(s) wanted."),
+) -> None:
+    """Knees per arm to detect an effect (two-sided two-sample t test, equal arms)."""
+    from cartiq.errors import InputError
+    from cartiq.power import check_outcome, power_rows
+
+    unit = ""
+    if outcome is not None:
+        published = check_outcome(outcome)
+        if effect is None:
+            if published.unit == "%":
+                raise InputError(f"the published {outcome} effect is relative "
+                                 f"({published.value:g}% of baseline); give --effect in your unit")
+            effect, unit = published.value, published.unit
+    if effect is None:
+        raise InputError("give --effect (or --outcome with a published effect)")
+    for row in power_rows([(outcome or "effect", effect, sd, unit)], alpha, tuple(powers)):
+        typer.echo("\t".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in row.items()))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parent.parent / "pipeline"
 STAGES = ["core", "io", "data", "segmentation", "measurement", "scoring", "longitudinal", "report",
           "batch", "front"]
 CORE = {"errors", "_version", "_resources", "config"}
-FRONT = {"__init__", "__main__", "cli", "_api", "demo", "power"}
+FRONT = {"__init__", "__main__", "cli", "_api", "demo", "demo_recovery", "power"}
 
 
 def _module_name(path: Path) -> str:

@@ -184,6 +184,9 @@ def cohort_report(out_dir: Path, *, out: Path | None = None) -> ReportResult:
         sections.append(guarded(errors, f"plots by {label}", lambda by=by: _group_figure(values, info, by)))
         sections.append(f"<details><summary>n per {label} and measure</summary>"
                         + html_table(n_table(values, info, by)) + "</details>")
+    from cartiq.report.trial_demo import trial_demo_section  # only with planted_vs_recovered.csv
+
+    sections.append(trial_demo_section(out_dir, errors))
     if len(summary):
         sections.append("<h2>Summary table (cohort_summary.csv)</h2>" + html_table(
             summary.to_dict("records"), highlight=lambda r: r.get("arm") == "all"))
