@@ -459,7 +459,7 @@ def fetch(
     for name in wanted:
         sample_info(name)  # unknown names fail before anything is fetched
     for name in wanted:
-        typer.echo(str(fetch_sample(name, mirror=mirror, cache_dir=cache, progress=progress)))
+        typer.echo(str(fetch_sample(name, mirror=mirror, cache_dir=cache)))
 
 
 # -- commands: simulated trial and sample size (demo trial, power) --
