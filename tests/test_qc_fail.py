@@ -124,3 +124,75 @@ def test_real_label_maps_never_fail(real_label_map):
     lab, g, side = real_label_map
     st, flags = status(lab, g, side)
     assert st != "fail", [f.message for f in flags if f.severity == "error"]
+
+
+# ------------------------------------------------------------------ batch and report
+
+
+def _dilated_twice(labels):
+    lab = labels.copy()
+    target = 2 * (lab == S["femoral_cartilage"]).sum()
+    while (lab == S["femoral_cartilage"]).sum() < target:
+        lab[ndimage.binary_dilation(lab == S["femoral_cartilage"]) & (lab == 0)] = \
+            S["femoral_cartilage"]
+    return lab
+
+
+@pytest.mark.slow
+def test_batch_leaves_qc_fail_scans_out_and_the_report_says_so(tmp_path):
+    import pandas as pd
+
+    from cartiq.batch.batch import BatchOptions, run_batch
+    from cartiq.batch.cohort import write_cohort_tables
+    from cartiq.batch.manifest import read_manifest_csv
+    from cartiq.data.phantom import PhantomSpec, make_phantom, write_phantom
+    from cartiq.io.volume import write_volume
+
+    ph = make_phantom(PhantomSpec(seed=3, spacing_mm=(1.0, 1.0, 2.0)))
+    paths = write_phantom(ph, tmp_path / "phantom")
+    bad = write_volume(tmp_path / "broken.nii.gz", _dilated_twice(ph.labels.array),
+                       ph.labels.geometry)
+    csv = tmp_path / "manifest.csv"
+    csv.write_text("subject_id,timepoint,image,seg,side\n"
+                   f"S01,bl,{paths['image']},{paths['seg']},right\n"
+                   f"S01,m6,{paths['image']},{bad},right\n")
+    out = tmp_path / "out"
+    res = run_batch(csv, BatchOptions(out=out, workers=1, reports=True))
+    assert res.count("done") == 2 and res.exit_code == 0  # a QC fail is not a failed scan
+    own = pd.read_csv(out / "S01" / "m6" / "measurements.csv")
+    assert set(own.qc_status) == {"fail"}  # the numbers are written, and marked
+    assert set(pd.read_csv(out / "S01" / "bl" / "measurements.csv").qc_status) == {"pass"}
+    meas = pd.read_csv(out / "measurements.csv")
+    assert set(meas.timepoint) == {"bl"} and set(meas.qc_status) == {"pass"}
+    excl = pd.read_csv(out / "qc_excluded.csv")
+    assert excl[["subject_id", "timepoint", "qc_status"]].values.tolist() == [["S01", "m6", "fail"]]
+    assert "femoral_cartilage" in excl.reasons[0]
+    change = out / "change.csv"
+    assert not change.is_file() or len(pd.read_csv(change)) == 0  # no pair with a fail scan
+    html = (out / "S01" / "report.html").read_text()
+    top = html[html.index("<body>"):html.index("<h1>")]
+    assert "QC FAIL" in top and "m6" in top and "femoral_cartilage" in top
+    # --include-qc-fail keeps them
+    write_cohort_tables(out, read_manifest_csv(csv), res.scans, res.compares, res.failures,
+                        include_qc_fail=True)
+    meas = pd.read_csv(out / "measurements.csv")
+    assert set(meas.timepoint) == {"bl", "m6"} and set(meas.qc_status) == {"pass", "fail"}
+    assert len(pd.read_csv(out / "qc_excluded.csv")) == 0
+
+
+def test_include_qc_fail_option_reaches_the_batch(monkeypatch, tmp_path):
+    import cartiq.batch.batch as batch_mod
+    from cartiq.cli import main
+
+    seen = {}
+
+    def fake(manifest, opts, progress=None):
+        seen["opts"] = opts
+        raise SystemExit(0)
+
+    monkeypatch.setattr(batch_mod, "run_batch", fake)
+    for args, expect in (([], False), (["--include-qc-fail"], True)):
+        with pytest.raises(SystemExit):
+            main(["batch", str(tmp_path / "m.csv"), "-o", str(tmp_path / "o"), "--no-progress",
+                  *args])
+        assert seen["opts"].include_qc_fail is expect

@@ -8,6 +8,9 @@ Written to the batch's ``OUT`` (CSV, each with a Parquet copy):
                       (structure,region,metric,baseline,followup,change,unit,exceeds_sdc)
 ``mocart.csv``        subject_id,timepoint + the scoring contract (site_id,item,...,points)
 ``failures.csv``      subject_id,timepoint,stage,error
+``qc_excluded.csv``   subject_id,timepoint,qc_status,reasons: finished scans whose QC status
+                      is ``fail`` (a broken segmentation), left out of every other table
+                      and of the comparisons' change rows unless ``include_qc_fail``
 ``cohort_summary.csv`` per arm x stage group (early = KL I-II, late = KL III-IV, unknown;
                       plus ``all``) x follow-up timepoint x measure: n, mean and SD of the
                       change, standardized response mean (mean / SD), and the number and %
@@ -39,7 +42,8 @@ __all__ = ["write_cohort_tables", "summarize_change", "failure_rows", "write_rep
 log = logging.getLogger(__name__)
 
 FAILURE_COLUMNS = ["subject_id", "timepoint", "stage", "error"]
-MEASUREMENT_COLUMNS = ["structure", "region", "metric", "value", "unit"]
+QC_EXCLUDED_COLUMNS = ["subject_id", "timepoint", "qc_status", "reasons"]
+MEASUREMENT_COLUMNS = ["structure", "region", "metric", "value", "unit", "qc_status"]
 CHANGE_COLUMNS = ["structure", "region", "metric", "baseline", "followup", "change", "unit",
                   "exceeds_sdc"]
 SUMMARY_COLUMNS = ["arm", "stage_group", "timepoint", "measure", "structure", "region",
@@ -58,6 +62,20 @@ def _read_csv(path: Path) -> pd.DataFrame | None:
 
 def _finished(folder: Path) -> bool:
     return (folder / "manifest.json").is_file()
+
+
+def _qc_fail(folder: Path) -> dict[str, str] | None:
+    """The scan's QC status and error reasons when it is ``fail`` (else None)."""
+    import json
+
+    try:
+        qc = json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("qc") or {}
+    except (OSError, ValueError):
+        return None
+    if qc.get("status") != "fail":
+        return None
+    reasons = [f.get("message", "") for f in qc.get("flags") or [] if f.get("severity") == "error"]
+    return {"qc_status": "fail", "reasons": "; ".join(reasons)}
 
 
 def _write(out: Path, name: str, df: pd.DataFrame) -> None:
@@ -210,12 +228,28 @@ def failure_rows(invalid: Iterable[Any], outcomes: Iterable[Any]) -> list[dict[s
 
 
 def write_cohort_tables(out: Path, manifest: Manifest, scans: list[Any], compares: list[Any],
-                        failures: list[dict[str, str]]) -> dict[str, Path]:
-    """Gather finished per-scan and per-pair folders under ``out`` into the cohort tables."""
+                        failures: list[dict[str, str]], *,
+                        include_qc_fail: bool = False) -> dict[str, Path]:
+    """Gather finished per-scan and per-pair folders under ``out`` into the cohort tables.
+
+    Scans whose QC status is ``fail`` are left out (and listed in ``qc_excluded.csv``)
+    unless ``include_qc_fail``; so are the comparisons they are part of.
+    """
     out = Path(out)
     failed = {(f["subject_id"], f["timepoint"]) for f in failures if f["stage"] != "compare"}
     scan_dirs = [(r, out / r.subject_id / r.timepoint) for r in manifest.rows
                  if r.key not in failed and _finished(out / r.subject_id / r.timepoint)]
+    excluded = []
+    for r, d in scan_dirs:
+        if (bad := _qc_fail(d)) is not None:
+            excluded.append({"subject_id": r.subject_id, "timepoint": r.timepoint, **bad})
+    if excluded:
+        log.warning("%d scan(s) failed QC and are %s the cohort tables: %s", len(excluded),
+                    "kept in" if include_qc_fail else "left out of (--include-qc-fail keeps them)",
+                    ", ".join(f"{e['subject_id']}/{e['timepoint']}" for e in excluded))
+    if not include_qc_fail:
+        drop = {(e["subject_id"], e["timepoint"]) for e in excluded}
+        scan_dirs = [(r, d) for r, d in scan_dirs if r.key not in drop]
     meas = _gather((({"subject_id": r.subject_id, "timepoint": r.timepoint},
                      d / "measurements.csv") for r, d in scan_dirs
                     if (d / "measurements.csv").is_file()), MEASUREMENT_COLUMNS)
@@ -237,7 +271,9 @@ def write_cohort_tables(out: Path, manifest: Manifest, scans: list[Any], compare
     fail = pd.DataFrame(failures, columns=FAILURE_COLUMNS)
     summary = summarize_change(_summary_inputs(change, mocart, pairs), manifest.subject_info())
     tables = {"measurements": meas, "change": change, "mocart": mocart, "failures": fail,
-              "cohort_summary": summary}
+              "cohort_summary": summary,
+              "qc_excluded": pd.DataFrame([] if include_qc_fail else excluded,
+                                          columns=QC_EXCLUDED_COLUMNS)}
     for name, df in tables.items():
         _write(out, name, df)
     log.info("cohort tables: %d measurement rows from %d scans, %d change rows from %d "

@@ -4,7 +4,9 @@ in any browser with no server.
 
 Subject report (after ``compare`` or ``batch``), sections:
 
-1. header: subject, side, arm, KL grade, visits;
+1. header: subject, side, arm, KL grade, visits; first of all, a red banner for every visit
+   whose QC status is ``fail`` (a broken segmentation: its numbers are shown but are not to
+   be trusted, and the batch cohort tables leave them out);
 2. QC flags of every visit (``manifest.json`` "qc") and of every comparison (its
    ``manifest.json`` "qc": bone-surface residuals against their limits, unregistered bones,
    a suspected mismatch; older folders: ``registration.json``);
@@ -266,6 +268,23 @@ def _residual_summary(reg: dict[str, Any]) -> str:
     return "bone-surface residuals within their limits: " + ", ".join(parts)
 
 
+def _qc_fail_banner(scans: list[Path]) -> str:
+    """Top-of-report warning naming every visit whose QC status is ``fail`` and why."""
+    items = []
+    for s in scans:
+        qc = _manifest(s).get("qc") or {}
+        if qc.get("status") == "fail":
+            why = [f.get("message", "") for f in qc.get("flags") or [] if f.get("severity") == "error"]
+            items.append(f"<li><b>{esc(_visit_name(s))}</b>: {esc('; '.join(why))}</li>")
+    if not items:
+        return ""
+    return ("<div class='card qcfail' style='border:3px solid #c00;background:#fee'>"
+            "<p class='fail'>QC FAIL: the segmentation of the visit(s) below is implausible "
+            "(broken). Their numbers are shown but are not to be trusted; batch cohort tables "
+            "leave them out (cartiq batch --include-qc-fail keeps them).</p><ul>"
+            + "".join(items) + "</ul></div>")
+
+
 def _registration_flags(manifest: dict[str, Any]) -> list[QCFlag]:
     """Flags for every registration residual (``residual_mean_mm``/``residual_mm``) found."""
     found: list[tuple[str, float]] = []
@@ -402,7 +421,7 @@ def write_subject_report(subject_dir: Path, *, out: Path | None = None,
             f"{esc(', '.join(visits) or 'none')} - comparisons: "
             f"{esc(', '.join(c.name for c in compares) or 'none')}</p>")
     qc_html = guarded(errors, "QC summary", lambda: _qc_flags(scans, compares)[0])
-    sections = [head, "<h2>Quality control</h2>", qc_html]
+    sections = [_qc_fail_banner(scans), head, "<h2>Quality control</h2>", qc_html]
     sections.append("<h2>Visits side by side</h2>")
     if scans:
         sections.append(guarded(errors, "thickness maps", lambda: _maps_figure(scans, map_vmax_mm)))
