@@ -326,6 +326,10 @@ def batch(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
     report: bool = typer.Option(True, "--report/--no-report",
                                 help="Write each subject's report.html and OUT/cohort.html."),
+    include_qc_fail: bool = typer.Option(False, "--include-qc-fail",
+                                         help="Keep scans whose QC status is fail in the "
+                                              "cohort tables (default: left out, listed in "
+                                              "OUT/qc_excluded.csv)."),
 ) -> int:
     """Process a trial: every scan, every follow-up against its baseline, cohort tables.
 
@@ -340,7 +344,7 @@ def batch(
         raise click.BadParameter("must be auto, cpu, cuda or cuda:N", param_hint="--device")
     opts = BatchOptions(out=out, workers=workers, scheduler=scheduler, device=device,
                         model=model, measure_config=config, skip_invalid=skip_invalid,
-                        reports=report)
+                        reports=report, include_qc_fail=include_qc_fail)
     result = run_batch(manifest, opts, progress=None if no_progress else _BatchProgress())
     log.info("%d done, %d skipped (up to date), %d failed -> %s", result.count("done"),
              result.count("skipped"), result.count("failed"), out)

@@ -146,7 +146,7 @@ def test_interrupted_batch_resumes_and_tables_are_exact(trial, tmp_path):
     # measurements.csv: every row of every finished scan, with subject_id,timepoint
     meas = pd.read_csv(out / "measurements.csv", keep_default_na=False)
     assert list(meas.columns) == ["subject_id", "timepoint", "structure", "region", "metric",
-                                  "value", "unit"]
+                                  "value", "unit", "qc_status"]
     expect = pd.concat([pd.read_csv(out / s / t / "measurements.csv", keep_default_na=False)
                         .assign(subject_id=s, timepoint=t) for s, t in scans], ignore_index=True)
     assert len(meas) == len(expect) > 100

@@ -49,6 +49,7 @@ class BatchOptions:
     skip_invalid: bool = False
     retries: int = 3
     reports: bool = True
+    include_qc_fail: bool = False  # cohort tables keep scans whose QC status is fail
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,8 @@ def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> B
         result = _run(manifest, opts, out, progress)
         from cartiq.batch.cohort import write_cohort_tables, write_reports
 
-        write_cohort_tables(out, manifest, result.scans, result.compares, result.failures)
+        write_cohort_tables(out, manifest, result.scans, result.compares, result.failures,
+                            include_qc_fail=opts.include_qc_fail)
         for err in write_reports(out, manifest.subjects()) if opts.reports else []:
             log.warning("report: %s", err)
         result.wall_s = time.perf_counter() - t0
