@@ -449,7 +449,11 @@ def fetch(
         help="Local folder laid out like shared/data to copy from instead of downloading "
              "(default: $CARTIQ_DATA_MIRROR)."),
     cache: Optional[Path] = typer.Option(
-        None, "--cache", help="Sample cache folder (default ~/.cache/cartiq/samples)."),
+        None, "--cache", envvar="CARTIQ_DATA_DIR",
+        help="Sample cache folder (default: $CARTIQ_DATA_DIR, else pooch's OS cache, "
+             "e.g. ~/.cache/cartiq/samples)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="Show download progress bars."),
 ) -> None:
     """List the public knee-MRI samples, or fetch them and print their local paths."""
     from cartiq.data.fetch import fetch_sample, list_samples, sample_info
@@ -463,7 +467,7 @@ def fetch(
     for name in wanted:
         sample_info(name)  # unknown names fail before anything is fetched
     for name in wanted:
-        typer.echo(str(fetch_sample(name, mirror=mirror, cache_dir=cache)))
+        typer.echo(str(fetch_sample(name, mirror=mirror, cache_dir=cache, progress=progress)))
 
 
 # -- commands: simulated trial and sample size (demo trial, power) --

@@ -1,14 +1,16 @@
 """Tests of the sample fetch step (pipeline/fetch.py, sample_data/sources.yaml, `cartiq fetch`).
 
-The network path is exercised with file:// URLs and a monkeypatched opener: no test needs
-network access.  Real-mirror tests skip when no mirror of shared/data is present.
+The network path is exercised with file:// URLs and an unreachable local port: no test
+needs network access.  Real-mirror tests skip when no mirror of shared/data is present.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import urllib.error
+import socket
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -71,11 +73,13 @@ def test_sources_yaml_lists_every_sample_with_pinned_urls():
     F._registry.cache_clear()
     names = F.list_samples()
     assert names == ["pykneer_qdess", "pymskt_mese_t2", "dicom_single", "pymskt_dess_labels",
-                     "spl_knee_atlas_labels", "spl_knee_atlas_colors"]
+                     "spl_knee_atlas_labels", "spl_knee_atlas_colors", "mskt_right_knee_labels",
+                     "mskt_t2_left_knee_labels"]
     counts = {n: len(F.sample_info(n).files) for n in names}
     assert counts == {"pykneer_qdess": 160, "pymskt_mese_t2": 192, "dicom_single": 1,
                       "pymskt_dess_labels": 1, "spl_knee_atlas_labels": 1,
-                      "spl_knee_atlas_colors": 1}
+                      "spl_knee_atlas_colors": 1, "mskt_right_knee_labels": 1,
+                      "mskt_t2_left_knee_labels": 1}
     commits = {"pykneer_qdess": "d7a36d6ceacdf25dbe9d52c67668f9b6ca50e93c",
                "pymskt_mese_t2": "0f56f055fd154befe1e67ce82b2fa2de22dfdff5",
                "pymskt_dess_labels": "0f56f055fd154befe1e67ce82b2fa2de22dfdff5",
@@ -86,8 +90,13 @@ def test_sources_yaml_lists_every_sample_with_pinned_urls():
         s = F.sample_info(n)
         assert s.license and s.citation
         for f in s.files:
-            assert f.url.startswith("https://raw.githubusercontent.com/")
-            assert f"/{commits[n]}/" in f.url
+            if f.member is None:  # a raw file at a fixed commit
+                assert f.url.startswith("https://raw.githubusercontent.com/")
+                assert f"/{commits[n]}/" in f.url
+            else:  # a member of a released source distribution on PyPI
+                assert f.url == "https://files.pythonhosted.org/packages/source/m/mskt/" \
+                                "mskt-0.1.22.tar.gz"
+                assert f.member.startswith("mskt-0.1.22/data/")
             assert len(f.sha256) == 64 and not Path(f.path).is_absolute()
             assert f.path.startswith(s.path.split("/")[0])
     echo_dirs = {Path(f.path).parent.name for f in F.sample_info("pykneer_qdess").files}
@@ -109,43 +118,45 @@ def test_download_via_file_url_verifies_and_caches(fake_registry, tmp_path, monk
     assert p == cache / "local" / "ser" and p.is_dir()
     assert sorted(x.name for x in p.iterdir()) == ["s1.dcm", "s2.dcm"]
     assert (p / "s2.dcm").read_bytes() == b"slice-2"
-    assert not list(cache.rglob("*.part"))
-    # second call: everything verified by the stamp, no download and no re-hash
-    monkeypatch.setattr(F, "_download", lambda *a, **k: pytest.fail("downloaded again"))
-    monkeypatch.setattr(F, "_sha256", lambda *a, **k: pytest.fail("hashed again"))
+    assert not [x for x in cache.rglob("*") if x.is_file() and x.parent.name != "ser"]
+    # second call: the cached files have the right hash, nothing is fetched again
+    monkeypatch.setattr(F, "_downloader",
+                        lambda *a, **k: lambda *b, **c: pytest.fail("downloaded again"))
     assert F.fetch_sample("series", cache_dir=cache) == p
 
 
 def test_download_replaces_a_corrupted_cache_file(fake_registry, tmp_path):
     cache = tmp_path / "cache"
     p = F.fetch_sample("single", cache_dir=cache)
-    p.write_bytes(b"garbage")  # size changes: stamp no longer matches
+    p.write_bytes(b"garbage")
     assert F.fetch_sample("single", cache_dir=cache).read_bytes() == b"alpha" * 1000
 
 
-def test_download_checksum_mismatch_leaves_nothing(tmp_path):
-    src = tmp_path / "src.bin"
-    src.write_bytes(b"tampered")
-    target = tmp_path / "cache" / "x.bin"
-    with pytest.raises(InputError, match=r"downloaded file://.*src\.bin has sha256"):
-        F._download(src.as_uri(), target, _sha(b"original"))
-    assert not target.exists()
-    assert list((tmp_path / "cache").iterdir()) == []
+def test_download_checksum_mismatch_leaves_nothing(fake_registry, tmp_path):
+    reg, remote, blobs = fake_registry
+    (remote / "one" / "a.bin").write_bytes(b"tampered")
+    cache = tmp_path / "cache"
+    with pytest.raises(InputError, match=r"file://.*a\.bin: sha256 of download does not match"):
+        F.fetch_sample("single", cache_dir=cache)
+    assert not [x for x in cache.rglob("*") if x.is_file()]
 
 
-def test_offline_error_names_the_url(fake_registry, tmp_path, monkeypatch):
-    reg, _, _ = fake_registry
-
-    def offline(url, timeout=None):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(F.urllib.request, "urlopen", offline)
-    url = reg["single"].files[0].url
+def test_offline_error_names_the_url(tmp_path, monkeypatch):
+    with socket.socket() as s:  # a local port nobody listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/a.bin"
+    reg = {"single": F.Sample(name="single", kind="file", path="local/a.bin", description="",
+                              license="MIT", citation="", source="",
+                              files=(F.SampleFile(path="local/a.bin", url=url,
+                                                  sha256=_sha(b"x")),))}
+    monkeypatch.setattr(F, "_registry", lambda path=None: reg)
     with pytest.raises(InputError) as info:
         F.fetch_sample("single", cache_dir=tmp_path / "cache")
     msg = str(info.value)
-    assert url in msg and "name resolution" in msg and "--mirror" in msg
-    assert not (tmp_path / "cache" / "local" / "one" / "a.bin").exists()
+    assert msg.startswith(url) and "cannot download" in msg and "--mirror" in msg
+    assert "\n" not in msg
+    assert not (tmp_path / "cache" / "local" / "a.bin").exists()
 
 
 def test_mirror_first_then_download_for_missing_files(fake_registry, tmp_path, monkeypatch):
@@ -154,17 +165,40 @@ def test_mirror_first_then_download_for_missing_files(fake_registry, tmp_path, m
     (mirror / "local" / "ser").mkdir(parents=True)
     (mirror / "local" / "ser" / "s1.dcm").write_bytes(b"slice-1")
     downloaded = []
-    real = F._download
+    real = F._downloader
 
-    def spy(url, target, sha, **kw):
+    def spy(url, progress):
         downloaded.append(url)
-        return real(url, target, sha, **kw)
+        return real(url, progress)
 
-    monkeypatch.setattr(F, "_download", spy)
+    monkeypatch.setattr(F, "_downloader", spy)
     p = F.fetch_sample("series", mirror=mirror, cache_dir=tmp_path / "cache")
     assert downloaded == [reg["series"].files[1].url]  # only the file the mirror lacks
     assert (p / "s1.dcm").read_bytes() == b"slice-1"
     assert (p / "s2.dcm").read_bytes() == b"slice-2"
+
+
+def test_archive_member_is_extracted_and_verified(tmp_path, monkeypatch):
+    data = b"nrrd" * 5000
+    archive = tmp_path / "pkg-1.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("pkg-1.0/data/map.nrrd")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    def reg_with(sha: str) -> dict:
+        f = F.SampleFile(path="labels/map.nrrd", url=archive.as_uri(), sha256=sha,
+                         member="pkg-1.0/data/map.nrrd")
+        return {"m": F.Sample(name="m", kind="file", path="labels/map.nrrd", description="",
+                              license="MIT", citation="", source="", files=(f,))}
+
+    monkeypatch.setattr(F, "_registry", lambda path=None: reg_with(_sha(data)))
+    p = F.fetch_sample("m", cache_dir=tmp_path / "cache")
+    assert p.read_bytes() == data
+    monkeypatch.setattr(F, "_registry", lambda path=None: reg_with(_sha(b"other")))
+    with pytest.raises(InputError, match="sha256 of pkg-1.0/data/map.nrrd does not match"):
+        F.fetch_sample("m", cache_dir=tmp_path / "cache2")
+    assert not (tmp_path / "cache2" / "labels" / "map.nrrd").exists()
 
 
 def test_mirror_with_wrong_content_is_rejected(fake_registry, tmp_path):
@@ -195,7 +229,9 @@ def test_fetch_all_real_samples_from_mirror(mirror, tmp_path):
     assert F.fetch_sample("dicom_single", mirror=mirror, cache_dir=cache).name == "DICOM_KNEE.dcm"
     for name, fname in (("pymskt_dess_labels", "pymskt_dess_right_label.nrrd"),
                         ("spl_knee_atlas_labels", "spl_knee_atlas_labels.nrrd"),
-                        ("spl_knee_atlas_colors", "spl_knee_atlas_colors.ctbl")):
+                        ("spl_knee_atlas_colors", "spl_knee_atlas_colors.ctbl"),
+                        ("mskt_right_knee_labels", "mskt_right_knee_example_label.nrrd"),
+                        ("mskt_t2_left_knee_labels", "mskt_t2_left_knee_label.nrrd")):
         p = F.fetch_sample(name, mirror=mirror, cache_dir=cache)
         assert p.name == fname and p.is_file()
         assert F._sha256(p) == F.sample_info(name).files[0].sha256

@@ -1,33 +1,33 @@
 """Fetch the real public knee-MRI samples (``sample_data/sources.yaml``) into a local cache.
 
 Each sample is one file or a folder of files, listed in ``sample_data/sources.yaml`` with
-its public URL (a raw file at a fixed commit) and sha256.  :func:`fetch_sample` makes the
-sample available locally and returns its path:
+its public URL (a raw file at a fixed commit, or a member of a released archive) and
+sha256.  :func:`fetch_sample` makes the sample available locally and returns its path.
+Downloading, verifying and caching are :mod:`pooch`'s (``pooch.retrieve``: a temporary
+file, the sha256 checked, then moved into place; a cached file with the right hash is not
+fetched again, a damaged one is replaced):
 
 * from a **mirror** folder laid out like ``../shared/data`` (offline: CI and tests), each
-  file is verified and linked (symlink, else copy) into the cache; or
-* from the **network**: each file is downloaded with :mod:`urllib` into a temporary name
-  beside its destination, its sha256 checked, then renamed into place (atomic).
+  file is copied from there by a pooch downloader and verified like a download;
+* else from the **network** (``pooch.HTTPDownloader``; ``file://`` URLs are copied).
 
-Files already in the cache are re-used once verified; a stamp (size, mtime and sha256 of
-each file) makes later calls cheap.  The cache defaults to ``~/.cache/cartiq/samples``.
-No environment variable is read here: the CLI passes ``--mirror`` / ``CARTIQ_DATA_MIRROR``.
+The cache defaults to pooch's OS cache folder (``pooch.os_cache("cartiq")/samples``, e.g.
+``~/.cache/cartiq/samples``).  No environment variable is read here: the CLI passes
+``--mirror`` / ``CARTIQ_DATA_MIRROR`` and ``--cache`` / ``CARTIQ_DATA_DIR``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import shutil
-import tempfile
-import urllib.error
+import tarfile
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -36,7 +36,7 @@ from cartiq.errors import ConfigError, InputError
 
 __all__ = [
     "SOURCES_FILE",
-    "DEFAULT_CACHE",
+    "default_cache",
     "SampleFile",
     "Sample",
     "list_samples",
@@ -47,20 +47,29 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SOURCES_FILE = resource_dir(SAMPLE_DATA) / "sources.yaml"
-DEFAULT_CACHE = Path("~/.cache/cartiq/samples")
-_STAMP_DIR = ".cartiq-verified"
 _CHUNK = 1 << 20
 _TIMEOUT_S = 60.0
 
 
+def default_cache() -> Path:
+    """pooch's per-user cache folder for cartiq's samples."""
+    import pooch
+
+    return Path(pooch.os_cache("cartiq")) / "samples"
+
+
 @dataclass(frozen=True)
 class SampleFile:
-    """One file of a sample: path relative to the mirror/cache root, URL, sha256, size."""
+    """One file of a sample: path relative to the mirror/cache root, URL, sha256, size.
+
+    ``member``: the file is this member of the archive at ``url`` (whose own hash the
+    publisher does not give); the member's sha256 is checked after extraction."""
 
     path: str
     url: str
     sha256: str
     size: int | None = None
+    member: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,8 @@ def _parse_sources(path: Path) -> dict[str, Sample]:
         try:
             files = tuple(SampleFile(path=str(f["path"]), url=str(f["url"]),
                                      sha256=str(f["sha256"]).lower(),
-                                     size=int(f["size"]) if "size" in f else None)
+                                     size=int(f["size"]) if "size" in f else None,
+                                     member=str(f["member"]) if "member" in f else None)
                           for f in entry["files"])
             sample = Sample(name=str(name), kind=str(entry["kind"]), path=str(entry["path"]),
                             description=str(entry.get("description", "")),
@@ -131,7 +141,7 @@ def sample_info(name: str) -> Sample:
     return samples[name]
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- fetch
 
 
 def _sha256(path: Path) -> str:
@@ -142,116 +152,94 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _stat_key(path: Path) -> list[int]:
-    st = path.stat()  # follows symlinks: a changed mirror file invalidates the stamp
-    return [st.st_size, st.st_mtime_ns]
+def _copier(src: Path):
+    """A pooch downloader that copies ``src`` (a mirror file or a file:// URL)."""
+
+    def copy(url: str, output_file: Any, pooch_obj: Any = None, check_only: bool = False):
+        if check_only:
+            return src.is_file()
+        if hasattr(output_file, "write"):
+            with open(src, "rb") as fh:
+                shutil.copyfileobj(fh, output_file)
+        else:
+            shutil.copyfile(src, output_file)
+        return None
+
+    return copy
 
 
-def _stamp_path(cache: Path, name: str) -> Path:
-    return cache / _STAMP_DIR / f"{name}.json"
+def _downloader(url: str, progress: bool):
+    import pooch
+
+    parts = urllib.parse.urlparse(url)
+    if parts.scheme == "file":
+        return _copier(Path(urllib.request.url2pathname(parts.path)))
+    return pooch.HTTPDownloader(progressbar=progress, timeout=_TIMEOUT_S)
 
 
-def _read_stamp(cache: Path, name: str) -> dict[str, Any]:
+def _error(message: str, source: str) -> InputError:
+    """One-line error naming ``source``: a URL (kept intact) or a mirror file (as path)."""
+    if "://" in source:
+        return InputError(f"{source}: {message}")
+    return InputError(message, source)
+
+
+def _retrieve(url: str, sha256: str | None, target: Path, downloader, source: str) -> Path:
+    """pooch.retrieve into ``target``; every failure is one InputError naming ``source``."""
+    import pooch
+
     try:
-        data = json.loads(_stamp_path(cache, name).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+        return Path(pooch.retrieve(url, known_hash=None if sha256 is None else f"sha256:{sha256}",
+                                   fname=target.name, path=target.parent,
+                                   downloader=downloader))
+    except ValueError as exc:  # pooch: the hash of what arrived is not the registry's
+        if "hash" not in str(exc).lower():
+            raise _error(f"cannot fetch ({exc})", source) from None
+        what = "download" if "://" in source else "mirror file"
+        raise _error(f"sha256 of {what} does not match sources.yaml (expected {sha256}); "
+                     "changed upstream or corrupted", source) from None
+    except Exception as exc:  # noqa: BLE001 - requests/OS errors of the download
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise _error(f"cannot download ({reason}); without network access, pass --mirror DIR "
+                     "(or set CARTIQ_DATA_MIRROR) to a folder laid out like shared/data",
+                     source) from None
 
 
-def _write_stamp(cache: Path, name: str, stamp: dict[str, Any]) -> None:
-    final = _stamp_path(cache, name)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".stamp-", suffix=".json", dir=final.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(stamp, fh)
-        os.replace(tmp, final)
-    except OSError as exc:  # the stamp only saves time; never fail a fetch on it
-        log.debug("cannot write %s: %s", final, exc)
-
-
-def _is_verified(target: Path, f: SampleFile, stamp: dict[str, Any]) -> bool:
-    """True if ``target`` exists with the right content (cheap when the stamp matches)."""
-    if not target.is_file():
-        return False
-    key = _stat_key(target)
-    if stamp.get(f.path) == key + [f.sha256]:
-        return True
-    if f.size is not None and key[0] != f.size:
-        return False
-    return _sha256(target) == f.sha256
-
-
-def _tmp_beside(target: Path) -> Path:
+def _fetch_member(f: SampleFile, target: Path, progress: bool) -> None:
+    """Download the archive ``f.url`` (into the cache's ``archives/``), extract ``f.member``
+    to ``target`` and check its sha256."""
+    archives = target.parents[len(Path(f.path).parts) - 1] / "archives"
+    name = Path(urllib.parse.urlparse(f.url).path).name
+    archive = _retrieve(f.url, None, archives / name, _downloader(f.url, progress), f.url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", suffix=".part", dir=target.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _link_from_mirror(src: Path, target: Path) -> None:
-    """Symlink (else copy) ``src`` to ``target``, atomically replacing what is there."""
-    tmp = _tmp_beside(target)
+    tmp = target.with_name(f".{target.name}.part")
     try:
-        tmp.unlink()
-        try:
-            os.symlink(src.resolve(), tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-Opener = Callable[..., Any]
-
-
-def _download(url: str, target: Path, sha256: str, *,
-              opener: Opener | None = None, timeout_s: float = _TIMEOUT_S) -> None:
-    """Download ``url`` to ``target`` via a temporary file; verify sha256; rename.
-
-    Raises :class:`InputError` naming the URL when the download fails or the content
-    does not match.  Nothing is left at ``target`` on failure.
-    """
-    open_url = opener or urllib.request.urlopen
-    tmp = _tmp_beside(target)
-    h = hashlib.sha256()
-    try:
-        try:
-            with open_url(url, timeout=timeout_s) as response, open(tmp, "wb") as out:
-                for block in iter(lambda: response.read(_CHUNK), b""):
-                    h.update(block)
-                    out.write(block)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise InputError(f"cannot download {url} ({reason}); without network access, "
-                             "pass --mirror DIR (or set CARTIQ_DATA_MIRROR) to a folder laid "
-                             "out like shared/data") from None
-        if h.hexdigest() != sha256:
-            raise InputError(f"downloaded {url} has sha256 {h.hexdigest()}, expected "
-                             f"{sha256} (changed upstream or corrupted)")
-        os.replace(tmp, target)
+        with tarfile.open(archive) as tar:
+            src = tar.extractfile(f.member)
+            if src is None:
+                raise InputError(f"archive has no file {f.member!r}", archive)
+            with src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out)
+        if _sha256(tmp) != f.sha256:
+            raise InputError(f"sha256 of {f.member} does not match sources.yaml", archive)
+        tmp.replace(target)
+    except (tarfile.TarError, KeyError, OSError) as exc:
+        raise InputError(f"cannot extract {f.member} ({exc})", archive) from None
     finally:
         tmp.unlink(missing_ok=True)
 
 
-# --------------------------------------------------------------------------- fetch
-
-
-def fetch_sample(name: str, *, mirror: Path | None = None, cache_dir: Path | None = None) -> Path:
+def fetch_sample(name: str, *, mirror: Path | None = None, cache_dir: Path | None = None,
+                 progress: bool = False) -> Path:
     """Make the public sample ``name`` available locally and return its path.
 
     Parameters
     ----------
-    name : one of :func:`list_samples` (``pykneer_qdess``, ``pymskt_mese_t2``,
-        ``dicom_single``, ``pymskt_dess_labels``, ``spl_knee_atlas_labels``,
-        ``spl_knee_atlas_colors``).
+    name : one of :func:`list_samples`.
     mirror : a folder laid out like ``shared/data`` (``labels/...``, ``pykneer_qdess/...``).
-        Files found there are verified (sha256) and linked into the cache; missing ones
-        are downloaded.
-    cache_dir : where samples are kept (default ``~/.cache/cartiq/samples``).
+        Files found there are copied and verified (sha256); missing ones are downloaded.
+    cache_dir : where samples are kept (default :func:`default_cache`).
+    progress : show a download progress bar.
 
     Returns
     -------
@@ -260,10 +248,10 @@ def fetch_sample(name: str, *, mirror: Path | None = None, cache_dir: Path | Non
     Raises
     ------
     InputError : unknown name, a mirror file with the wrong sha256, or a failed download
-        (the message names the URL).
+        (the message names the URL or the mirror file).
     """
     sample = sample_info(name)
-    cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE).expanduser()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache()
     mirror = None if mirror is None else Path(mirror).expanduser()
     if mirror is not None and not mirror.is_dir():
         raise InputError("sample mirror folder does not exist", mirror)
@@ -271,26 +259,17 @@ def fetch_sample(name: str, *, mirror: Path | None = None, cache_dir: Path | Non
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create the sample cache ({exc.strerror})", cache) from None
-    stamp = _read_stamp(cache, name)
-    new_stamp: dict[str, Any] = {}
-    fetched = 0
     for f in sample.files:
         target = cache / f.path
-        if not _is_verified(target, f, stamp):
-            src = None if mirror is None else mirror / f.path
-            if src is not None and src.is_file():
-                if _sha256(src) != f.sha256:
-                    raise InputError(f"sha256 of mirror file does not match sources.yaml "
-                                     f"(expected {f.sha256} for sample {name!r})", src)
-                _link_from_mirror(src, target)
-            else:
-                if src is not None:
-                    log.info("%s not in mirror %s; downloading", f.path, mirror)
-                _download(f.url, target, f.sha256)
-            fetched += 1
-        new_stamp[f.path] = _stat_key(target) + [f.sha256]
-    if new_stamp != stamp:
-        _write_stamp(cache, name, new_stamp)
-    if fetched:
-        log.info("sample %s: %d file(s) fetched into %s", name, fetched, cache)
+        src = None if mirror is None else mirror / f.path
+        if src is not None and src.is_file():
+            _retrieve(f.url, f.sha256, target, _copier(src), str(src))
+        elif f.member is not None:
+            if target.is_file() and _sha256(target) == f.sha256:
+                continue
+            _fetch_member(f, target, progress)
+        else:
+            if src is not None:
+                log.info("%s not in mirror %s; downloading", f.path, mirror)
+            _retrieve(f.url, f.sha256, target, _downloader(f.url, progress), f.url)
     return cache / sample.path
