@@ -112,9 +112,18 @@ def test_bad_config_value(scan, tmp_path):
 def test_rerun_replaces_a_complete_folder(scan, tmp_path):
     out = tmp_path / "out"
     assert _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o", out).returncode == 0
-    first = json.loads((out / "manifest.json").read_text())["created"]
+    # mark the first run's files: a stale mesh and an edited table must not survive
+    (out / "meshes" / "old_plate.vtk").write_text("stale")
+    (out / "measurements.csv").write_text("structure,region,metric,value,unit\nstale,all,x,1,mm\n")
+    first = (out / "manifest.json").stat()
     assert _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o", out).returncode == 0
-    assert (out / "manifest.json").is_file() and first
+    again = (out / "manifest.json").stat()
+    assert (again.st_ino, again.st_mtime_ns) != (first.st_ino, first.st_mtime_ns)
+    assert not (out / "meshes" / "old_plate.vtk").exists()
+    table = (out / "measurements.csv").read_text()
+    assert "stale" not in table and "femoral_cartilage" in table
+    listed = json.loads((out / "manifest.json").read_text())["outputs"]
+    assert not any("old_plate" in str(o) for o in listed)
 
 
 def test_dicom_out_needs_dicom_input(scan, tmp_path):
