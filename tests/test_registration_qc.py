@@ -130,3 +130,14 @@ def test_real_no_change_pair_unflagged_and_other_knee_flagged(data_mirror):
         w = register_bone(bone, base, other, config=NO_INTENSITY)
         assert w.residual_flag, (bone, w.residual_mm, w.residual_limit_mm)
         assert w.residual_mm > 2 * w.residual_limit_mm
+
+
+def test_cohort_lists_flagged_comparisons(tmp_path):
+    from cartiq.report.cohort import compare_qc_rows
+
+    regs = {"tibia": _reg("tibia", 0.95, 0.68)}
+    _compare_folder(tmp_path / "S01", {}, {"qc": registration_qc(regs)})
+    _compare_folder(tmp_path / "S02", {}, {"qc": registration_qc({"femur": _reg("femur", 0.3, 0.7)})})
+    rows = compare_qc_rows(tmp_path)
+    assert [(r["subject"], r["qc"]) for r in rows] == [("S01", "warn")]
+    assert "tibia: bone-surface residual 0.95 mm" in rows[0]["flags"]

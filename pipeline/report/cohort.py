@@ -162,6 +162,22 @@ def _group_figure(values: pd.DataFrame, info: dict[str, dict[str, Any]], by: str
     return f"<img alt='change by {esc(by)}' src='{png_data_uri(fig)}'>"
 
 
+def compare_qc_rows(out_dir: Path) -> list[dict[str, Any]]:
+    """One row per flagged comparison (``<subject>/compare_*/manifest.json`` -> ``qc``)."""
+    rows = []
+    for m in sorted(Path(out_dir).glob("*/compare_*/manifest.json")):
+        try:
+            qc = json.loads(m.read_text(encoding="utf-8")).get("qc") or {}
+        except (OSError, ValueError):
+            continue
+        if qc.get("status") in ("warn", "fail"):
+            rows.append({"subject": m.parent.parent.name, "comparison": m.parent.name,
+                         "qc": qc["status"], "flags": "; ".join(
+                             str(f.get("message")) for f in qc.get("flags") or []
+                             if isinstance(f, dict))})
+    return rows
+
+
 def cohort_report(out_dir: Path, *, out: Path | None = None) -> ReportResult:
     """Write ``cohort.html`` for a batch output folder; returns its path and any figure errors."""
     out_dir = Path(out_dir)
@@ -195,6 +211,11 @@ def cohort_report(out_dir: Path, *, out: Path | None = None) -> ReportResult:
                     for sid, i in sorted(info.items()) if (out_dir / sid / "report.html").is_file())
     if links:
         sections.append(f"<h2>Subject reports</h2><ul>{links}</ul>")
+    qc_rows = compare_qc_rows(out_dir)
+    if qc_rows:
+        sections.append("<h2>Comparisons with QC flags</h2><p class='muted'>registration "
+                        "residual above its limit, unregistered bones, suspected mismatch "
+                        "(each comparison's manifest.json qc)</p>" + html_table(qc_rows))
     if len(failures):
         sections.append("<h2>Failures</h2>" + html_table(failures.to_dict("records")))
     if errors:
