@@ -141,7 +141,7 @@ def test_nnunet_without_extra_is_a_clear_error(tmp_path):
     (folder / "fold_0").mkdir(parents=True)
     meta = {"name": "nn", "format": "nnunetv2", "labels": {1: "femur"}}
     (folder / "cartiq.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match="pip install nnunetv2"):
+    with pytest.raises(ModelError, match="pip install 'cartiq\\[nnunet\\]'"):
         load_model(folder)
 
 

@@ -14,8 +14,15 @@ Besides our own packages, :func:`load_model` accepts
   ``cartiq.json`` (our metadata schema, ``format: monai_bundle``) in the bundle folder;
 * a TorchScript file ``X.ts``/``X.pt`` with a ``X.json`` (our schema, ``format: torchscript``)
   beside it;
-* an nnU-Net v2 trained-model folder (``dataset.json`` + ``plans.json`` + ``fold_*``) with a
-  ``cartiq.json`` (``format: nnunetv2``); needs the optional extra ``nnunetv2``.
+* an nnU-Net v2 model (``format: nnunetv2``): a package written by ``cartiq models add``
+  (its ``nnunet`` entry names the results folder, configuration or cascade, folds, checkpoint
+  and the sha256 of every checkpoint), a trained-model folder with a ``cartiq.json``, or a
+  results folder itself (labels mapped from ``dataset.json``); needs the optional extra
+  ``cartiq[nnunet]`` and runs through :mod:`cartiq.segmentation.nnunet`.
+
+Registry: the packages shipped in ``models/`` (read-only inside an installed wheel), then the
+user's model folder (:func:`user_models_dir`: ``$CARTIQ_MODELS_DIR``, else the platform's user
+data folder, e.g. ``~/.local/share/cartiq/models``), where ``cartiq models add``/``fetch`` write.
 
 Every package maps its output labels into the cartiq scheme (``labels``: output value ->
 structure name).  Besides the scheme's names, ``tibial_cartilage`` and ``meniscus`` (split
@@ -27,7 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,8 +47,8 @@ from cartiq.errors import ModelError
 from cartiq.io.volume import sha256_file
 
 __all__ = ["MODELS_DIR", "DEFAULT_MODEL", "NetworkSpec", "InputSpec", "ModelMetadata",
-           "LoadedModel", "list_models", "resolve_model", "read_metadata", "load_model",
-           "build_network", "EXTRA_TARGETS"]
+           "NnunetStage", "NnunetSpec", "LoadedModel", "list_models", "resolve_model",
+           "read_metadata", "load_model", "build_network", "EXTRA_TARGETS", "user_models_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +86,37 @@ class InputSpec(Strict):
     expected_slice_spacing_max_mm: float = 4.0
 
 
+class NnunetStage(Strict):
+    """One trained nnU-Net configuration folder and the checkpoints cartiq runs."""
+
+    configuration: str
+    folder: str = Field(..., description="trained-model folder (absolute, or relative to "
+                        "the package)")
+    folds: list[str] = Field(..., min_length=1, description="fold_<f> folders used "
+                             "(logits averaged over folds, as nnU-Net does)")
+    checkpoint: str = "checkpoint_final.pth"
+    sha256: dict[str, str] = Field(default_factory=dict, description="fold_<f>/<checkpoint> "
+                                   "-> sha256, checked before loading")
+
+
+class NnunetSpec(Strict):
+    """How to run an nnU-Net v2 model: its stages in order (a cascade has two)."""
+
+    trainer: str = ""
+    plans: str = ""
+    dataset: str = ""
+    configuration: str = Field(..., description="final configuration, e.g. 3d_cascade_fullres")
+    stages: list[NnunetStage] = Field(..., min_length=1)
+    orientation: str | None = Field(None, description="ITK orientation code (e.g. LPS) of "
+                                    "the training images' voxel storage; scans are re-stored "
+                                    "that way before nnU-Net sees them. None: as stored")
+    use_mirroring: bool = Field(True, description="nnU-Net's test-time mirroring")
+    tile_step_size: float = Field(0.5, gt=0, le=1)
+    known_model: str | None = None
+    expected_input: dict[str, Any] = Field(default_factory=dict, description="channels, "
+                                           "sequence, normalisation, training spacing")
+
+
 class ModelMetadata(Strict):
     name: str
     version: str = "0.1.0"
@@ -93,6 +132,8 @@ class ModelMetadata(Strict):
     authors: str = ""
     references: list[str] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict, description="how it was trained")
+    source: str = ""
+    nnunet: NnunetSpec | None = None
 
 
 @dataclass
@@ -104,31 +145,59 @@ class LoadedModel:
     network: Any  # torch.nn.Module, or a callable for nnU-Net
     weights_path: Path | None
     weights_sha256: str | None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. nnU-Net stages, folds, hashes
 
     def provenance(self) -> dict[str, Any]:
         return {"name": self.metadata.name, "version": self.metadata.version,
                 "format": self.metadata.format, "folder": str(self.folder),
                 "weights": None if self.weights_path is None else str(self.weights_path),
-                "weights_sha256": self.weights_sha256}
+                "weights_sha256": self.weights_sha256, **self.extra}
 
 
 # ------------------------------------------------------------------------- registry
 
 
-def list_models(models_dir: Path = MODELS_DIR) -> list[ModelMetadata]:
-    """Metadata of every package folder in ``models_dir`` (unreadable ones are skipped)."""
-    out = []
-    for folder in sorted(p for p in models_dir.glob("*") if p.is_dir()):
-        if (folder / "metadata.json").exists():
-            try:
-                out.append(read_metadata(folder / "metadata.json"))
-            except ModelError as exc:
-                log.warning("skipping %s", exc)
+def user_models_dir() -> Path:
+    """Where ``cartiq models add``/``fetch`` write packages: ``$CARTIQ_MODELS_DIR``, else the
+    platform's user data folder (``platformdirs`` when installed, else
+    ``$XDG_DATA_HOME`` or ``~/.local/share``) + ``cartiq/models``."""
+    env = os.environ.get("CARTIQ_MODELS_DIR")
+    if env:
+        return Path(env).expanduser()
+    try:
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("cartiq", appauthor=False)) / "models"
+    except ImportError:
+        base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        return Path(base) / "cartiq" / "models"
+
+
+def _registry_dirs(models_dir: Path | None) -> list[Path]:
+    return [models_dir] if models_dir is not None else [MODELS_DIR, user_models_dir()]
+
+
+def list_models(models_dir: Path | None = None) -> list[ModelMetadata]:
+    """Metadata of every package folder in ``models_dir`` (default: the shipped packages,
+    then the user's model folder; unreadable ones are skipped)."""
+    out, seen = [], set()
+    for base in _registry_dirs(models_dir):
+        for folder in sorted(p for p in base.glob("*") if p.is_dir()):
+            if (folder / "metadata.json").exists():
+                try:
+                    meta = read_metadata(folder / "metadata.json")
+                except ModelError as exc:
+                    log.warning("skipping %s", exc)
+                    continue
+                if meta.name not in seen:
+                    seen.add(meta.name)
+                    out.append(meta)
     return out
 
 
-def resolve_model(name_or_path: str | Path | None, models_dir: Path = MODELS_DIR) -> Path:
-    """Path of the metadata file for a registry name or a folder/file path."""
+def resolve_model(name_or_path: str | Path | None, models_dir: Path | None = None) -> Path:
+    """Path of the metadata file for a registry name or a folder/file path (an nnU-Net
+    results folder without metadata resolves to itself; see :func:`read_model`)."""
     if name_or_path in (None, "", "default"):
         name_or_path = DEFAULT_MODEL
     p = Path(str(name_or_path))
@@ -137,19 +206,45 @@ def resolve_model(name_or_path: str | Path | None, models_dir: Path = MODELS_DIR
             for cand in ("metadata.json", "cartiq.json"):
                 if (p / cand).exists():
                     return p / cand
-            raise ModelError("model folder has no metadata.json or cartiq.json", p)
+            if any(p.rglob("plans.json")):
+                return p
+            raise ModelError("model folder has no metadata.json or cartiq.json (and is not "
+                             "an nnU-Net results folder)", p)
         if p.suffix == ".json":
             return p
         side = p.with_suffix(".json")
         if side.exists():
             return side
         raise ModelError(f"model file needs a metadata file {side.name} beside it", p)
-    folder = models_dir / str(name_or_path)
-    if (folder / "metadata.json").exists():
-        return folder / "metadata.json"
+    for base in _registry_dirs(models_dir):
+        folder = base / str(name_or_path)
+        if (folder / "metadata.json").exists():
+            return folder / "metadata.json"
     known = ", ".join(m.name for m in list_models(models_dir)) or "(none)"
+    hint = ""
+    if str(name_or_path) in _known_nnunet_names():
+        hint = f"; get it with `cartiq models fetch {name_or_path}` or `cartiq models add`"
     raise ModelError(f"unknown model {str(name_or_path)!r}; known models: {known} "
-                     "(or pass a package folder)")
+                     f"(or pass a package folder){hint}")
+
+
+def _known_nnunet_names() -> set[str]:
+    from cartiq.segmentation.nnunet_results import known_models
+
+    try:
+        return set(known_models())
+    except ModelError:  # only a hint
+        return set()
+
+
+def read_model(meta_path: Path) -> tuple[ModelMetadata, Path]:
+    """Metadata and package folder of a resolved model (an nnU-Net results folder gets its
+    metadata built on the fly, labels mapped from its ``dataset.json``)."""
+    if meta_path.is_dir():
+        from cartiq.segmentation.nnunet_results import describe_results
+
+        return _validate(describe_results(meta_path), meta_path), meta_path
+    return read_metadata(meta_path), meta_path.parent
 
 
 def read_metadata(path: Path) -> ModelMetadata:
@@ -159,6 +254,10 @@ def read_metadata(path: Path) -> ModelMetadata:
         raise ModelError("metadata file does not exist", path) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"cannot read model metadata ({exc})", path) from None
+    return _validate(data, path)
+
+
+def _validate(data: Any, path: Path) -> ModelMetadata:
     try:
         meta = ModelMetadata.model_validate(data)
     except ValidationError as exc:
@@ -217,11 +316,10 @@ def _verify_sha(weights: Path, expected: str | None) -> str:
 
 
 def load_model(name_or_path: str | Path | None = None, *, device: str = "cpu",
-               models_dir: Path = MODELS_DIR) -> LoadedModel:
+               models_dir: Path | None = None) -> LoadedModel:
     """Load a model package by registry name or path; checks the weights' sha256."""
-    meta_path = resolve_model(name_or_path, models_dir)
-    meta = read_metadata(meta_path)
-    folder = meta_path.parent
+    meta, folder = read_model(resolve_model(name_or_path, models_dir))
+    meta_path = folder / "metadata.json"
     if meta.format == "nnunetv2":
         return _load_nnunet(meta, folder, device)
     weights = folder / meta.weights
@@ -259,31 +357,23 @@ def load_model(name_or_path: str | Path | None = None, *, device: str = "cpu",
 
 
 def _load_nnunet(meta: ModelMetadata, folder: Path, device: str) -> LoadedModel:
-    try:
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    except ImportError:
-        raise ModelError("nnU-Net v2 models need the optional extra: pip install nnunetv2",
-                         folder) from None
-    import torch
+    from cartiq.segmentation.nnunet import load_nnunet, require_nnunet
+    from cartiq.segmentation.nnunet_results import inspect_results
 
-    folds = sorted(int(p.name.split("_")[1]) for p in folder.glob("fold_*")
-                   if p.name.split("_")[1].isdigit())
-    if not folds:
-        raise ModelError("nnU-Net folder has no fold_N subfolders", folder)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                device=torch.device(device), verbose=False)
-    predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(folds),
-                                                   checkpoint_name="checkpoint_final.pth")
-    return LoadedModel(metadata=meta, folder=folder, network=predictor, weights_path=None,
-                       weights_sha256=sha256_file(folder / f"fold_{folds[0]}"))
+    require_nnunet()
+    spec = meta.nnunet
+    if spec is None:  # a trained-model folder with a bare cartiq.json: as nnU-Net would
+        spec = NnunetSpec.model_validate(inspect_results(folder))
+    runner = load_nnunet(spec, folder, device)
+    return LoadedModel(metadata=meta, folder=folder, network=runner, weights_path=None,
+                       weights_sha256=runner.combined_sha256, extra=runner.provenance())
 
 
-def model_info(name_or_path: str | Path) -> dict[str, Any]:
+def model_info(name_or_path: str | Path, models_dir: Path | None = None) -> dict[str, Any]:
     """Metadata of a model as a plain dict, plus its card's path (no weights loaded)."""
-    meta_path = resolve_model(name_or_path)
-    meta = read_metadata(meta_path)
+    meta, folder = read_model(resolve_model(name_or_path, models_dir))
     info = meta.model_dump(mode="json")
-    card = meta_path.parent / "README.md"
-    info["folder"] = str(meta_path.parent)
+    card = folder / "README.md"
+    info["folder"] = str(folder)
     info["card"] = str(card) if card.exists() else None
     return info

@@ -180,7 +180,8 @@ class Segmenter:
         :class:`InputError` unless ``side_override`` (see :mod:`cartiq.io.side`)."""
         check_knee_like(volume)
         meta = self.model.metadata
-        warnings = _range_warnings(volume, meta.input)
+        # nnU-Net models resample to their own plans; the card's ranges are cartiq's
+        warnings = [] if meta.format == "nnunetv2" else _range_warnings(volume, meta.input)
         for w in warnings:
             log.warning("%s: %s", volume.path or "image", w)
         t0 = time.monotonic()
@@ -274,10 +275,8 @@ class Segmenter:
         return arg
 
     def _predict_nnunet(self, volume: Volume) -> np.ndarray:
-        arr = volume.array.transpose(2, 1, 0)[None].astype(np.float32)
-        props = {"spacing": tuple(float(s) for s in volume.geometry.spacing[::-1])}
-        seg = self.model.network.predict_single_npy_array(arr, props, None, None, False)
-        return np.asarray(seg).transpose(2, 1, 0).astype(np.uint8)
+        """nnU-Net's own predictor (cascade included): :mod:`cartiq.segmentation.nnunet`."""
+        return self.model.network.predict(volume)
 
     # -- labels
     def _clean(self, raw: np.ndarray, geom: Geometry) -> np.ndarray:
