@@ -42,7 +42,7 @@ class ThicknessConfig(Strict):
     thickness_method: Literal["nearest", "normal"] = Field("nearest",
         description="nearest: 3D distance from each covered bone-interface point to the "
                     "nearest articular-surface point; normal: along the bone surface normal")
-    articular_max_angle_deg: float = Field(60.0, gt=0, le=90,
+    articular_max_angle_deg: float = Field(45.0, gt=0, le=90,
         description="articular surface: free cartilage surface whose normal is within this "
                     "angle of the facing bone's normal (side walls are not)")
     rim_exclusion_mm: float = Field(0.0, ge=0, le=3,

@@ -6,8 +6,9 @@ side walls at its rim or the walls of a defect.
 
 **AC rule.**  A vertex of the cartilage surface belongs to AC when it does not lie against
 bone (interpolated bone fraction below ``cover_fraction``) and its outward normal makes an
-angle of at most ``max_angle_deg`` (default 60 degrees) with the outward normal of the nearest
-covered bone-interface point - the bone it faces.  A blunt side wall stands at about 90
+angle of at most ``max_angle_deg`` (default 45 degrees: half-way between facing the bone and
+standing perpendicular to it) with the outward normal of the nearest covered bone-interface
+point - the bone it faces.  A blunt side wall stands at about 90
 degrees to its bone and is excluded; a tapered rim whose surface slopes by less than the
 limit stays part of AC; the floor of a partial defect faces the joint and is AC, its wall is
 not.

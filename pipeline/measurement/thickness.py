@@ -146,7 +146,7 @@ def plate_surface(cartilage: np.ndarray, bone: np.ndarray, spacing_mm, *,
                   margin_mm: float = 6.0, min_hole_area_mm2: float = 2.0,
                   max_hole_fraction: float = 0.5, min_sigma_voxels: float = 0.5,
                   mesh_smoothing_iterations: int = 30, method: str = "nearest",
-                  articular_max_angle_deg: float = 60.0, rim_exclusion_mm: float = 0.0,
+                  articular_max_angle_deg: float = 45.0, rim_exclusion_mm: float = 0.0,
                   ray_max_mm: float = 10.0,
                   normal_smoothing_iterations: int = 5) -> PlateSurface | None:
     """Thickness and covered/denuded bone area of one cartilage plate.
