@@ -16,7 +16,8 @@ import numpy as np
 from cartiq.errors import InputError
 from cartiq.io.volume import Geometry, Volume
 
-__all__ = ["clean_prediction", "to_cartiq_scheme"]
+__all__ = ["clean_prediction", "to_cartiq_scheme", "check_medial_lateral",
+           "shell_outside_fraction", "CARTILAGE_BAND_MM", "MENISCUS_BAND_MM", "BML_MAX_OUTSIDE"]
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,20 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
     Bones: largest component.  Fibula: dropped unless plausible (>= 1000 mm3, within
     10 mm of the tibia, centroid below the tibial plateau) since it decides the side.
     Cartilage, menisci, BML: components below ``min_component_mm3`` or farther than
-    2 mm (cartilage), 4 mm (menisci) or 1 mm (BML) from their bone are removed.
+    2 mm (cartilage), 4 mm (menisci) or 1 mm (BML) from their bone are removed; then
+
+    * cartilage only in a band along its own bone surface: voxels farther than
+      ``CARTILAGE_BAND_MM`` from it are removed;
+    * menisci only between femur and tibia: voxels farther than ``MENISCUS_BAND_MM`` from
+      either bone are removed;
+    * BMLs only inside bone: a lesion whose boundary faces mostly soft tissue (more than
+      ``BML_MAX_OUTSIDE`` of its 6-neighbour shell is neither bone, cartilage nor lesion)
+      is removed;
+    * islands that this trimming detaches (below ``min_component_mm3``) are removed.
+
+    The bands hold every voxel of the four real label maps (farthest cartilage voxel
+    6.9 mm from its bone; meniscus voxels up to 11.5 mm from the tibia, 14.1 mm from the
+    femur).
     """
     import cc3d
     import edt
@@ -66,7 +80,9 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
         box = bbox(out == value)
         if box is None:
             continue
-        m = np.ceil(max_mm / sp).astype(int) + 1
+        pad_mm = max(max_mm, CARTILAGE_BAND_MM if "cartilage" in name else
+                     max(MENISCUS_BAND_MM.values()) if "meniscus" in name else 0.0)
+        m = np.ceil(pad_mm / sp).astype(int) + 1
         box = tuple(slice(max(0, b.start - k), b.stop + k) for b, k in zip(box, m))
         sub = out[box]
         mask = sub == value
@@ -81,7 +97,75 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
             keep &= touching
         keep[0] = True
         sub[mask & ~keep[comps]] = 0
+        _trim(sub, value, name, by_name, sp, vox, min_component_mm3)
     return out
+
+
+CARTILAGE_BAND_MM = 8.0
+MENISCUS_BAND_MM = {"tibia": 14.0, "femur": 17.0}
+BML_MAX_OUTSIDE = 0.35
+
+
+def _trim(sub: np.ndarray, value: int, name: str, by_name: dict[str, int], sp: np.ndarray,
+          vox: float, min_component_mm3: float) -> None:
+    """Voxel-level anatomical limits of one soft label (in place, on a padded crop)."""
+    import cc3d
+    import edt
+
+    mask = sub == value
+    if not mask.any():
+        return
+    if "meniscus" in name:
+        bands = {b: mm for b, mm in MENISCUS_BAND_MM.items() if b in by_name}
+    elif "cartilage" in name:
+        bands = {b: CARTILAGE_BAND_MM for b in _NEAR[name][0] if b in by_name}
+    else:
+        bands = {}
+    for bone, mm in bands.items():
+        b = sub == by_name[bone]
+        if b.any():
+            far = mask & (edt.edt(~b, anisotropy=tuple(sp), black_border=False) > mm)
+            sub[far] = 0
+            mask &= ~far
+    if name == "bone_marrow_lesion":
+        inside = [by_name[n] for n in by_name
+                  if n in ("femur", "tibia", "patella", "fibula", "bone_marrow_lesion")
+                  or "cartilage" in n]
+        comps, n, outside = shell_outside_fraction(mask, sub, inside)
+        bad = np.flatnonzero(outside > BML_MAX_OUTSIDE)
+        if len(bad):
+            log.info("removed %d bone-marrow lesion(s) lying outside bone", len(bad))
+            sub[np.isin(comps, bad)] = 0
+            mask = sub == value
+    if bands or name == "bone_marrow_lesion":  # islands the trimming detached
+        comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+        small = np.bincount(comps.ravel(), minlength=n + 1) * vox < min_component_mm3
+        small[0] = False
+        sub[small[comps]] = 0
+
+
+def shell_outside_fraction(mask: np.ndarray, context: np.ndarray,
+                           inside_values: list[int]) -> tuple[np.ndarray, int, np.ndarray]:
+    """Per 26-connected component of ``mask``: the share of its 6-neighbour shell whose
+    ``context`` value is not in ``inside_values`` (0 for a lesion enclosed by bone, about
+    0.5 or more for one lying on the bone's outer surface or in soft tissue).
+
+    Returns the component image, their number and the shares (index 0 unused, 0.0).
+    """
+    import cc3d
+    from scipy import ndimage
+
+    comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+    if n == 0:
+        return comps, 0, np.zeros(1)
+    cross = ndimage.generate_binary_structure(3, 1)
+    near = ndimage.grey_dilation(comps, footprint=cross)
+    shell = (near > 0) & ~mask
+    total = np.bincount(near[shell], minlength=n + 1).astype(float)
+    out = np.bincount(near[shell & ~np.isin(context, inside_values)], minlength=n + 1)
+    frac = np.divide(out, total, out=np.zeros(n + 1), where=total > 0)
+    frac[0] = 0.0
+    return comps, n, frac
 
 
 def to_cartiq_scheme(raw: np.ndarray, volume: Volume, labels: dict[int, str], model_name: str,
@@ -112,11 +196,63 @@ def to_cartiq_scheme(raw: np.ndarray, volume: Volume, labels: dict[int, str], mo
     men_values = [v for v, n in labels.items() if n == "meniscus"]
     if men_values:
         _split_menisci(out, np.isin(raw, men_values), volume.geometry, info.get("side"))
+    ml_check = check_medial_lateral(out, volume.geometry, info.get("side"))
     keep = {"side": info.get("side"), "side_source": info.get("side_source"),
             "side_check": info.get("side_check", {})}
     present = sorted(scheme.name_of(int(v)) for v in np.unique(out) if v)
     keep["structures"] = present
+    keep["medial_lateral_check"] = ml_check
     return out.astype(np.uint8), keep
+
+
+def check_medial_lateral(out: np.ndarray, geom: Geometry, side: str | None) -> dict[str, Any]:
+    """Check the medial/lateral split of tibial cartilage and menisci against the side.
+
+    Every 26-connected component of a medial (lateral) label whose centroid lies on the
+    lateral (medial) side of the tibial midline - the midpoint between the two tibial
+    plates' centroids, else the tibia's centroid, along patient x - is relabelled (in
+    place).  Returns ``{"checked": bool, "relabelled_voxels": {label: n}}``.
+    """
+    import cc3d
+
+    from cartiq.io.labels import default_scheme, lateral_sign
+
+    if side not in ("left", "right"):
+        return {"checked": False, "relabelled_voxels": {}}
+    s = default_scheme()
+    sign = lateral_sign(side)
+    aff = geom.affine
+
+    def x_of(idx: np.ndarray) -> np.ndarray:
+        return idx @ aff[0, :3] + aff[0, 3]
+
+    cents = [np.argwhere(out == s[n]).mean(0) for n in
+             ("medial_tibial_cartilage", "lateral_tibial_cartilage") if (out == s[n]).any()]
+    if len(cents) == 2:
+        mid = float(x_of(np.array(cents)).mean())
+    elif (out == s["tibia"]).any():
+        mid = float(x_of(np.argwhere(out == s["tibia"]).mean(0)[None])[0])
+    else:
+        return {"checked": False, "relabelled_voxels": {}}
+    moved: dict[str, int] = {}
+    for kind in ("tibial_cartilage", "meniscus"):
+        med, lat = s[f"medial_{kind}"], s[f"lateral_{kind}"]
+        masks = {med: out == med, lat: out == lat}
+        for value, mask in masks.items():
+            if not mask.any():
+                continue
+            comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
+            stats = cc3d.statistics(comps)
+            lateral = (x_of(np.asarray(stats["centroids"][1:n + 1])) - mid) * sign > 0
+            wrong = np.flatnonzero(lateral != (value == lat)) + 1
+            if len(wrong):
+                sel = np.isin(comps, wrong)
+                out[sel] = lat if value == med else med
+                moved[s.name_of(value)] = int(sel.sum())
+    if moved:
+        log.warning("medial/lateral split checked against the %s side: relabelled %s", side,
+                    ", ".join(f"{n} voxels of {k}" for k, n in moved.items()))
+    return {"checked": True, "relabelled_voxels": moved}
 
 
 _BONE_CART = {"femur": ("femoral_cartilage",),

@@ -1,0 +1,156 @@
+"""Anatomical constraints after the network (cartiq.segmentation.post) on synthetic label arrays.
+
+A phantom label map is turned into model outputs (tibial cartilage and menisci without a
+medial/lateral distinction), broken in one anatomical way, cleaned, and checked.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cartiq.io.labels import default_scheme
+from cartiq.segmentation.post import (CARTILAGE_BAND_MM, check_medial_lateral, clean_prediction,
+                                      shell_outside_fraction)
+from cartiq.segmentation.synth import MODEL_CLASSES
+
+S = default_scheme()
+M = {n: i for i, n in enumerate(MODEL_CLASSES)}
+LABELS = {i: n for i, n in enumerate(MODEL_CLASSES) if n != "background"}
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    from cartiq.data.phantom import PhantomSpec, make_phantom
+
+    return make_phantom(PhantomSpec(seed=5, spacing_mm=(0.8, 0.8, 1.2)))
+
+
+@pytest.fixture
+def raw(phantom):
+    """The phantom's labels as model outputs."""
+    lab = phantom.labels.array
+    out = np.zeros(lab.shape, np.uint8)
+    for name, value in M.items():
+        if name != "background" and name in S.labels:
+            out[lab == S[name]] = value
+    out[np.isin(lab, [S["medial_tibial_cartilage"], S["lateral_tibial_cartilage"]])] = \
+        M["tibial_cartilage"]
+    out[np.isin(lab, [S["medial_meniscus"], S["lateral_meniscus"]])] = M["meniscus"]
+    return out
+
+
+def clean(raw, phantom):
+    return clean_prediction(raw, phantom.labels.geometry, LABELS, 20.0)
+
+
+def dist_to(mask, geom):
+    return ndimage.distance_transform_edt(~mask, sampling=geom.spacing)
+
+
+def test_clean_phantom_is_kept(raw, phantom):
+    out = clean(raw, phantom)
+    for name in ("femoral_cartilage", "tibial_cartilage", "patellar_cartilage", "meniscus",
+                 "bone_marrow_lesion"):
+        assert (out == M[name]).sum() == (raw == M[name]).sum(), name
+
+
+def test_cartilage_only_in_a_band_along_its_own_bone(raw, phantom):
+    g = phantom.labels.geometry
+    d = dist_to(raw == M["femur"], g)
+    fc = raw == M["femoral_cartilage"]
+    # a tongue of "cartilage" grown from the plate into soft tissue, 20 mm out
+    tongue = np.zeros_like(fc)
+    grown = fc.copy()
+    for _ in range(40):
+        grown = ndimage.binary_dilation(grown) & ((raw == 0) | grown) & (d < 20)
+    tongue = grown & ~fc & (raw == 0)
+    assert (d[tongue] > CARTILAGE_BAND_MM).sum() > 500  # part of it beyond the band
+    broken = raw.copy()
+    broken[tongue] = M["femoral_cartilage"]
+    out = clean(broken, phantom)
+    kept = out == M["femoral_cartilage"]
+    assert not (kept & (d > CARTILAGE_BAND_MM)).any()
+    assert (kept & fc).sum() == fc.sum()  # the plate itself is untouched
+
+
+def test_menisci_only_between_femur_and_tibia(raw, phantom):
+    g = phantom.labels.geometry
+    dt, df = dist_to(raw == M["tibia"], g), dist_to(raw == M["femur"], g)
+    # meniscus-labelled voxels along the tibial shaft: on the tibia, far below the femur
+    shaft = (raw == 0) & (dt < 2.0) & (df > 25.0)
+    assert shaft.sum() > 200
+    broken = raw.copy()
+    broken[shaft] = M["meniscus"]
+    out = clean(broken, phantom)
+    assert not (out[shaft] == M["meniscus"]).any()
+    assert (out == M["meniscus"]).sum() == (raw == M["meniscus"]).sum()
+
+
+def test_bml_only_inside_bone(raw, phantom):
+    g = phantom.labels.geometry
+    femur = raw == M["femur"]
+    # a lesion enclosed by the femur is kept; a lesion lying on its outer surface is not
+    inner = ndimage.binary_erosion(femur, iterations=6)
+    c = np.argwhere(inner)[len(np.argwhere(inner)) // 2]
+    ball = np.zeros_like(femur)
+    ball[tuple(slice(max(0, v - 4), v + 5) for v in c)] = True
+    ball &= inner
+    d = dist_to(femur, g)
+    shell = (raw == 0) & (d > 0) & (d <= 2.5)
+    idx = np.argwhere(shell)
+    patch = np.zeros_like(shell)
+    lo = idx[len(idx) // 3]
+    patch[tuple(slice(v - 8, v + 9) for v in lo)] = True
+    patch &= shell
+    assert ball.sum() > 100 and patch.sum() > 100
+    broken = raw.copy()
+    broken[ball | patch] = M["bone_marrow_lesion"]
+    out = clean(broken, phantom)
+    assert (out[ball] == M["bone_marrow_lesion"]).all()
+    assert not (out[patch] == M["bone_marrow_lesion"]).any()
+    assert ((out == M["bone_marrow_lesion"]) & (raw == M["bone_marrow_lesion"])).sum() == \
+        (raw == M["bone_marrow_lesion"]).sum()  # the phantom's own lesion stays
+
+
+def test_small_detached_islands_are_removed(raw, phantom):
+    g = phantom.labels.geometry
+    d = dist_to(raw == M["tibia"], g)
+    spot = np.argwhere((raw == 0) & (d > 1.0) & (d < 1.6))[0]
+    broken = raw.copy()
+    broken[tuple(slice(v, v + 2) for v in spot)] = M["tibial_cartilage"]  # ~6 mm3, detached
+    out = clean(broken, phantom)
+    assert (out == M["tibial_cartilage"]).sum() == (raw == M["tibial_cartilage"]).sum()
+
+
+def test_shell_outside_fraction():
+    ctx = np.zeros((20, 20, 20), np.uint8)
+    ctx[2:18, 2:18, 2:18] = 1  # "bone"
+    inside = np.zeros(ctx.shape, bool)
+    inside[8:11, 8:11, 8:11] = True
+    outside = np.zeros(ctx.shape, bool)
+    outside[0:2, 5:9, 5:9] = True  # in the air against the bone's face
+    ctx[inside] = 2
+    _, n, frac = shell_outside_fraction(inside | outside, ctx, [1, 2])
+    assert n == 2 and sorted(np.round(frac[1:], 2)) == [0.0, pytest.approx(0.8, abs=0.2)]
+
+
+def test_medial_lateral_split_checked_against_the_side(phantom):
+    lab = phantom.labels.array.copy()
+    g = phantom.labels.geometry
+    assert check_medial_lateral(lab, g, "right")["relabelled_voxels"] == {}
+    med, lat = lab == S["medial_tibial_cartilage"], lab == S["lateral_tibial_cartilage"]
+    mm, lm = lab == S["medial_meniscus"], lab == S["lateral_meniscus"]
+    swapped = lab.copy()
+    swapped[lm] = S["medial_meniscus"]  # the lateral meniscus labelled medial
+    info = check_medial_lateral(swapped, g, "right")
+    assert info["checked"] and info["relabelled_voxels"] == {"medial_meniscus": int(lm.sum())}
+    assert np.array_equal(swapped, lab)
+    # with the opposite side every plate and meniscus is on the wrong side
+    other = lab.copy()
+    info = check_medial_lateral(other, g, "left")
+    assert (other[med] == S["lateral_tibial_cartilage"]).all()
+    assert (other[lat] == S["medial_tibial_cartilage"]).all()
+    assert (other[mm] == S["lateral_meniscus"]).all()
+    assert check_medial_lateral(lab.copy(), g, None) == {"checked": False, "relabelled_voxels": {}}
