@@ -3,8 +3,11 @@
 On fluid-sensitive sequences (PD/T2 fat-saturated, STIR, DESS) a BML is marrow that is much
 brighter than the *same bone's* normal marrow.  For each bone (femur, tibia, patella):
 
-1. the bone mask (bone label plus any existing BML label) is eroded by ``erosion_mm`` so that
-   partial volume with bright cartilage/fluid at the bone surface does not count;
+1. the marrow mask - the bone label plus existing BML labels that lie inside that bone
+   (enclosed by bone: :func:`cartiq.segmentation.post.shell_outside_fraction` at most
+   ``BML_MAX_OUTSIDE``; a lesion label on the bone's outer surface or in soft tissue is not
+   marrow) - is eroded by ``erosion_mm`` so that partial volume with bright
+   cartilage/fluid at the bone surface does not count;
 2. the image is smoothed (Gaussian, ``smoothing_sigma_mm``) against noise;
 3. normal marrow statistics are robust: median ``m`` and ``s = 1.4826 * MAD`` of the
    smoothed intensities in the eroded bone;
@@ -64,8 +67,8 @@ def detect_bml(image: np.ndarray, labels: np.ndarray, spacing_mm: tuple[float, f
     import edt
     from scipy import ndimage
 
-    from cartiq.io.labels import default_scheme
-    from cartiq.segmentation.post import bbox
+    from cartiq.io.labels import PLATES, default_scheme
+    from cartiq.segmentation.post import BML_MAX_OUTSIDE, bbox, shell_outside_fraction
 
     s = default_scheme()
     sp = np.asarray(spacing_mm, float)
@@ -81,10 +84,14 @@ def detect_bml(image: np.ndarray, labels: np.ndarray, spacing_mm: tuple[float, f
         box = tuple(slice(max(0, b.start - 2), b.stop + 2) for b in box)
         lab = labels[box]
         mask = (lab == s[bone]) | (lab == s["bone_marrow_lesion"])
-        # only BML voxels touching this bone belong to it
+        # only BML voxels touching this bone and enclosed by it are its marrow
         comps = cc3d.connected_components(mask, connectivity=26)
         own = np.unique(comps[lab == s[bone]])
         mask = np.isin(comps, own[own > 0])
+        marrow_like = [s[bone], s["bone_marrow_lesion"]] + [s[p] for p in PLATES]
+        bml_cc, _, outside = shell_outside_fraction(mask & (lab == s["bone_marrow_lesion"]),
+                                                    lab, marrow_like)
+        mask &= ~np.isin(bml_cc, np.flatnonzero(outside > BML_MAX_OUTSIDE))
         dist = edt.edt(mask, anisotropy=tuple(sp), black_border=True)
         inner = dist > config.erosion_mm
         if inner.sum() < 50:
