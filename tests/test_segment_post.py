@@ -154,3 +154,26 @@ def test_medial_lateral_split_checked_against_the_side(phantom):
     assert (other[lat] == S["medial_tibial_cartilage"]).all()
     assert (other[mm] == S["lateral_meniscus"]).all()
     assert check_medial_lateral(lab.copy(), g, None) == {"checked": False, "relabelled_voxels": {}}
+
+
+def test_intensity_bml_detector_searches_marrow_only():
+    """A lesion label lying on the bone's outer surface (bright soft tissue) is not marrow."""
+    from cartiq.segmentation.bml import detect_bml
+
+    sp = (0.5, 0.5, 0.5)
+    shape = (120, 120, 120)
+    g = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, sp)], indexing="ij"), -1)
+    r = np.sqrt(((g - 30.0) ** 2).sum(-1))
+    lab = np.where(r < 20, S["femur"], 0).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 10, shape).astype(np.float32)
+    img[lab == 0] = rng.normal(40, 10, int((lab == 0).sum()))
+    cap = (r >= 20) & (r < 26) & (g[..., 0] > 44)  # a thick cap on the bone's outer surface
+    lab[cap] = S["bone_marrow_lesion"]
+    img[cap] = 300.0  # bright fluid
+    found = detect_bml(img, lab, sp)
+    assert not (found & cap).any()
+    inner = (r < 5)
+    img[inner] += 150.0  # a real lesion inside the marrow is still found
+    found = detect_bml(img, lab, sp)
+    assert (found & inner).sum() > 0.5 * inner.sum() and not (found & cap).any()
