@@ -266,3 +266,13 @@ def test_compare_folder_finds_its_visits(subject, tmp_path):
     res = write_subject_report(subject / "compare_BL_FU", out=tmp_path / "c.html")
     html = res.path.read_text()
     assert res.errors == [] and "visits: BL, FU" in html
+
+
+def test_templates_escape_every_value():
+    from cartiq.report.html import html_page, html_table
+
+    table = html_table([{"structure": "<script>alert(1)</script>", "value": 1.234567}])
+    assert "<script>" not in table and "&lt;script&gt;" in table and "<td>1.23</td>" in table
+    page = html_page("knee <b>1</b>", ["<h1>trusted section</h1>"])
+    assert "<title>knee &lt;b&gt;1&lt;/b&gt;</title>" in page
+    assert "<h1>trusted section</h1>" in page and page.startswith("<!DOCTYPE html>")

@@ -1,5 +1,10 @@
 """HTML building blocks shared by the subject and cohort reports (self-contained pages:
-figures are embedded as PNG data URIs, every value is escaped)."""
+figures are embedded as PNG data URIs, every value is escaped).
+
+The page shell and the tables are jinja2 templates (``report/templates``) rendered with
+autoescaping: values are escaped by the template engine; only HTML that the report code
+built itself (sections, the CSS) is passed in as :class:`markupsafe.Markup`.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,13 @@ import html
 import io
 import logging
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from markupsafe import Markup
 
 __all__ = ["ReportResult", "esc", "png_data_uri", "file_data_uri", "html_table", "html_page",
            "guarded", "CSS"]
@@ -61,38 +68,47 @@ def file_data_uri(path: Path) -> str:
 
 
 def _fmt(v: Any) -> str:
+    """A table cell's text (numbers rounded, non-finite as empty); escaped by the template."""
     try:
         f = float(v)
     except (TypeError, ValueError):
-        return esc(v)
+        return "" if v is None else str(v)
     if not np.isfinite(f):
         return ""
     f = f + 0.0 if f != 0 else 0.0  # no "-0"
     return f"{f:.0f}" if abs(f) >= 1000 or f.is_integer() else f"{f:.3g}" if abs(f) < 0.01 else f"{f:.2f}"
 
 
+@lru_cache(maxsize=1)
+def _templates():
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    return Environment(loader=PackageLoader("cartiq.report", "templates"),
+                       autoescape=select_autoescape(default_for_string=True, default=True),
+                       undefined=StrictUndefined, keep_trailing_newline=False)
+
+
+def _render(name: str, **values: Any) -> str:
+    return str(_templates().get_template(name).render(**values)).strip()
+
+
 def html_table(rows: list[dict[str, Any]], columns: list[str] | None = None,
                highlight: Callable[[dict[str, Any]], bool] | None = None,
                headers: dict[str, str] | None = None) -> str:
-    if not rows:
-        return "<p class='muted'>none</p>"
-    columns = columns or list(rows[0])
-    head = "".join(f"<th>{esc((headers or {}).get(c, c))}</th>" for c in columns)
-    body = []
-    for r in rows:
-        cls = " class='hi'" if highlight and highlight(r) else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{_fmt(r.get(c))}</td>" for c in columns) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    columns = columns or (list(rows[0]) if rows else [])
+    body = [{"highlight": bool(highlight and highlight(r)),
+             "cells": [_fmt(r.get(c)) for c in columns]} for r in rows]
+    # a plain str: callers concatenate it with their own HTML
+    return _render("table.html.j2", rows=body, headers=[(headers or {}).get(c, c) for c in columns])
 
 
 def html_page(title: str, sections: list[str]) -> str:
+    """A whole page; ``sections`` are HTML fragments built (and escaped) by the report code."""
     from cartiq._version import __version__
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head><body>{''.join(sections)}<hr><p class='muted'>"
-            f"cartiq {esc(__version__)} - generated {esc(now)} - research use only, not for "
-            f"diagnosis</p></body></html>")
+    return _render("page.html.j2", title=title, css=Markup(CSS), version=__version__,
+                   generated=now, sections=[Markup(s) for s in sections])
 
 
 def guarded(errors: list[str], what: str, fn: Callable[[], str]) -> str:
