@@ -338,14 +338,18 @@ def _validate(net, val: list[tuple[torch.Tensor, torch.Tensor]], device: str) ->
     n = len(MODEL_CLASSES)
     inter = np.zeros(n)
     sums = np.zeros(n)
+    truth = np.zeros(n)
     for x, y in val:
         pred = net(x.to(device)).argmax(1, keepdim=True).cpu()
         for c in range(1, n):
             p, t = pred == c, y == c
             inter[c] += int((p & t).sum())
             sums[c] += int(p.sum() + t.sum())
+            truth[c] += int(t.sum())
+    # a class the validation maps never label (e.g. menisci of a map without them) has no
+    # Dice: predicting it there is not known to be wrong
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(sums[1:] > 0, 2 * inter[1:] / sums[1:], np.nan)
+        return np.where((sums[1:] > 0) & (truth[1:] > 0), 2 * inter[1:] / sums[1:], np.nan)
 
 
 def _write_package(net, cfg: TrainConfig, out_dir: Path, history: list[dict]) -> None:
