@@ -49,7 +49,7 @@ from cartiq.segmentation.post import (
 )
 
 __all__ = ["canonical_geometry", "resample_array", "select_device", "Segmenter",
-           "SegmentResult", "segment_file", "check_knee_like"]
+           "SegmentResult", "segment_file", "check_knee_like", "check_knee_found"]
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,14 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- checks
 
 
+MAX_SLICE_SPACING_MM = 6.0  # coarser slices cannot hold a 2-3 mm cartilage plate
+MAX_IN_PLANE_SPACING_MM = 2.0  # every model card here declares at most 1.0 mm in plane
+MIN_BONE_MM3 = {"femur": 10000.0, "tibia": 5000.0}  # a knee in the field of view
+
+
 def check_knee_like(volume: Volume) -> None:
-    """Reject inputs no knee model can segment: 2D-like stacks and absurd fields of view."""
+    """Reject inputs no knee model can segment: 2D-like stacks, absurd fields of view and
+    voxel sizes far outside every model's input range (slices > 6 mm, in plane > 2 mm)."""
     g = volume.geometry
     if min(g.shape) < 8:
         raise InputError(f"has only {min(g.shape)} voxels along one axis "
@@ -68,8 +74,33 @@ def check_knee_like(volume: Volume) -> None:
     if fov.max() > 400 or fov.max() < 40:
         raise InputError(f"field of view {np.round(fov).astype(int).tolist()} mm is not that "
                          "of a knee scan (expected roughly 80-250 mm)", volume.path)
+    sp = np.sort(np.asarray(g.spacing, float))
+    if sp[2] > MAX_SLICE_SPACING_MM:
+        raise InputError(f"slice spacing {sp[2]:.1f} mm is far outside the segmentation "
+                         f"models' input range (at most {MAX_SLICE_SPACING_MM:g} mm; cartilage "
+                         "is 1-4 mm thick)", volume.path)
+    if sp[1] > MAX_IN_PLANE_SPACING_MM:
+        raise InputError(f"in-plane spacing {np.round(sp[:2], 2).tolist()} mm is far outside "
+                         f"the segmentation models' input range (at most "
+                         f"{MAX_IN_PLANE_SPACING_MM:g} mm)", volume.path)
     if np.ptp(volume.array) == 0:
         raise InputError("image is constant (no contrast to segment)", volume.path)
+
+
+def check_knee_found(labels: np.ndarray, geometry: Geometry, path: Any = None) -> None:
+    """Reject a segmentation that found no knee (femur and tibia below ``MIN_BONE_MM3``):
+    the field of view holds no knee, or nothing the model recognises as one."""
+    from cartiq.io.labels import default_scheme
+
+    s = default_scheme()
+    counts = np.bincount(np.asarray(labels).ravel(), minlength=max(s.values) + 1)
+    found = {b: float(counts[s[b]]) * geometry.voxel_volume_mm3 for b in MIN_BONE_MM3}
+    if any(found[b] < MIN_BONE_MM3[b] for b in MIN_BONE_MM3):
+        raise InputError("no knee found in the field of view (the model found "
+                         + ", ".join(f"{b} {v / 1000:.1f} ml" for b, v in found.items())
+                         + "; a knee scan shows at least "
+                         + ", ".join(f"{b} {v / 1000:g} ml" for b, v in MIN_BONE_MM3.items())
+                         + ")", path)
 
 
 def _range_warnings(volume: Volume, spec: Any) -> list[str]:
@@ -324,6 +355,7 @@ def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
     seg = segmenter or Segmenter(model, device=device, amp=amp)
     result = seg.run(vol, side=side, side_override=side_override)
     t1 = time.monotonic()
+    check_knee_found(result.labels, vol.geometry, image)
     begin_folder(out_dir)
     path = write_volume(out_dir / "segmentation.nii.gz", result.labels, vol.geometry)
     info = result.info
