@@ -12,6 +12,7 @@ of lost workers rerun elsewhere.  User guide: ``docs/batch.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cartiq.errors import InputError, one_line
-from cartiq.batch.executors import DaskCluster, LocalPool, Serial, WorkerFailure, worker_index
+from cartiq.batch.executors import (DaskCluster, LocalPool, Serial, WorkerFailure, torch_threads,
+                                    worker_index)
 from cartiq.batch.manifest import (Manifest, ScanRow, compare_is_current, config_hashes, fingerprint,
-                               input_hashes, model_identity, read_manifest_csv, scan_is_current)
+                               input_hashes, model_identity, read_manifest_csv, scan_outdated)
 
 __all__ = ["BatchOptions", "ScanTask", "CompareTask", "Outcome", "BatchResult", "run_batch",
            "process_scan", "process_compare", "EXIT_FAILED"]
@@ -49,6 +51,7 @@ class BatchOptions:
     skip_invalid: bool = False
     retries: int = 3
     reports: bool = True
+    include_qc_fail: bool = False  # cohort tables keep scans whose QC status is fail
     include_qc_fail: bool = False  # cohort tables keep scans whose QC status is fail
 
 
@@ -110,7 +113,8 @@ class BatchResult:
 
 @contextmanager
 def _log_to(path: Path) -> Iterator[None]:
-    """Copy the ``pipeline`` logger's records to ``path`` while the block runs."""
+    """Copy the ``cartiq`` logger's records to ``path`` while the block runs (appended: a
+    scan's log is the history of its runs, kept when its folder is emptied)."""
     root, old_level = logging.getLogger("cartiq"), logging.getLogger("cartiq").level
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
@@ -148,30 +152,47 @@ def _segmenter(model: str | None, device: str) -> Any:
         from cartiq.segmentation.segmenter import Segmenter
 
         _SEGMENTERS[key] = Segmenter(model, device=device)
+        if torch_threads() is not None:  # a pool worker: its share of the CPU threads
+            import torch
+
+            torch.set_num_threads(torch_threads())
     return _SEGMENTERS[key]
 
 
 def process_scan(task: ScanTask) -> Outcome:
-    """Run one scan's stages on this worker; never raises for a bad scan."""
+    """Run one scan's stages on this worker; never raises for a bad scan.
+
+    An up-to-date scan (same fingerprint, every file its manifest lists unchanged) is
+    skipped; any other is recomputed from an emptied folder, and the log says why.
+    """
     from cartiq.io.outputs import begin_folder
 
     r, out = task.row, task.out_dir
     t0, stage, timings, notes = time.perf_counter(), "hash", {}, []
-    out.mkdir(parents=True, exist_ok=True)
-    with _log_to(out / "scan.log"):
-        try:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with _log_to(out / "scan.log"):
             inputs = input_hashes(r)
             device = _resolve_device(task.device) if r.seg is None else "cpu"
             model = model_identity(task.model) if r.seg is None else None
             fp = fingerprint(r, inputs, model, task.config_hashes)
             timings["hash"] = round(time.perf_counter() - t0, 3)
-            if scan_is_current(out, fp):
+            reason = scan_outdated(out, fp)
+            if reason is None:
                 log.info("%s/%s: up to date, skipped", r.subject_id, r.timepoint)
                 return Outcome(*r.key, "skipped")
+        stage = "output"
+        # an emptied folder: no file of an earlier run survives (the log goes on)
+        begin_folder(out, owned=True, inputs=(r.image, r.seg, r.sites))
+    except Exception as exc:  # unreadable input, unwritable output...
+        return _failed(r, out, stage, exc)
+    if reason != "not computed yet":
+        notes.append(f"recomputed: {reason}")
+    with _log_to(out / "scan.log"):
+        try:
+            for n in notes:
+                log.warning("%s/%s: %s", r.subject_id, r.timepoint, n)
             log.info("%s/%s: processing (image %s)", r.subject_id, r.timepoint, r.image)
-            begin_folder(out)  # removes an old manifest: incomplete until the end
-            for sub in ("score", "segment"):
-                (out / sub / "manifest.json").unlink(missing_ok=True)
             from cartiq.measurement.measure import run_measure
 
             seg, labels = r.seg, r.labels
@@ -181,7 +202,7 @@ def process_scan(task: ScanTask) -> Outcome:
                 timings["segment"] = round(time.perf_counter() - t, 3)
             stage, t = "measure", time.perf_counter()
             run = run_measure(r.image, seg, out, labels=labels, side=r.side,
-                              config_path=task.measure_config,
+                              config_path=task.measure_config, fresh=False,
                               side_source="manifest" if r.seg is not None else "flag")
             timings["measure"] = round(time.perf_counter() - t, 3)
             if not any(p.present for p in run.result.plates.values()):
@@ -192,11 +213,19 @@ def process_scan(task: ScanTask) -> Outcome:
             stage = "manifest"
             _finish_scan(task, out, run.manifest, inputs, model, device, fp, timings, notes)
         except Exception as exc:  # fault isolation: record and go on
-            log.error("%s/%s failed in %s: %s", r.subject_id, r.timepoint, stage, one_line(exc))
-            log.debug("traceback:\n%s", traceback.format_exc())
-            (out / "manifest.json").unlink(missing_ok=True)
-            return Outcome(*r.key, "failed", stage=stage, error=one_line(exc))
+            return _failed(r, out, stage, exc)
     return Outcome(*r.key, "done", notes=notes)
+
+
+def _failed(r: ScanRow, out: Path, stage: str, exc: Exception) -> Outcome:
+    """Log a scan's failure (where a log can be written) and leave its folder incomplete."""
+    log.error("%s/%s failed in %s: %s", r.subject_id, r.timepoint, stage, one_line(exc))
+    log.debug("traceback:\n%s", traceback.format_exc())
+    try:
+        (out / "manifest.json").unlink(missing_ok=True)
+    except OSError:  # the folder cannot be written: it holds no manifest of this run
+        pass
+    return Outcome(*r.key, "failed", stage=stage, error=one_line(exc))
 
 
 def _run_segment(r: ScanRow, out: Path, model: str | None, device: str) -> tuple[Path, str]:
@@ -242,7 +271,13 @@ def process_compare(task: CompareTask) -> Outcome:
     if not task.force and compare_is_current(task.out_dir, task.baseline_dir, task.followup_dir,
                                              task.config_hash):
         return Outcome(task.subject_id, task.followup, "skipped")
-    task.out_dir.mkdir(parents=True, exist_ok=True)
+    from cartiq.io.outputs import begin_folder
+
+    try:  # incomplete (and emptied) until compare_scans writes its manifest
+        begin_folder(task.out_dir, owned=True, inputs=(task.baseline_dir, task.followup_dir))
+    except Exception as exc:
+        return Outcome(task.subject_id, task.followup, "failed", stage="compare",
+                       error=one_line(exc))
     with _log_to(task.out_dir / "compare.log"):
         try:
             from cartiq.longitudinal.compare import compare_scans
@@ -250,7 +285,6 @@ def process_compare(task: CompareTask) -> Outcome:
             return Outcome(task.subject_id, task.followup, "skipped", stage="compare", notes=[
                 "compare: stage not available in this build (cartiq.longitudinal.compare); skipped"])
         try:
-            (task.out_dir / "manifest.json").unlink(missing_ok=True)
             compare_scans(task.baseline_dir, task.followup_dir, task.out_dir)
         except Exception as exc:
             log.error("%s: comparison failed: %s", task.out_dir, one_line(exc))
@@ -279,7 +313,10 @@ def run_batch(manifest_csv: Path, opts: BatchOptions, progress: Any = None) -> B
 
     t0 = time.perf_counter()
     manifest = read_manifest_csv(manifest_csv, skip_invalid=opts.skip_invalid)
-    out = Path(opts.out)
+    # absolute before anything reaches a worker: a Dask worker has its own working folder
+    out = Path(os.path.abspath(opts.out))
+    if opts.measure_config is not None:
+        opts = dataclasses.replace(opts, measure_config=Path(os.path.abspath(opts.measure_config)))
     check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     with _log_to(out / "batch.log"):
@@ -349,9 +386,12 @@ def _run(manifest: Manifest, opts: BatchOptions, out: Path, progress: Any) -> Ba
                     executor.submit(process_compare, ct)
             else:
                 compares.append(outcome)
-    finally:
+    except BaseException:  # SIGTERM (SystemExit), Ctrl-C, an error: no worker outlives us
         getattr(progress, "stop", lambda: None)()
-        executor.close()
+        executor.close(abort=True)
+        raise
+    getattr(progress, "stop", lambda: None)()
+    executor.close()
     from cartiq.batch.cohort import failure_rows  # after the scans: in-process scans run lean
 
     order = {r.key: i for i, r in enumerate(manifest.rows)}

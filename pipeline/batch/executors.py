@@ -64,9 +64,32 @@ def _init_worker(counter: Any, threads: int, main_pid: int | None = None) -> Non
         _die_with(main_pid)
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # this process only: torch loads it later
+    limit_threads(threads)
     with counter.get_lock():
         _WORKER_INDEX, counter.value = counter.value, counter.value + 1
+
+
+def limit_threads(threads: int) -> None:
+    """This process's CPU threads: BLAS/OpenMP pools already loaded (numpy, scipy, torch's
+    OpenMP) through threadpoolctl, torch's intra-op pool when torch is loaded, and a hook
+    that limits torch's pool when a later stage imports it (segmentation)."""
+    import sys
+
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        _TORCH_THREADS[0] = threads
+
+
+_TORCH_THREADS: list[int | None] = [None]
+
+
+def torch_threads() -> int | None:
+    """The thread share this worker was given (for torch, imported after start-up)."""
+    return _TORCH_THREADS[0]
 
 
 def _die_with(main_pid: int) -> None:
