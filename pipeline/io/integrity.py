@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import bz2
 import hashlib
-import io
 import re
+import struct
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
+
+import numpy as np
 
 from cartiq.errors import InputError
 
-__all__ = ["check_complete"]
+__all__ = ["check_complete", "Checked"]
 
 _CHUNK = 1 << 20
 _MAX_OUT = 1 << 24  # bound the memory of one decompression step
@@ -50,11 +52,20 @@ _MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_ASCII_CHAR": 1, "MET_SHORT": 2
               "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
 
 
-def check_complete(path: Path) -> str | None:
+class Checked(NamedTuple):
+    """What reading a file to its end found: its sha256 and (NIfTI float data) the number
+    of non-finite voxel values."""
+
+    sha256: str
+    nonfinite: int = 0
+
+
+def check_complete(path: Path) -> Checked | None:
     """Check that ``path`` holds all the voxel data its header describes.
 
-    Returns the file's sha256 (``None`` for formats this module does not know, which are
-    left to the reader).  Raises :class:`InputError` naming the file otherwise.
+    Returns the file's sha256 and, for NIfTI float data, the count of NaN/Inf values
+    (``None`` for formats this module does not know, which are left to the reader).
+    Raises :class:`InputError` naming the file otherwise.
     """
     name = path.name.lower()
     try:
@@ -105,16 +116,16 @@ class _Hashing:
 
 def _inflated_length(chunks, path: Path, *, what: str,
                      new: Callable[[], object] = lambda: zlib.decompressobj(47),
-                     head: Callable[[bytes], None] | None = None) -> int:
+                     sink: Callable[[bytes], None] | None = None) -> int:
     """Decompress a gzip/zlib/bzip2 stream to its end; return the decompressed byte count.
 
-    Concatenated gzip members are followed; a bad CRC, trailing garbage or a stream that
-    stops before its end marker is an :class:`InputError`.
+    Every decompressed piece is passed to ``sink`` in order.  Concatenated gzip members are
+    followed; a bad CRC, trailing garbage or a stream that stops before its end marker is an
+    :class:`InputError`.
     """
     d = new()
     bounded = hasattr(d, "unconsumed_tail")  # zlib: bound each step's output
     total = 0
-    first = b""
     try:
         for block in chunks:
             data = block
@@ -124,8 +135,8 @@ def _inflated_length(chunks, path: Path, *, what: str,
                         break
                     d = new()
                 out = d.decompress(data, _MAX_OUT) if bounded else d.decompress(data)
-                if head is not None and len(first) < 1024:
-                    first += out[:1024 - len(first)]
+                if sink is not None and out:
+                    sink(out)
                 total += len(out)
                 data = d.unused_data if d.eof else (d.unconsumed_tail if bounded else b"")
     except (zlib.error, OSError, EOFError, ValueError) as exc:
@@ -138,8 +149,6 @@ def _inflated_length(chunks, path: Path, *, what: str,
     if not d.eof:
         raise InputError(f"{what} stream ends early after {total:,} bytes: the file is "
                          "truncated (partly copied or downloaded?)", path)
-    if head is not None:
-        head(first)
     return total
 
 
@@ -164,45 +173,87 @@ def _prod(values) -> int:
 # ------------------------------------------------------------------------- NIfTI
 
 
-def _nifti_header(first: bytes, path: Path) -> tuple[int, int, str]:
-    """(vox_offset, data bytes, shape text) from the first bytes of a NIfTI file."""
-    import nibabel as nib
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of real floating-point data
 
+
+def _nifti_header(first: bytes, path: Path) -> tuple[int, int, str, np.dtype | None]:
+    """(vox_offset, data bytes, shape text, float dtype or None) from a NIfTI-1/-2 header."""
     if len(first) < 348:
         raise InputError(f"is truncated: {len(first)} bytes, shorter than a NIfTI header",
                          path)
-    sizeof = int.from_bytes(first[:4], "little")
-    if sizeof not in (348, 540):
-        sizeof = int.from_bytes(first[:4], "big")
-    klass = nib.Nifti2Header if sizeof == 540 else nib.Nifti1Header
-    try:
-        hdr = klass.from_fileobj(io.BytesIO(first), check=False)
-        dims = [int(d) for d in hdr["dim"]]
-        bitpix = int(hdr["bitpix"])
-        offset = int(hdr["vox_offset"])
-    except Exception as exc:  # nibabel's header errors are of several types
-        raise InputError(f"not a valid NIfTI header ({str(exc)[:100]})", path) from None
+    end = "<" if struct.unpack("<i", first[:4])[0] in (348, 540) else ">"
+    sizeof = struct.unpack(end + "i", first[:4])[0]
+    if sizeof == 348:
+        dims = struct.unpack(end + "8h", first[40:56])
+        datatype, bitpix = struct.unpack(end + "2h", first[70:74])
+        offset = int(struct.unpack(end + "f", first[108:112])[0])
+    elif sizeof == 540 and len(first) >= 540:
+        datatype, bitpix = struct.unpack(end + "2h", first[12:16])
+        dims = struct.unpack(end + "8q", first[16:80])
+        offset = struct.unpack(end + "q", first[168:176])[0]
+    else:
+        raise InputError(f"not a valid NIfTI header (sizeof_hdr {sizeof})", path)
     ndim = dims[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8:
-        raise InputError(f"not a valid NIfTI header (dim[0]={ndim}, bitpix={bitpix})", path)
+    if not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8 or min(dims[1:ndim + 1]) < 1:
+        raise InputError(f"not a valid NIfTI header (dim {list(dims[:ndim + 1])}, bitpix "
+                         f"{bitpix})", path)
     shape = dims[1:ndim + 1]
-    return offset, _prod(shape) * bitpix // 8, "x".join(map(str, shape)) + f", {bitpix} bit"
+    dtype = np.dtype(end + _NIFTI_FLOATS[datatype]) if datatype in _NIFTI_FLOATS else None
+    return (max(offset, sizeof), _prod(shape) * bitpix // 8,
+            "x".join(map(str, shape)) + f", {bitpix} bit", dtype)
 
 
-def _check_nifti(path: Path, *, gz: bool) -> str:
+class _NiftiScan:
+    """Consumes a NIfTI byte stream in order: parses the header, then counts non-finite
+    values of float data (ITK's reader turns NaN/Inf into 0 without a word)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header: tuple[int, int, str, np.dtype | None] | None = None
+        self.buf = b""
+        self.pos = 0  # stream offset of the next piece
+        self.rest = b""
+        self.nonfinite = 0
+
+    def __call__(self, piece: bytes) -> None:
+        if self.header is None:
+            self.buf += piece
+            if len(self.buf) < 540 and not (len(self.buf) >= 348 and self.buf[:4] in (
+                    struct.pack("<i", 348), struct.pack(">i", 348))):
+                return
+            self.header = _nifti_header(self.buf, self.path)
+            piece, self.buf = self.buf, b""
+        offset, need, _, dtype = self.header
+        lo, hi = max(offset - self.pos, 0), min(offset + need - self.pos, len(piece))
+        self.pos += len(piece)
+        if dtype is None or hi <= lo:
+            return
+        data = self.rest + piece[lo:hi] if self.rest else memoryview(piece)[lo:hi]
+        n = len(data) - len(data) % dtype.itemsize
+        values = np.frombuffer(data[:n], dtype=dtype)
+        self.nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
+        self.rest = bytes(data[n:])
+
+    def finish(self) -> tuple[int, int, str, np.dtype | None]:
+        if self.header is None:
+            self.header = _nifti_header(self.buf, self.path)
+        return self.header
+
+
+def _check_nifti(path: Path, *, gz: bool) -> Checked:
     f = _Hashing(path)
-    if not gz:
-        offset, need, shape = _nifti_header(f.read_head(1024), path)
-        for _ in f.chunks(f.size):  # hash the whole file; nothing to inflate
-            pass
-        _compare(path, f.size - offset, need, shape)
-        return f.hexdigest()
-    found: dict[str, tuple[int, int, str]] = {}
-    total = _inflated_length(f.chunks(), path, what="gzip",
-                             new=lambda: zlib.decompressobj(31), head=lambda first: found.setdefault("h", _nifti_header(first, path)))
-    offset, need, shape = found["h"]
+    scan = _NiftiScan(path)
+    if gz:
+        total = _inflated_length(f.chunks(), path, what="gzip",
+                                 new=lambda: zlib.decompressobj(31), sink=scan)
+    else:
+        total = 0
+        for block in f.chunks():
+            scan(block)
+            total += len(block)
+    offset, need, shape, _ = scan.finish()
     _compare(path, total - offset, need, shape)
-    return f.hexdigest()
+    return Checked(f.hexdigest(), scan.nonfinite)
 
 
 # ------------------------------------------------------------------------- NRRD
@@ -226,7 +277,7 @@ def _text_header(path: Path, *, stop: Callable[[str], bool]) -> tuple[list[str],
                 raise InputError("header has no end (not a NRRD/MetaImage file?)", path)
 
 
-def _check_nrrd(path: Path) -> str:
+def _check_nrrd(path: Path) -> Checked:
     lines, data_start = _text_header(path, stop=lambda ln: not ln.strip())
     if not lines or not lines[0].startswith("NRRD"):
         raise InputError("not a NRRD file (no NRRD magic line)", path)
@@ -258,7 +309,7 @@ def _check_nrrd(path: Path) -> str:
     f = _Hashing(path)
     if "data file" not in fields:
         _check_nrrd_data(f, data_start, n_values, nbytes, shape, encoding, skips)
-        return f.hexdigest()
+        return Checked(f.hexdigest())
     files = _nrrd_data_files(fields["data file"], listed or [], path)
     for _ in f.chunks():  # hash the header file itself
         pass
@@ -268,7 +319,7 @@ def _check_nrrd(path: Path) -> str:
         part = shape + (f", data file {i + 1} of {len(files)}" if len(files) > 1 else "")
         _check_nrrd_data(_Hashing(data), 0, n_values // len(files), nbytes, part, encoding,
                          skips)
-    return f.hexdigest()
+    return Checked(f.hexdigest())
 
 
 def _nrrd_data_files(datafile: str, listed: list[str], path: Path) -> list[Path]:
@@ -340,7 +391,7 @@ def _whole_tokens(chunks):
 # ------------------------------------------------------------------------- MetaImage
 
 
-def _check_metaimage(path: Path) -> str:
+def _check_metaimage(path: Path) -> Checked:
     lines, data_start = _text_header(
         path, stop=lambda ln: ln.split("=")[0].strip().lower() == "elementdatafile")
     fields = {}
@@ -366,7 +417,7 @@ def _check_metaimage(path: Path) -> str:
         if datafile.split()[0].upper() == "LIST" or "%" in datafile:
             for _ in f.chunks():  # multi-file MetaImage: left to the reader
                 pass
-            return f.hexdigest()
+            return Checked(f.hexdigest())
         data = path.parent / datafile
         if not data.is_file():
             raise InputError(f"its data file {datafile} does not exist", path)
@@ -383,4 +434,4 @@ def _check_metaimage(path: Path) -> str:
             _compare(where, have, need, shape, at_least=True)
         else:
             _compare(where, have - header_size, need, shape)
-    return f.hexdigest()
+    return Checked(f.hexdigest())

@@ -63,36 +63,51 @@ class _Masks:
         self.labels, self.affine = labels, affine
         self.boxes = ndimage.find_objects(labels)
 
-    def points(self, value: int | None = None, mask: np.ndarray | None = None,
-               step: int = 1) -> np.ndarray:
-        """World coordinates (N, 3) of the voxels of label ``value`` (or of ``mask``)."""
+    def _crop(self, value: int | None, mask: np.ndarray | None):
         if mask is not None:
             from scipy import ndimage
 
             found = ndimage.find_objects(mask.view(np.uint8))
             box = found[0] if found else None
-            sub = None if box is None else mask[box]
-        else:
-            box = self.boxes[value - 1] if 0 < value <= len(self.boxes) else None
-            sub = None if box is None else self.labels[box] == value
+            return box, (None if box is None else mask[box])
+        box = self.boxes[value - 1] if value is not None and 0 < value <= len(self.boxes) else None
+        return box, (None if box is None else self.labels[box] == value)
+
+    def points(self, value: int, stride: int = 1) -> np.ndarray:
+        """World coordinates (N, 3) of the voxels of label ``value`` (every ``stride``-th
+        voxel along each axis)."""
+        box, sub = self._crop(value, None)
         if box is None:
             return np.zeros((0, 3))
-        idx = np.argwhere(sub)[::step] + np.array([b.start for b in box])
+        idx = np.argwhere(sub[::stride, ::stride, ::stride]) * stride
+        idx += np.array([b.start for b in box])
         return idx @ self.affine[:3, :3].T + self.affine[:3, 3]
 
+    def centroid_x(self, value: int | None = None, mask: np.ndarray | None = None) -> float:
+        """Patient left-right (LPS x) centroid of label ``value`` (or ``mask``) in mm, from
+        the crop's axis projections (no voxel list)."""
+        box, sub = self._crop(value, mask)
+        if box is None:
+            return float("nan")
+        sub8 = sub.view(np.uint8)
+        n = int(sub8.sum(dtype=np.int64))
+        if n == 0:
+            return float("nan")
+        mean = np.array([
+            (np.arange(sub.shape[a]) * sub8.sum(axis=tuple(b for b in range(3) if b != a),
+                                                dtype=np.int64)).sum() / n + box[a].start
+            for a in range(3)])
+        return float(self.affine[0, :3] @ mean + self.affine[0, 3])
+
     def count(self, value: int) -> int:
-        box = self.boxes[value - 1] if 0 < value <= len(self.boxes) else None
-        return 0 if box is None else int(np.count_nonzero(self.labels[box] == value))
-
-
-def _centroid_x(points: np.ndarray) -> float:
-    return float(points[:, 0].mean()) if len(points) else float("nan")
+        box, sub = self._crop(value, None)
+        return 0 if box is None else int(np.count_nonzero(sub))
 
 
 def _fibula(masks: _Masks, fibula: np.ndarray | None, tibia: int) -> SideEvidence | None:
     if fibula is None or not fibula.any():
         return None
-    dx = _centroid_x(masks.points(mask=fibula)) - _centroid_x(masks.points(tibia))
+    dx = masks.centroid_x(mask=fibula) - masks.centroid_x(tibia)
     if not np.isfinite(dx) or abs(dx) < FIBULA_MARGIN_MM:
         return None
     side = _side_of_lateral_x(dx)
@@ -102,7 +117,7 @@ def _fibula(masks: _Masks, fibula: np.ndarray | None, tibia: int) -> SideEvidenc
 
 
 def _plates(masks: _Masks, med: int, lat: int) -> SideEvidence | None:
-    dx = _centroid_x(masks.points(lat)) - _centroid_x(masks.points(med))
+    dx = masks.centroid_x(lat) - masks.centroid_x(med)
     if not np.isfinite(dx) or abs(dx) < PLATES_MARGIN_MM:
         return None
     side = _side_of_lateral_x(dx)
@@ -116,7 +131,7 @@ def _bone_shape(masks: _Masks, femur: int) -> SideEvidence | None:
     n = masks.count(femur)
     if n < 1000:
         return None
-    pts = masks.points(femur, step=max(1, n // 200_000))
+    pts = masks.points(femur, stride=2 if n > 400_000 else 1)
     z = pts[:, 2]
     z_lo, z_hi = np.percentile(z, [0.5, 99.5])
     if z_hi - z_lo < MIN_FEMUR_EXTENT_MM:

@@ -175,12 +175,14 @@ def read_volume(
         from cartiq.io.integrity import check_complete
 
         # ITK zero-fills a cut file: prove the data are complete first (and hash them)
-        sha = check_complete(path)
+        checked = check_complete(path)
         image = _read_itk(path)
         meta = {"format": _format_of(path)}
-        if sha is not None:
-            meta["sha256"] = sha
-        if meta["format"] == "nifti":
+        if checked is not None:
+            meta["sha256"] = checked.sha256
+            if checked.nonfinite:  # counted in the stored NIfTI values (ITK reads them as 0)
+                _raise_nonfinite(checked.nonfinite, path, kind)
+        elif meta["format"] == "nifti":
             _check_nifti_finite(path, kind)
     return _volume_from_sitk(image, path, meta, kind)
 
@@ -228,9 +230,13 @@ def _check_nifti_finite(path: Path, kind: str) -> None:
     except Exception:  # ITK read it; nibabel's opinion is only a second check
         return
     if n:
-        what = "label map contains {} non-finite values" if kind == "labels" else \
-            "contains {} non-finite intensities"
-        raise InputError(what.format(n) + " (NaN or Inf)", path)
+        _raise_nonfinite(n, path, kind)
+
+
+def _raise_nonfinite(n: int, path: Path, kind: str) -> None:
+    what = "label map contains {} non-finite values" if kind == "labels" else \
+        "contains {} non-finite intensities"
+    raise InputError(what.format(n) + " (NaN or Inf)", path)
 
 
 def _format_of(path: Path) -> str:
