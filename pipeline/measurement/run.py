@@ -40,8 +40,8 @@ def run_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
         write_volume(seg_path, new, vol.geometry)
         bml_info["config"] = resolved(cfg)
     extra = {"stage": "run",
-             "segmentation": {k: manifest[k] for k in ("model", "device", "amp", "structures",
-                                                       "timings_s")},
+             "segmentation": {k: manifest.get(k) for k in ("model", "device", "amp", "structures",
+                                                           "medial_lateral_check", "timings_s")},
              "bml": bml_info,
              "warnings": manifest["warnings"]}
     return run_measure(image, seg_path, out_dir, side=side or manifest.get("side"),
