@@ -27,9 +27,10 @@ separately (rigid, 6 degrees of freedom) with SimpleITK:
    what two segmentations of the same bone differ by: ``residual_limit_voxels`` (default 1)
    times the mean extent of one voxel along the bone-surface normal
    (:func:`~cartiq.longitudinal.crops.normal_voxel_extent`, the coarser of the two visits;
-   0.64-0.70 mm at OAI DESS 0.36 x 0.36 x 0.7 mm).  Calibration: a no-change pair of the
-   real pymskt DESS map (re-sampled after a small motion, +-1 voxel boundary jitter) gives
-   0.19-0.27 mm, a follow-up from another knee 1.9-3.6 mm (``benchmarks/registration_flag_bench.py``).
+   0.64-0.71 mm at OAI DESS 0.36 x 0.36 x 0.7 mm).  Calibration: no-change pairs of two
+   real label maps (re-sampled after a small motion, +-1 voxel boundary jitter) give
+   0.18-0.27 mm, a follow-up from another knee 1.9-3.7 mm
+   (``benchmarks/registration_flag_bench.py``, ``docs/longitudinal.md``).
 
 Conventions: world = LPS mm.  ``matrix`` (4x4) maps **follow-up world points to baseline
 world points**; the SimpleITK transform written to disk maps baseline points to follow-up
