@@ -540,10 +540,11 @@ class _DemoProgress:
         self._bar = Progress(TextColumn("[bold]phantoms"), BarColumn(), MofNCompleteColumn(),
                              TimeElapsedColumn())
         self._task = self._bar.add_task("phantoms", total=scans)
-        self._bar.start()
         self.batch = _BatchProgress()
 
     def phantom(self) -> None:
+        if not self._bar.live.is_started:
+            self._bar.start()
         self._bar.update(self._task, advance=1)
         if self._bar.tasks[0].finished:
             self._bar.stop()

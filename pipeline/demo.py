@@ -68,10 +68,12 @@ EFFECTS: dict[str, dict[tuple[str, str], tuple[float, float]]] = {
     "bml_area_rel": {("MSC", "early"): (-0.27, 0.06), ("MSC", "late"): (-0.27, 0.06),
                      ("placebo", "early"): (0.0, 0.06), ("placebo", "late"): (0.03, 0.06)},
 }
-# MOCART: per knee, the fill rises one 25% step (62.5% -> 87.5%) with probability p_fill
-# and the signal improves one category with probability p_signal.
-MOCART_STEPS = {("MSC", "early"): (0.85, 0.5), ("MSC", "late"): (1.0, 0.55),
-                ("placebo", "early"): (0.1, 0.1), ("placebo", "late"): (0.1, 0.1)}
+# MOCART: every repair site starts at 62.5% fill with severely abnormal signal; per knee the
+# fill rises one 25% step (to 87.5%) with probability p_fill, and a site whose fill rose
+# matures to minor abnormal signal with probability p_minor or to normal with p_normal
+# (placebo: the signal stays).  Means: MSC early +9.1, late +10.8, placebo +0.5 points.
+MOCART_STEPS = {("MSC", "early"): (0.85, 0.4, 0.25), ("MSC", "late"): (1.0, 0.4, 0.25),
+                ("placebo", "early"): (0.1, 0.0, 0.0), ("placebo", "late"): (0.1, 0.0, 0.0)}
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ def design_trial(n_per_group: int, seed: int = 0,
     if int(n_per_group) < 2:
         raise InputError(f"--subjects-per-group must be at least 2 (an SD needs two knees), "
                          f"got {n_per_group}")
+    if int(seed) < 0:
+        raise InputError(f"--seed must be 0 or more, got {seed}")
     rng = np.random.default_rng(seed)
     knees = []
     for arm in ARMS:
@@ -145,11 +149,12 @@ def _draw_knee(rng: np.random.Generator, arm: str, group: str, i: int, k: int,
     d_t = rng.normal(*EFFECTS["thickness_mm"][(arm, group)])
     d_a = rng.normal(*EFFECTS["defect_area_rel"][(arm, group)])
     d_b = rng.normal(*EFFECTS["bml_area_rel"][(arm, group)])
-    p_fill, p_sig = MOCART_STEPS[(arm, group)]
-    f0 = 1  # 62.5% fill at baseline (thinner repair tissue reads as inhomogeneous)
-    f1 = min(f0 + int(rng.random() < p_fill), len(FILL_LEVELS_PCT) - 1)
-    s0 = str(rng.choice(["severe", "minor"], p=[0.3, 0.7]))
-    s1 = ({"severe": "minor", "minor": "normal"}[s0] if rng.random() < p_sig else s0)
+    p_fill, p_minor, p_normal = MOCART_STEPS[(arm, group)]
+    f0, s0 = 1, "severe"  # 62.5% fill (thinner repair tissue reads as inhomogeneous)
+    f1, s1 = f0, s0
+    if rng.random() < p_fill:
+        u = rng.random()
+        f1, s1 = f0 + 1, "minor" if u < p_minor else "normal" if u < p_minor + p_normal else s0
     visits = {}
     for v, (ft, scale_a, scale_b, fill, sig) in zip(VISITS, (
             (0.0, 1.0, 1.0, FILL_LEVELS_PCT[f0], s0),

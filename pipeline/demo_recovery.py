@@ -6,7 +6,8 @@ Reads ``OUT/truth.csv`` (planted per knee) and the batch's ``change.csv``, ``moc
 ``planted_vs_recovered.csv``  per outcome x arm x stage group: n, planted mean change,
     recovered mean change, its SD and SRM, the error and its tolerance; and per outcome x
     stage group a row ``arm = MSC - placebo``: the planted and recovered differences between
-    the arms' mean changes and the recovered difference's 95% CI (Welch t, ``scipy.stats``)
+    the arms' mean changes and the recovered difference's 95% CI (Welch t, ``scipy.stats``;
+    a single point when neither arm's changes spread, as with categorical MOCART points)
 ``sample_size.csv``  per outcome x stage group: knees per arm for 80% and 90% power
     (two-sided alpha 0.05) to detect the published effect, with the SD of change the trial
     recovered (between knees, pooled over the arms) and cartiq's precision on it (SD of the
@@ -117,9 +118,11 @@ def recovery_table(truth: pd.DataFrame, recovered: pd.DataFrame) -> pd.DataFrame
             (xm, pm), (xp, pp) = arms["MSC"], arms["placebo"]
             diff, planted_diff = float(xm.mean() - xp.mean()), pm - pp
             lo = hi = math.nan
-            if len(xm) > 1 and len(xp) > 1 and (xm.std() > 0 or xp.std() > 0):
+            if len(xm) > 1 and len(xp) > 1 and (np.ptp(xm) > 0 or np.ptp(xp) > 0):
                 ci = stats.ttest_ind(xm, xp, equal_var=False).confidence_interval(0.95)
                 lo, hi = float(ci.low), float(ci.high)
+            elif len(xm) > 1 and len(xp) > 1:  # no spread in either arm: the interval is a point
+                lo = hi = diff
             tol = _tolerance(planted_diff, unit)
             rows.append({"outcome": outcome, "structure": structure, "unit": unit,
                          "arm": DIFF_ARM, "stage_group": group, "n": len(xm) + len(xp),
@@ -129,7 +132,7 @@ def recovery_table(truth: pd.DataFrame, recovered: pd.DataFrame) -> pd.DataFrame
                          "sign_ok": (bool(np.sign(diff) == np.sign(planted_diff))
                                      if abs(planted_diff) > tol else None),
                          "ci95_low": lo, "ci95_high": hi,
-                         "ci_covers_planted": (bool(lo <= planted_diff <= hi)
+                         "ci_covers_planted": (bool(lo - 1e-9 <= planted_diff <= hi + 1e-9)
                                                if math.isfinite(lo) else None)})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
