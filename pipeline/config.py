@@ -71,7 +71,7 @@ class DefectConfig(Strict):
 
 class LesionConfig(Strict):
     min_lesion_volume_mm3: float = Field(5.0, ge=0)
-    connectivity: int = Field(26, description="6, 18 or 26")
+    connectivity: Literal[6, 18, 26] = Field(26, description="voxel neighbourhood: 6, 18 or 26")
 
 
 class RegionConfig(Strict):

@@ -126,3 +126,15 @@ def test_docs_example_runs(tmp_path):
     exec(compile(code, str(DOCS), "exec"), ns)  # noqa: S102 - our own documentation
     assert (tmp_path / "baseline" / "manifest.json").is_file()
     assert (tmp_path / "change" / "change.csv").is_file()
+
+
+def test_thickness_map_respects_its_distance_cap(phantoms):
+    from cartiq.config import MeasureConfig
+    from cartiq.measurement.measure import measure_labels
+
+    ph = phantoms[0]
+    default = measure_labels(ph.labels.array, ph.labels.geometry, side="right")
+    capped = measure_labels(ph.labels.array, ph.labels.geometry, side="right",
+                            config=MeasureConfig(thickness={"map_max_distance_mm": 0.5}))
+    full, near = np.count_nonzero(default.thickness_map), np.count_nonzero(capped.thickness_map)
+    assert full > 0 and 0 < near < 0.8 * full  # voxels > 0.5 mm from the tAB get no value

@@ -159,3 +159,12 @@ def test_dicom_out_on_real_dicom_series(data_mirror, tmp_path):
     assert src_uid in refs
     sr = pydicom.dcmread(out / manifest["dicom_out"]["sr"])
     assert sr.Modality == "SR"
+
+
+def test_lesion_connectivity_must_be_6_18_or_26(scan, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lesions:\n  connectivity: 7\n")
+    res = _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o",
+                  tmp_path / "o", "--config", cfg)
+    _one_line_error(res, "c.yaml", "lesions.connectivity")
+    assert not (tmp_path / "o").exists()

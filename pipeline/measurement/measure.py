@@ -173,9 +173,10 @@ def _measure_plate(name: str, labels: np.ndarray, bone_mask: np.ndarray, geometr
     vox = np.argwhere(cart)
     region_volume: dict[str, float] = {}
     if len(vox):
-        _, nearest = cKDTree(surf.points_mm).query((vox + offset_index) * spacing, workers=-1)
+        dist, nearest = cKDTree(surf.points_mm).query((vox + offset_index) * spacing,
+                                                      workers=-1)
         t_vox = thickness[nearest]
-        ok = np.isfinite(t_vox)
+        ok = np.isfinite(t_vox) & (dist <= config.thickness.map_max_distance_mm)
         thickness_map[tuple(vox[ok].T)] = t_vox[ok]
         counts = Counter(region[nearest].tolist())
         voxvol = geometry.voxel_volume_mm3

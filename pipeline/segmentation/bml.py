@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -46,7 +47,7 @@ class BMLConfig(Strict):
     half_max_fraction: float = Field(0.5, gt=0, lt=1,
         description="lesion extent: above median + fraction * (peak - median)")
     min_lesion_volume_mm3: float = Field(20.0, ge=0)
-    connectivity: int = Field(26, description="6, 18 or 26")
+    connectivity: Literal[6, 18, 26] = Field(26, description="voxel neighbourhood: 6, 18 or 26")
 
 
 def load_bml_config(path: Path | None = None) -> BMLConfig:
