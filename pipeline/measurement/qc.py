@@ -25,8 +25,8 @@ Flags (each a :class:`QCFlag` with a code, a severity and a message naming the s
 ``registration`` (warning)     longitudinal only: registration residual above
                                ``max_registration_residual_mm``.
 
-The figure (drawn by :mod:`cartiq.measurement.qc_figure`) has one row per cartilage plate: the label outlines over the image on the three
-planes through the plate's centroid (the index planes closest to sagittal, coronal and
+The figure (drawn by :mod:`cartiq.measurement.qc_figure`) has one row per cartilage plate:
+the label outlines over the image on the three planes through the plate's centroid (the index planes closest to sagittal, coronal and
 axial, shown in radiological orientation with millimetre aspect), and the plate's thickness
 map in 2D with a colour bar in mm (drawing in :mod:`cartiq.measurement.qc_maps`: femur unrolled as
 the angle around the left-right axis through the condyles against the left-right position;
