@@ -238,6 +238,9 @@ def test_no_bone_registered_exit_2(visits, tmp_path, capsys):
     s = default_scheme()
     arr = np.where(np.isin(seg.array, [s[b] for b in ("femur", "tibia", "patella")]), 0, seg.array)
     write_volume(fu / "segmentation.nii.gz", arr.astype(np.uint8), seg.geometry)
+    from cartiq.io.outputs import write_manifest  # record the edited file: a complete folder
+
+    write_manifest(fu, json.loads((fu / "manifest.json").read_text()))
     with pytest.raises(SystemExit) as exc:
         main(["compare", "--baseline", str(visits["baseline"]), "--followup", str(fu),
               "-o", str(tmp_path / "out")])

@@ -107,8 +107,8 @@ def begin_folder(folder: Path, *, fresh: bool = True,
 
 
 def _empty(folder: Path) -> None:
-    """Remove everything in ``folder`` but its logs (``*.log``: a batch opens the scan's log
-    before the stage begins the folder, and starts it afresh itself); the incomplete mark
+    """Remove everything in ``folder`` but its logs (``*.log``: a batch scan's log is the
+    history of its runs, open while the stages begin their folders); the incomplete mark
     goes last."""
     import shutil
 

@@ -123,11 +123,12 @@ def _nifti_extent(head: bytes, final: Path) -> tuple[int, int]:
 
 def _check_csv(path: Path, final: Path) -> None:
     with open(path, encoding="utf-8", newline="") as fh:
-        rows = csv.reader(fh)
-        header = next(rows, None)
-        if not header:
-            raise OutputError("written CSV has no header", final)
-        for n, row in enumerate(rows, start=2):
-            if len(row) != len(header):
+        header = None
+        for n, row in enumerate(csv.reader(fh), start=1):
+            if not row:  # a blank line (an empty table is written as one)
+                continue
+            if header is None:
+                header = row
+            elif len(row) != len(header):
                 raise OutputError(f"written CSV line {n} has {len(row)} fields, the header "
                                   f"{len(header)}", final)

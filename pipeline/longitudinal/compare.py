@@ -285,8 +285,10 @@ def _row(structure, region, metric, base, follow, unit, note, sdc: SdcConfig,
 
 def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: str | Path, *,
                   config: CompareConfig | None = None,
-                  allow_mismatch: bool = False) -> CompareResult:
-    """Compare a follow-up scan with its baseline; write the change outputs to ``out_dir``.
+                  allow_mismatch: bool = False, fresh: bool = True) -> CompareResult:
+    """Compare a follow-up scan with its baseline; write the change outputs to ``out_dir``
+    (``fresh``: emptied first, and refused when it holds a visit folder; ``False``: keep the
+    visit folders :func:`compare_inputs` measured into it).
 
     Raises
     ------
@@ -304,14 +306,15 @@ def compare_scans(baseline_dir: str | Path, followup_dir: str | Path, out_dir: s
     for name, folder in (("baseline", baseline_dir), ("follow-up", followup_dir)):
         if Path(folder).resolve() == out.resolve():
             raise InputError(f"the output folder is the {name} folder; choose another", out)
-    check_writable(out, inputs=(baseline_dir, followup_dir))
+    visits = (baseline_dir, followup_dir) if fresh else ()
+    check_writable(out, inputs=visits)
     bl, fu = load_visit(baseline_dir, "baseline"), load_visit(followup_dir, "follow-up")
     warnings = bl.warnings + fu.warnings + _acquisition_warnings(bl, fu)
     manifest: dict[str, Any] = {
         "stage": "compare",
         "inputs": {"baseline": _describe(bl), "followup": _describe(fu)},
         "config": resolved(cfg), "config_hash": config_hash(cfg)}
-    begin_folder(out, inputs=(baseline_dir, followup_dir))
+    begin_folder(out, fresh=fresh, inputs=visits)
     _remove_stale(out)
 
     def fail(status: str, message: str, regs=None, reasons=()) -> None:
@@ -506,12 +509,14 @@ def compare_inputs(baseline_image: Path, baseline_seg: Path, followup_image: Pat
                    allow_mismatch: bool = False) -> CompareResult:
     """Measure two image + label-map pairs into ``out_dir/baseline`` and ``/followup``,
     then :func:`compare_scans` them."""
+    from cartiq.io.outputs import begin_folder
     from cartiq.measurement.measure import run_measure
 
     out = Path(out_dir)
+    begin_folder(out, inputs=(baseline_image, baseline_seg, followup_image, followup_seg))
     run_measure(Path(baseline_image), Path(baseline_seg), out / "baseline", labels=labels,
                 side=side, config_path=measure_config)
     run_measure(Path(followup_image), Path(followup_seg), out / "followup", labels=labels,
                 side=side, config_path=measure_config)
     return compare_scans(out / "baseline", out / "followup", out, config=config,
-                         allow_mismatch=allow_mismatch)
+                         allow_mismatch=allow_mismatch, fresh=False)

@@ -48,4 +48,4 @@ def run_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
                        side_source="flag" if side else (manifest.get("side_source") or "flag"),
                        side_override=side_override,
                        config_path=measure_config, series=series, echo=echo,
-                       extra_manifest=extra)
+                       extra_manifest=extra, fresh=False)

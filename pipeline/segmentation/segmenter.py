@@ -348,7 +348,7 @@ def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
 
     t0 = time.monotonic()
     out_dir = Path(out_dir)
-    check_writable(out_dir)
+    check_writable(out_dir, inputs=(image,))
     vol = read_volume(image, series=series, echo=echo, kind="image")
     check_knee_like(vol)
     t_read = time.monotonic() - t0
@@ -356,7 +356,7 @@ def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
     result = seg.run(vol, side=side, side_override=side_override)
     t1 = time.monotonic()
     check_knee_found(result.labels, vol.geometry, image)
-    begin_folder(out_dir)
+    begin_folder(out_dir, inputs=(image,))
     path = write_volume(out_dir / "segmentation.nii.gz", result.labels, vol.geometry)
     info = result.info
     manifest = {
