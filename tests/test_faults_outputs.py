@@ -301,6 +301,23 @@ def test_batch_scan_folder_holding_an_input_fails_that_scan(ph, tmp_path):
     assert seg.is_file() and not (folder / "manifest.json").exists()
 
 
+def test_batch_file_size_limit_is_the_scans_failure_row(ph, tmp_path):
+    import pandas as pd
+
+    manifest, out = _manifest(ph, tmp_path / "manifest.csv", 1), tmp_path / "out"
+    rc, err = _cli(["batch", str(manifest), "-o", str(out), "--workers", "1", "--no-progress",
+                    "--no-report"], shell_prefix="ulimit -f 40;")
+    assert rc == 3, err
+    assert "Traceback" not in err
+    fail = pd.read_csv(out / "failures.csv")
+    assert fail[["subject_id", "timepoint", "stage"]].values.tolist() == [["S01", "baseline",
+                                                                           "measure"]]
+    scan = out / "S01" / "baseline"
+    assert fail.error[0].startswith(f"{scan / 'thickness.nii.gz'}: written file is damaged")
+    _assert_not_complete(scan)
+    assert (scan / INCOMPLETE_MARK).exists() and not (scan / "thickness.nii.gz").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
