@@ -185,6 +185,8 @@ def plate_surface(cartilage: np.ndarray, bone: np.ndarray, spacing_mm, *,
     >>> round(float(np.nanmedian(s.thickness_mm)), 2)
     2.0
     """
+    if method not in ("nearest", "normal"):
+        raise ValueError(f"thickness method must be 'nearest' or 'normal', not {method!r}")
     spacing = np.asarray(spacing_mm, dtype=float)
     box = crop_box(cartilage, spacing, margin_mm)
     if box is None:
