@@ -167,6 +167,22 @@ def test_cut_dicom_slice_error_names_the_file(data_mirror, knee, tmp_path, keep)
     _fails_cleanly(res, out, victim, "DICOM file is", "truncated")
 
 
+def test_dicom_sha256_covers_exactly_the_files_read(data_mirror):
+    """A multi-echo folder: the hash is of the 24 files of echo 2, not of the folder."""
+    import pydicom
+
+    folder = data_mirror / "pymskt_mese_t2"
+    vol = read_volume(folder, echo=2)
+    files = sorted((p for p in folder.iterdir() if p.is_file() and str(
+        pydicom.dcmread(p, stop_before_pixels=True).get("EchoNumbers")) == "2"),
+        key=lambda p: p.name)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    assert len(files) == 24 and vol.meta["sha256"] == h.hexdigest()
+
+
 # ---------------------------------------------------------------------- empty label map
 
 

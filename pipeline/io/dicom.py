@@ -244,8 +244,23 @@ def _read_echo(info: SeriesInfo, folder: Path, echo: int | None) -> tuple[Any, d
         sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     meta = header_meta_from_dataset(items[0][1])
     meta.update({"format": "dicom", "echo": chosen, "n_echoes": len(echoes),
-                 "n_slices": len(files), "files": [str(f) for f in files]})
+                 "n_slices": len(files), "files": [str(f) for f in files],
+                 "sha256": _sha256_of(files)})
     return image, meta
+
+
+def _sha256_of(files: list[Path]) -> str:
+    """sha256 of exactly the files read: each file's name, then its bytes, in name order
+    (not the whole folder, which may hold other series)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda p: p.name):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def header_meta_from_dataset(ds: Any) -> dict[str, Any]:
