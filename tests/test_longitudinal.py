@@ -192,6 +192,8 @@ def test_no_change_pair_within_sdc(nochange):
         assert abs(_value(df, plate, "thickness_mean").change) < 0.05
     assert result.status == "ok" and not result.mismatch_reasons
     assert all(r.converged and not r.residual_flag for r in result.registrations.values())
+    qc = json.loads((out / "manifest.json").read_text())["qc"]
+    assert qc["status"] == "pass" and qc["flags"] == [] and set(qc["bones"]) == {"femur", "tibia", "patella"}
     dt = pd.read_csv(out / "defect_tracking.csv")
     full = dt[dt.baseline_kind == "full"].iloc[0]
     assert full.status == "stable"
@@ -209,6 +211,8 @@ def test_mismatched_pair_detected(visits, tmp_path):
     assert not (out / "change.csv").exists()
     doc = json.loads((out / "registration.json").read_text())
     assert any(b["residual_flag"] for b in doc["bones"].values())
+    assert manifest["qc"]["status"] == "fail"
+    assert "mismatch" in {f["code"] for f in manifest["qc"]["flags"]}
 
 
 @pytest.mark.slow
