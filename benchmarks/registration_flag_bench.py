@@ -14,7 +14,7 @@ Target: 0 of the bones of a no-change pair flagged; a pair with a wrong bone cor
 
 Prints one line per pair and bone: residual (mean, RMS, p95), its limit, the flag, Dice,
 volume ratio and the residual in units of the voxel extent along the surface normal.  Not a
-test: run it by hand (about 4 min on 2 busy cores),
+test: run it by hand (about 9 min on 2 busy cores),
 
     python benchmarks/registration_flag_bench.py [--mirror ../shared/data]
 """
