@@ -29,10 +29,15 @@ print('torch==' + version('torch').split('+')[0])" > /tmp/constraints.txt
 
 WORKDIR /opt/cartiq
 
-# dependency layer: cached until pyproject.toml changes
+# dependency layer: cached until pyproject.toml changes.  The optional extra nnunet
+# (nnU-Net v2 models, huggingface_hub for `cartiq models fetch`) is included; the repo's
+# constraints apply except its torch pin (the base image's torch stays).
 COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
-open('/tmp/requirements.txt', 'w').write('\n'.join(d['project']['dependencies']) + '\n')" \
+COPY scripts/constraints.txt /tmp/repo-constraints.txt
+RUN grep -v '^torch==' /tmp/repo-constraints.txt >> /tmp/constraints.txt \
+ && python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
+reqs = d['project']['dependencies'] + d['project']['optional-dependencies']['nnunet']; \
+open('/tmp/requirements.txt', 'w').write('\n'.join(reqs) + '\n')" \
  && pip install -c /tmp/constraints.txt -r /tmp/requirements.txt
 
 # the package, its configs and the default model weights: built into a wheel (configs,

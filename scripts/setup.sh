@@ -5,4 +5,5 @@ if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 python -m pip install -q --upgrade pip >/dev/null
 # torch first, pinned: the CPU wheel 2.13.0 (a looser request could pull a CUDA build)
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e "${1:-.}"
+# everything else with the same pin (scripts/constraints.txt), extras included (e.g. nnunet)
+python -m pip install -q -c scripts/constraints.txt -e "${1:-.}"

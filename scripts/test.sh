@@ -2,7 +2,7 @@
 # Set up a virtual environment with everything cartiq needs, then run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/setup.sh ".[test]"
+. scripts/setup.sh ".[test,nnunet]"   # nnunet: the nnU-Net tests run in CI too
 # headless Chromium for the HTML report screenshot tests (skipped when it cannot be installed)
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \

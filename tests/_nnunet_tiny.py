@@ -112,7 +112,52 @@ def _shrink_plans(path: str) -> None:
     save_json(plans, path, sort_keys=False)
 
 
-def _train(config: str, plans_id: str, iters: int, validate: bool) -> None:
+def _fit(t, steps: int) -> None:
+    """Fit the trainer's network on the whole preprocessed cases (no augmentation) so the
+    tiny model really segments the phantom, then save it with nnU-Net's own checkpointing.
+    A cascade stage sees the true labels one-hot as its previous stage (as nnU-Net feeds it)."""
+    import torch
+    import torch.nn.functional as F
+    from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+
+    torch.manual_seed(0)
+    ds, _ = t.get_tr_and_val_datasets()
+    xs, ys = [], []
+    for key in sorted(ds.identifiers):
+        data, seg = (np.asarray(a) for a in ds.load_case(key)[:2])
+        x = torch.from_numpy(data.astype(np.float32))
+        if t.is_cascaded:
+            onehot = convert_labelmap_to_one_hot(np.clip(seg[0], 0, None),
+                                                 t.label_manager.foreground_labels, np.float32)
+            x = torch.cat([x, torch.as_tensor(onehot)])
+        xs.append(x)
+        ys.append(torch.from_numpy(seg[0].astype(np.int64)))
+    shape = np.max([x.shape[1:] for x in xs], axis=0)
+    shape = [int(-(-s // 4) * 4) for s in shape]  # two stride-2 stages
+
+    def pad(a: torch.Tensor, value: float) -> torch.Tensor:
+        d = [s - n for s, n in zip(shape, a.shape[-3:])]
+        return F.pad(a, (0, d[2], 0, d[1], 0, d[0]), value=value)
+
+    x = torch.stack([pad(a, 0.0) for a in xs])
+    y = torch.stack([pad(a, -1) for a in ys])
+    net = t.network
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(steps):
+        out = net(x)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        loss = F.cross_entropy(out, y, ignore_index=-1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    sys.stdout.write(f"{t.configuration_name}: fitted {steps} steps, loss {float(loss):.3f}\n")
+    for name in ("checkpoint_final.pth", "checkpoint_best.pth"):
+        t.save_checkpoint(os.path.join(t.output_folder, name))
+
+
+def _train(config: str, plans_id: str, iters: int, validate: bool, fit_steps: int) -> None:
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
@@ -122,6 +167,8 @@ def _train(config: str, plans_id: str, iters: int, validate: bool) -> None:
     t.num_iterations_per_epoch = iters
     t.num_val_iterations_per_epoch = 1
     t.run_training()
+    if fit_steps:
+        _fit(t, fit_steps)
     if validate:  # writes predicted_next_stage/, the cascade stage's training input
         t.perform_actual_validation(False)
 
@@ -142,7 +189,7 @@ def _prune(results: str) -> None:
                 shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
-def build(out: str, iters: int = 2, n_cases: int = 4) -> str:
+def build(out: str, iters: int = 1, n_cases: int = 4, fit_steps: int = 80) -> str:
     """Build the cascade under ``out`` (this process's environment is changed: run it alone)."""
     out = os.path.abspath(out)
     work = tempfile.mkdtemp(prefix="tiny_nnunet_")
@@ -177,8 +224,8 @@ def build(out: str, iters: int = 2, n_cases: int = 4) -> str:
     ids = [f"knee_{c:03d}" for c in range(n_cases)]
     save_json([{"train": ids, "val": ids}], os.path.join(pre, "splits_final.json"))
     os.environ["nnUNet_n_proc_DA"] = "0"  # single-threaded augmentation (0 breaks planning)
-    _train("3d_lowres", plans_id, iters, validate=True)
-    _train("3d_cascade_fullres", plans_id, iters, validate=False)
+    _train("3d_lowres", plans_id, iters, validate=True, fit_steps=fit_steps)
+    _train("3d_cascade_fullres", plans_id, iters, validate=False, fit_steps=fit_steps)
     _prune(out)
     shutil.rmtree(work, ignore_errors=True)
     return os.path.join(out, DATASET)
@@ -187,8 +234,9 @@ def build(out: str, iters: int = 2, n_cases: int = 4) -> str:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=1, help="nnU-Net training iterations")
+    ap.add_argument("--fit-steps", type=int, default=80, help="plain full-image steps after")
     args = ap.parse_args()
     t0 = time.time()
-    path = build(args.out, args.iters)
+    path = build(args.out, args.iters, fit_steps=args.fit_steps)
     sys.stdout.write(f"{path} built in {time.time() - t0:.1f} s\n")

@@ -73,6 +73,9 @@ def test_installs_this_package_with_its_dependencies(pyproject):
     # dependencies come from pyproject itself (cannot drift), torch constrained to the base
     dep_run = next(r for r in runs if "pyproject.toml" in r)
     assert "['project']['dependencies']" in dep_run and "-c /tmp/constraints.txt" in dep_run
+    # the image runs nnU-Net models too: the nnunet extra, with the repo's constraints
+    assert "['optional-dependencies']['nnunet']" in dep_run
+    assert "constraints.txt" in dep_run and (ROOT / "scripts" / "constraints.txt").is_file()
     idx_pkg = next(i for i, (op, rest) in enumerate(ins)
                    if op == "COPY" and rest.startswith("pipeline/"))
     idx_install = next(i for i, (op, rest) in enumerate(ins)
@@ -109,7 +112,7 @@ def test_models_and_configs_are_baked_in():
         assert files, folder
         for f in files:
             assert not ignored(str(f.relative_to(ROOT))), f
-    for needed in ("pyproject.toml", "README.md"):
+    for needed in ("pyproject.toml", "README.md", "scripts/constraints.txt"):
         assert not ignored(needed)
     assert ignored(".git") and ignored("tests")
     weights = list((ROOT / "models").rglob("model.pt"))
