@@ -264,14 +264,17 @@ def test_results_do_not_depend_on_storage(registry_env):
     la = seg.segment(a)
     lb = seg.segment(b)
     back, _ = reorient(la, a.geometry, (2, 0, 1), (True, False, True))
+    assert (lb > 0).sum() > 1000
     assert np.array_equal(back, lb)  # same labels at the same world positions
     # the check can fail: without cartiq's re-storing, nnU-Net's labels follow the storage
     runner = seg.model.network
-    raw_a = runner.predict(a)
     runner.spec = runner.spec.model_copy(update={"orientation": None})
-    raw_b = runner.predict(b)
-    assert not np.array_equal(reorient(raw_a, a.geometry, (2, 0, 1), (True, False, True))[0],
-                              raw_b)
+    lut = np.zeros(10, np.uint8)
+    for k, v in TO_CARTIQ.items():
+        lut[k] = v
+    as_stored = lut[runner.predict(b)]
+    fg = lb > 0
+    assert (as_stored[fg] == lb[fg]).mean() < 0.9
 
 
 def test_nnunet_not_imported_by_cartiq_or_segmentation():

@@ -161,11 +161,8 @@ def _model_config_fold(folder: Path) -> list[str] | None:
     return None if fold is None else [str(fold)]
 
 
-def inspect_results(path: Path, *, configuration: str | None = None,
-                    folds: list[str] | None = None, checkpoint: str | None = None,
-                    fold_rule: str | None = None) -> dict[str, Any]:
-    """The ``nnunet`` entry (stages in run order, folds, checkpoint) of a results folder."""
-    path = Path(path)
+def _layout(path: Path) -> dict[str, Any]:
+    """trainer, plans, dataset and trained-model folder per configuration of ``path``."""
     if not path.is_dir():
         raise ModelError("is not a folder (an nnU-Net results folder is needed)", path)
     trained = find_trained_folders(path)
@@ -181,6 +178,21 @@ def inspect_results(path: Path, *, configuration: str | None = None,
                          + "); pass the dataset's folder of one, or one trained-model folder",
                          path)
     by_conf = {c: f for f, (_, _, c) in ids.items()}
+    any_folder = trained[0]
+    dataset = any_folder.parent.name
+    if not re.match(r"Dataset\d+_", dataset):
+        dataset = str(_read_json(any_folder / "plans.json").get("dataset_name", ""))
+    return {"trainer": groups[0][0], "plans": groups[0][1], "dataset": dataset,
+            "by_conf": by_conf}
+
+
+def inspect_results(path: Path, *, configuration: str | None = None,
+                    folds: list[str] | None = None, checkpoint: str | None = None,
+                    fold_rule: str | None = None) -> dict[str, Any]:
+    """The ``nnunet`` entry (stages in run order, folds, checkpoint) of a results folder."""
+    path = Path(path)
+    lay = _layout(path)
+    by_conf = lay["by_conf"]
     if configuration is None:
         configuration = next((c for c in PREFERENCE if c in by_conf), sorted(by_conf)[0])
         if len(by_conf) > 1:
@@ -197,7 +209,8 @@ def inspect_results(path: Path, *, configuration: str | None = None,
             break
         if prev not in by_conf:
             raise ModelError(f"{chain[0]} is a cascade stage but its low-res stage {prev!r} is "
-                             f"missing (expected a folder {'__'.join(groups[0])}__{prev})", path)
+                             f"missing (expected a folder {lay['trainer']}__{lay['plans']}__"
+                             f"{prev})", path)
         chain.insert(0, prev)
     checkpoint = checkpoint or "checkpoint_final.pth"
     stages = []
@@ -209,12 +222,7 @@ def inspect_results(path: Path, *, configuration: str | None = None,
             use = _folds(folder, checkpoint, None)[:1]
         stages.append({"configuration": conf, "folder": str(folder.resolve()),
                        "folds": _folds(folder, checkpoint, use), "checkpoint": checkpoint})
-    dataset_json = by_conf[configuration] / "dataset.json"
-    dataset = by_conf[configuration].parent.name
-    if not re.match(r"Dataset\d+_", dataset):
-        dataset = str(_read_json(by_conf[configuration] / "plans.json").get("dataset_name", ""))
-    log.debug("nnU-Net model %s: stages %s (%s)", path, chain, dataset_json)
-    return {"trainer": groups[0][0], "plans": groups[0][1], "dataset": dataset,
+    return {"trainer": lay["trainer"], "plans": lay["plans"], "dataset": lay["dataset"],
             "configuration": configuration, "stages": stages}
 
 
@@ -309,8 +317,7 @@ def describe_results(path: Path, *, name: str | None = None, labels: str | Path 
 
     path = Path(path)
     registry = known_models() if registry is None else registry
-    spec = inspect_results(path, configuration=configuration)
-    known = match_known(spec, registry)
+    known = match_known(_layout(path), registry)
     entry = registry.get(known, {}) if known else {}
     if known:
         log.info("%s is the known model %s (configs/known_models.yaml)", path, known)
