@@ -89,15 +89,20 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
         comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
         counts = np.bincount(comps.ravel(), minlength=n + 1)
         keep = counts * vox >= min_component_mm3
+        # distance to each bone the label is limited by (reused by _trim), else to their union
+        own = [b for b in bones if b in by_name] if "bone_marrow" not in name else []
+        dists = {b: edt.edt(sub != by_name[b], anisotropy=tuple(sp), black_border=False)
+                 for b in own if (sub == by_name[b]).any()}
         bone = np.isin(sub, [by_name[b] for b in bones if b in by_name])
         if bone.any():
-            dist = edt.edt(~bone, anisotropy=tuple(sp), black_border=False)
+            dist = np.minimum.reduce(list(dists.values())) if dists else \
+                edt.edt(~bone, anisotropy=tuple(sp), black_border=False)
             touching = np.zeros(n + 1, bool)
             touching[np.unique(comps[mask & (dist <= max_mm)])] = True
             keep &= touching
         keep[0] = True
         sub[mask & ~keep[comps]] = 0
-        _trim(sub, value, name, by_name, sp, vox, min_component_mm3)
+        _trim(sub, value, name, by_name, dists, vox, min_component_mm3)
     return out
 
 
@@ -106,11 +111,11 @@ MENISCUS_BAND_MM = {"tibia": 14.0, "femur": 17.0}
 BML_MAX_OUTSIDE = 0.35
 
 
-def _trim(sub: np.ndarray, value: int, name: str, by_name: dict[str, int], sp: np.ndarray,
-          vox: float, min_component_mm3: float) -> None:
-    """Voxel-level anatomical limits of one soft label (in place, on a padded crop)."""
+def _trim(sub: np.ndarray, value: int, name: str, by_name: dict[str, int],
+          dists: dict[str, np.ndarray], vox: float, min_component_mm3: float) -> None:
+    """Voxel-level anatomical limits of one soft label (in place, on a padded crop;
+    ``dists``: distance (mm) of every crop voxel to each of its bones)."""
     import cc3d
-    import edt
 
     mask = sub == value
     if not mask.any():
@@ -122,9 +127,8 @@ def _trim(sub: np.ndarray, value: int, name: str, by_name: dict[str, int], sp: n
     else:
         bands = {}
     for bone, mm in bands.items():
-        b = sub == by_name[bone]
-        if b.any():
-            far = mask & (edt.edt(~b, anisotropy=tuple(sp), black_border=False) > mm)
+        if bone in dists:
+            far = mask & (dists[bone] > mm)
             sub[far] = 0
             mask &= ~far
     if name == "bone_marrow_lesion":
@@ -221,23 +225,29 @@ def check_medial_lateral(out: np.ndarray, geom: Geometry, side: str | None) -> d
         return {"checked": False, "relabelled_voxels": {}}
     s = default_scheme()
     sign = lateral_sign(side)
+    values = [s[f"{m}_{k}"] for k in ("tibial_cartilage", "meniscus") for m in ("medial", "lateral")]
+    box = bbox(np.isin(out, values))
+    if box is None:
+        return {"checked": False, "relabelled_voxels": {}}
+    sub = out[box]  # a view: relabelling writes through
+    start = np.array([b.start for b in box])
     aff = geom.affine
 
     def x_of(idx: np.ndarray) -> np.ndarray:
-        return idx @ aff[0, :3] + aff[0, 3]
+        return (idx + start) @ aff[0, :3] + aff[0, 3]
 
-    cents = [np.argwhere(out == s[n]).mean(0) for n in
-             ("medial_tibial_cartilage", "lateral_tibial_cartilage") if (out == s[n]).any()]
+    cents = [np.argwhere(sub == s[n]).mean(0) for n in
+             ("medial_tibial_cartilage", "lateral_tibial_cartilage") if (sub == s[n]).any()]
     if len(cents) == 2:
         mid = float(x_of(np.array(cents)).mean())
     elif (out == s["tibia"]).any():
-        mid = float(x_of(np.argwhere(out == s["tibia"]).mean(0)[None])[0])
+        mid = float((np.argwhere(out == s["tibia"]).mean(0) @ aff[0, :3]) + aff[0, 3])
     else:
         return {"checked": False, "relabelled_voxels": {}}
     moved: dict[str, int] = {}
     for kind in ("tibial_cartilage", "meniscus"):
         med, lat = s[f"medial_{kind}"], s[f"lateral_{kind}"]
-        masks = {med: out == med, lat: out == lat}
+        masks = {med: sub == med, lat: sub == lat}
         for value, mask in masks.items():
             if not mask.any():
                 continue
@@ -247,7 +257,7 @@ def check_medial_lateral(out: np.ndarray, geom: Geometry, side: str | None) -> d
             wrong = np.flatnonzero(lateral != (value == lat)) + 1
             if len(wrong):
                 sel = np.isin(comps, wrong)
-                out[sel] = lat if value == med else med
+                sub[sel] = lat if value == med else med
                 moved[s.name_of(value)] = int(sel.sum())
     if moved:
         log.warning("medial/lateral split checked against the %s side: relabelled %s", side,
