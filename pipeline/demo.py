@@ -48,9 +48,9 @@ VISITS = ("baseline", "m12")
 # voxel grids of the simulated sites' protocols (i, j in-plane; k = slice), mm
 GRIDS = ((0.7, 0.7, 1.2), (0.75, 0.75, 1.3), (0.8, 0.8, 1.5))
 REPAIR_CONSTANT_POINTS = 65.0  # integration 15 + surface 10 + structure 10 + bony 10 + subchondral 20
-# repair tissue: fill levels (% of the native thickness, mid-step of the 25% categories) and
-# signal ratios (repair / native intensity) of the three signal categories
-FILL_LEVELS_PCT = (37.5, 62.5, 87.5)
+# repair tissue: fill levels (% of the native thickness: 75-99% and complete / minor
+# hypertrophy, 100-150%) and signal ratios (repair / native intensity) of the three signal categories
+FILL_LEVELS_PCT = (87.5, 110.0)
 SIGNAL_RATIO = {"severe": 0.3, "minor": 0.65, "normal": 1.0}
 
 # Planted 12-month changes (mean, between-knee SD) per arm x stage group, around:
@@ -68,10 +68,11 @@ EFFECTS: dict[str, dict[tuple[str, str], tuple[float, float]]] = {
     "bml_area_rel": {("MSC", "early"): (-0.27, 0.06), ("MSC", "late"): (-0.27, 0.06),
                      ("placebo", "early"): (0.0, 0.06), ("placebo", "late"): (0.03, 0.06)},
 }
-# MOCART: every repair site starts at 62.5% fill with severely abnormal signal; per knee the
-# fill rises one 25% step (to 87.5%) with probability p_fill, and a site whose fill rose
-# matures to minor abnormal signal with probability p_minor or to normal with p_normal
-# (placebo: the signal stays).  Means: MSC early +9.1, late +10.8, placebo +0.5 points.
+# MOCART: every repair site starts at 87.5% fill with severely abnormal signal; per knee the
+# fill rises to 110% (complete, minor hypertrophy) with probability p_fill, and a site whose
+# fill rose matures to minor abnormal signal with probability p_minor or to normal with
+# p_normal (placebo: the signal stays).  Means: MSC early +9.1, late +10.8, placebo +0.5.
+# (Lower fills read as irregular surface or inhomogeneous on the coarser grids now and then.)
 MOCART_STEPS = {("MSC", "early"): (0.85, 0.4, 0.25), ("MSC", "late"): (1.0, 0.4, 0.25),
                 ("placebo", "early"): (0.1, 0.0, 0.0), ("placebo", "late"): (0.1, 0.0, 0.0)}
 
@@ -150,7 +151,7 @@ def _draw_knee(rng: np.random.Generator, arm: str, group: str, i: int, k: int,
     d_a = rng.normal(*EFFECTS["defect_area_rel"][(arm, group)])
     d_b = rng.normal(*EFFECTS["bml_area_rel"][(arm, group)])
     p_fill, p_minor, p_normal = MOCART_STEPS[(arm, group)]
-    f0, s0 = 1, "severe"  # 62.5% fill (thinner repair tissue reads as inhomogeneous)
+    f0, s0 = 0, "severe"
     f1, s1 = f0, s0
     if rng.random() < p_fill:
         u = rng.random()
@@ -221,16 +222,26 @@ def plant_repair_site(ph: Any, spec: Any, radius_mm: float, fill_pct: float,
     p = world_to_model(spec, geo.index_to_world(grid.reshape(-1, 3))).reshape(grid.shape)
     disk = (p[..., 0] - sx) ** 2 + (p[..., 2] - sz) ** 2 < radius_mm ** 2
     y = p[..., 1]
+    top = yp - tp + fill_pct / 100.0 * tp
     cart = disk & (y > yp - tp) & (y <= yp)
-    repair = cart & (y <= yp - tp + fill_pct / 100.0 * tp)
+    repair = cart & (y <= top)
     empty = cart & ~repair
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
     labels, image = ph.labels.array[box], ph.image.array[box]
     scheme = default_scheme()
-    labels[empty & (labels == scheme["patellar_cartilage"])] = 0
+    pc = scheme["patellar_cartilage"]
+    native = image[(labels == pc) & ~disk]
+    gain = float(np.median(native)) / _CARTILAGE_INTENSITY if native.size else 1.0  # bias field
+    labels[empty & (labels == pc)] = 0
     img = image.astype(np.float32)
     img[repair] *= signal_ratio
     img[empty] *= _FLUID_INTENSITY / _CARTILAGE_INTENSITY
+    over = disk & (y > yp) & (y <= top) & (labels == 0)  # hypertrophic repair (fill > 100%)
+    if over.any():
+        labels[over] = pc
+        noise = np.random.default_rng(spec.seed + 1).normal(
+            0.0, spec.noise_sigma * _CARTILAGE_INTENSITY, int(over.sum()))
+        img[over] = signal_ratio * gain * _CARTILAGE_INTENSITY + noise
     image[...] = np.clip(np.round(img), 0, 32767).astype(image.dtype)
     sites = np.zeros(geo.shape, np.uint8)
     sites[box][disk & (y > yp - tp - 0.5) & (y <= yp)] = 1
@@ -329,29 +340,52 @@ def truth_rows(knee: Knee, truths: dict[str, dict[str, Any]]) -> list[dict[str, 
 
 # ----------------------------------------------------------------------------- the trial
 
-def write_trial(knees: list[Knee], out: Path, progress: Any = None) -> tuple[Path, Path]:
-    """Phantoms under ``out/scans``, ``out/manifest.csv`` and ``out/truth.csv``."""
+def _write_visit(job: tuple[Knee, str, Path]) -> dict[str, Any]:
     import json
+
+    knee, v, folder = job
+    paths = write_knee(knee, v, folder)
+    return json.loads(paths["truth"].read_text(encoding="utf-8"))
+
+
+def write_trial(knees: list[Knee], out: Path, progress: Any = None,
+                workers: int | None = None) -> tuple[Path, Path]:
+    """Phantoms under ``out/scans`` (``workers`` processes), ``out/manifest.csv``,
+    ``out/truth.csv``."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
 
     from cartiq.io.volume import atomic_path
 
-    rows, truth = [], []
-    for knee in knees:
-        truths = {}
-        for v in VISITS:
-            folder = out / "scans" / knee.subject_id / v
-            paths = write_knee(knee, v, folder)
-            truths[v] = json.loads(paths["truth"].read_text(encoding="utf-8"))
-            rows.append({"subject_id": knee.subject_id, "timepoint": v,
-                         "image": paths["image"].relative_to(out).as_posix(),
-                         "seg": paths["seg"].relative_to(out).as_posix(),
-                         "sites": paths["sites"].relative_to(out).as_posix(),
-                         "side": knee.side, "arm": knee.arm, "kl_grade": knee.kl_grade})
+    jobs = [(k, v, out / "scans" / k.subject_id / v) for k in knees for v in VISITS]
+    n = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    truths: dict[tuple[str, str], dict[str, Any]] = {}
+    if n == 1:
+        results: Any = map(_write_visit, jobs)
+    else:
+        pool = ProcessPoolExecutor(n)
+        results = pool.map(_write_visit, jobs)
+    try:
+        for (k, v, _), truth in zip(jobs, results):
+            truths[(k.subject_id, v)] = truth
             if progress is not None:
                 progress()
-        truth += truth_rows(knee, truths)
+    finally:
+        if n > 1:
+            pool.shutdown(cancel_futures=True)
+    rows, truth_table = [], []
+    for knee in knees:
+        for v in VISITS:
+            folder = Path("scans") / knee.subject_id / v
+            rows.append({"subject_id": knee.subject_id, "timepoint": v,
+                         "image": (folder / "image.nii.gz").as_posix(),
+                         "seg": (folder / "seg.nii.gz").as_posix(),
+                         "sites": (folder / "sites.nii.gz").as_posix(),
+                         "side": knee.side, "arm": knee.arm, "kl_grade": knee.kl_grade})
+        truth_table += truth_rows(knee, {v: truths[(knee.subject_id, v)] for v in VISITS})
     manifest, truth_csv = out / "manifest.csv", out / "truth.csv"
-    for path, data, cols in ((manifest, rows, list(rows[0])), (truth_csv, truth, TRUTH_COLUMNS)):
+    for path, data, cols in ((manifest, rows, list(rows[0])),
+                             (truth_csv, truth_table, TRUTH_COLUMNS)):
         with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=cols, lineterminator="\n")
             w.writeheader()
@@ -395,7 +429,7 @@ def run_demo_trial(out: Path, n_per_group: int = 8, seed: int = 0, *, workers: i
     t0 = time.perf_counter()
     log.info("demo trial: %d knees x 2 visits (%d per arm x stage group, seed %d) -> %s",
              len(knees), n_per_group, seed, out)
-    manifest, truth = write_trial(knees, out, getattr(progress, "phantom", None))
+    manifest, truth = write_trial(knees, out, getattr(progress, "phantom", None), workers)
     t1 = time.perf_counter()
     result = run_batch(manifest, BatchOptions(out=out, workers=workers, device="cpu",
                                               reports=False),

@@ -25,7 +25,7 @@ GRID = ((0.8, 0.8, 1.5),)
 ABS_TOL = {"mm": 0.05, "mm2": 5.0, "mm3": 25.0, "points": 2.0}
 # MOCART 2.0 points (configs/mocart2.yaml) of the planted states; the other five items are
 # planted at their maximum (65 points)
-FILL_POINTS = {37.5: 5, 62.5: 10, 87.5: 15}
+FILL_POINTS = {87.5: 15, 110.0: 20}
 SIGNAL_POINTS = {"severe": 0, "minor": 5, "normal": 15}
 
 
