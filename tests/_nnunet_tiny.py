@@ -16,8 +16,12 @@ one), the layout of the public ``nnunet_knee`` model::
 
 The planner never adds a low-res stage for images this small, so the plans are shrunk and a
 ``3d_lowres`` -> ``3d_cascade_fullres`` pair is written by hand, as nnU-Net's planner would.
-Labels are those of ``nnunet_knee`` (0 background, 1 patellar cartilage ... 9 patella).
-``phantom()`` is also imported by the tests: the same synthetic knee, any seed.
+After one nnU-Net training iteration per stage, each network is fitted for a few dozen plain
+full-image steps (no augmentation) so that it really finds the phantom's femur and tibia,
+and saved with nnU-Net's own checkpointing.  Labels are those of ``nnunet_knee`` (0
+background, 1 patellar cartilage ... 9 patella).  The tests use the committed copy in
+``tests/data/nnunet_tiny`` (building takes from about a minute to ten on a busy 2-core
+machine).  ``phantom()`` is also imported by the tests: the same synthetic knee, any seed.
 """
 
 from __future__ import annotations

@@ -336,21 +336,32 @@ def test_fetch_partial_download(tiny, tmp_path, capsys):
     assert not d.exists() or not any(d.iterdir())  # no package, no partial folder left
 
 
-def test_fetch_wrong_checksum(tiny, tmp_path):
+def test_fetch_through_the_hub_client_and_a_wrong_checksum(tiny, tmp_path, monkeypatch):
+    """The hub download path with huggingface_hub's snapshot_download replaced by a copy of
+    a local folder (no network in tests)."""
+    hf = pytest.importorskip("huggingface_hub")
     from cartiq.segmentation.model_store import fetch_model
     from cartiq.segmentation.nnunet_results import known_models
 
+    hub = _hub_copy(tiny, tmp_path / "hub")
+    calls = []
+
+    def snapshot_download(repo_id, *, revision=None, local_dir=None, allow_patterns=None,
+                          repo_type=None, **kw):
+        calls.append((repo_id, revision, allow_patterns, repo_type))
+        from cartiq.segmentation.model_store import copy_downloader
+
+        copy_downloader(hub)({"allow_patterns": allow_patterns}, Path(local_dir))
+        return str(local_dir)
+
+    monkeypatch.setattr(hf, "snapshot_download", snapshot_download)
+    meta, out = fetch_model("nnunet_knee", models_dir=tmp_path / "ok")
+    assert calls[0][0] == "aagatti/nnunet_knee" and calls[0][3] == "model"
+    assert meta.nnunet.known_model == "nnunet_knee" and (out / "hub").is_dir()
     entry = dict(known_models()["nnunet_knee"])
     entry["sha256"] = {"3d_lowres/fold_0/checkpoint_best.pth": "0" * 64}
-    hub = _hub_copy(tiny, tmp_path / "hub")
-
-    def download(spec, dest):  # stands in for huggingface_hub.snapshot_download
-        assert spec["repo_id"] == "aagatti/nnunet_knee"
-        shutil.copytree(hub, dest, dirs_exist_ok=True)
-
     with pytest.raises(ModelError, match="sha256 mismatch"):
-        fetch_model("nnunet_knee", models_dir=tmp_path / "m", downloader=download,
-                    registry={"nnunet_knee": entry})
+        fetch_model("nnunet_knee", models_dir=tmp_path / "m", registry={"nnunet_knee": entry})
     assert not any((tmp_path / "m").iterdir())
 
 
@@ -370,3 +381,15 @@ def test_cuda_matches_cpu(registry_env, scan):
     gpu = gpu_seg.model.network.predict(vol)
     assert gpu.shape == cpu.shape
     assert (gpu == cpu).mean() > 0.99
+
+
+def test_batch_with_an_nnunet_model(registry_env, scan, tmp_path):
+    csv = tmp_path / "manifest.csv"
+    csv.write_text(f"subject_id,timepoint,image\ns1,baseline,{scan}\n")
+    out = tmp_path / "batch"
+    assert cli("batch", csv, "-o", out, "--model", "tinyknee", "--device", "cpu",
+               "--workers", "1", "--no-report", "--no-progress") == 0
+    manifests = [json.loads(p.read_text()) for p in out.rglob("manifest.json")]
+    models = [m["model"] for m in manifests if isinstance(m.get("model"), dict)
+              and m["model"].get("format") == "nnunetv2"]
+    assert models and models[0]["nnunet"]["configuration"] == "3d_cascade_fullres"

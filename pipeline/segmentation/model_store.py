@@ -32,7 +32,7 @@ from cartiq.io.volume import atomic_write_text
 from cartiq.segmentation.models import ModelMetadata, list_models, read_metadata, user_models_dir
 from cartiq.segmentation.nnunet_results import describe_results, known_models
 
-__all__ = ["add_model", "fetch_model", "hub_download"]
+__all__ = ["add_model", "fetch_model", "hub_download", "copy_downloader"]
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def hub_download(hub: dict[str, Any], dest: Path) -> None:
                          f"({str(exc).splitlines()[0][:200]})") from None
 
 
-def _copy_from(src: Path) -> Downloader:
+def copy_downloader(src: Path) -> Downloader:
     """A downloader that copies a local snapshot (a hub mirror, or a manual download)."""
 
     def copy(hub: dict[str, Any], dest: Path) -> None:
@@ -156,7 +156,7 @@ def fetch_model(name: str, *, models_dir: Path | None = None, from_dir: Path | N
         raise InputError(f"model {name!r} is already installed (use --force to fetch again)",
                          out)
     if downloader is None:
-        downloader = _copy_from(Path(from_dir)) if from_dir is not None else hub_download
+        downloader = copy_downloader(Path(from_dir)) if from_dir is not None else hub_download
     base.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=base))
     try:
