@@ -186,7 +186,13 @@ def test_mocart_scores_at_both_visits(change):
 def test_no_change_pair_within_sdc(nochange):
     result, out = nochange
     df = pd.read_csv(out / "change.csv")
-    flagged = df[df.exceeds_sdc == True]  # noqa: E712
+    # On a label map a flat plate's thickness is quantised to whole voxels (2.0 mm on a
+    # 0.6 mm grid measures 1.8 or 2.4 mm in terraces), and the terraces move with the pose:
+    # the spread statistics (sd, p05, p95, max) of a no-change pair can change by up to a
+    # voxel, so they are held to that; every other metric must stay within its SDC.
+    spread = df.metric.isin(["thickness_sd", "thickness_p05", "thickness_p95", "thickness_max"])
+    assert (df[spread].change.abs().fillna(0) <= 0.6).all()
+    flagged = df[~spread & (df.exceeds_sdc == True)]  # noqa: E712
     assert flagged.empty, flagged[["structure", "region", "metric", "change"]].to_string()
     for plate in PLATES:
         assert abs(_value(df, plate, "thickness_mean").change) < 0.05
