@@ -41,6 +41,7 @@ from cartiq.io.volume import Geometry, Volume
 from cartiq.segmentation.grid import (
     axis_spacing_along,
     canonical_geometry,
+    normalize_array,
     resample_array,
 )
 from cartiq.segmentation.post import (
@@ -238,10 +239,7 @@ class Segmenter:
             lo, hi = spec.slice_spacing_range_mm
             sp[a] = float(np.clip(axis_spacing_along(volume.geometry, a), lo, hi))
         dst = canonical_geometry(volume.geometry, tuple(sp))
-        arr = volume.array.astype(np.float32, copy=False)
-        flat = arr.ravel()[:: max(1, arr.size // 2_000_000)]
-        lo, hi = np.percentile(flat, spec.percentiles)
-        norm = np.clip((arr - lo) / max(float(hi - lo), 1e-6), 0, 1).astype(np.float32)
+        norm = normalize_array(volume.array, spec.percentiles)  # the same as in training
         return resample_array(norm, volume.geometry, dst, default=0.0), dst
 
     def _forward(self, x):
