@@ -29,7 +29,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ import numpy as np
 
 from cartiq.errors import InputError
 
-__all__ = ["EFFECTS", "GRIDS", "Knee", "Visit", "design_trial", "write_knee", "write_trial",
-           "run_demo_trial", "REPAIR_CONSTANT_POINTS"]
+__all__ = ["EFFECTS", "GRIDS", "MOCART_STEPS", "OUTCOMES", "Knee", "Visit", "DemoResult",
+           "design_trial", "knee_spec", "plant_repair_site", "write_knee", "write_trial",
+           "planted_values", "planted_mocart_points", "truth_rows", "run_demo_trial",
+           "REPAIR_CONSTANT_POINTS"]
 
 log = logging.getLogger(__name__)
 
