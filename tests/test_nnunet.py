@@ -200,6 +200,16 @@ def test_cuda_without_gpu_exits_2(registry_env, scan, tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_without_the_extra_one_line_exit_2(registry_env, scan, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "nnunetv2" else real(name, *a))
+    _one_line_exit_2(capsys, "segment", scan, "-o", tmp_path / "o", "--model", "tinyknee",
+                     "--device", "cpu", match="pip install 'cartiq[nnunet]'")
+
+
 # ----------------------------------------------------------------------------- inference
 
 

@@ -238,7 +238,11 @@ def require_nnunet() -> None:
     """A clear error when the optional extra is not installed (before anything is read)."""
     import importlib.util
 
-    if importlib.util.find_spec("nnunetv2") is None:
+    try:
+        found = importlib.util.find_spec("nnunetv2") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
         raise ModelError(INSTALL_HINT)
 
 
