@@ -77,7 +77,9 @@ class InputSpec(Strict):
     keep_slice_spacing: bool = Field(True, description="2D nets: keep the scan's own spacing "
                                      "across slices (clipped to slice_spacing_range_mm)")
     slice_spacing_range_mm: tuple[float, float] = (0.5, 2.0)
-    normalization: Literal["percentile", "zscore"] = "percentile"
+    normalization: Literal["percentile"] = Field("percentile", description="intensity "
+                                                 "percentiles to 0..1, clipped (the only "
+                                                 "normalisation the segmenter implements)")
     percentiles: tuple[float, float] = (0.5, 99.5)
     patch_size: tuple[int, ...] = Field((256, 256), description="training patch / sliding "
                                         "window size in voxels")
