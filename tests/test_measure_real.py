@@ -80,6 +80,10 @@ def test_unchanged_when_reoriented(measured):
             assert vb == pytest.approx(va, abs=1e-6), key
         elif key[2] == "defect_count":  # a patch right at the 50% threshold may flip
             assert abs(vb - va) <= 1, key
+        elif key[1] == "all" and key[2] == "thickness_median":
+            # a median of terraced values (1 mm slices across the SPL patella) moves with the
+            # surface's vertex layout: 1.2% measured there, < 0.4% everywhere else
+            assert vb == pytest.approx(va, rel=0.015, abs=0.02), key
         elif key[1] == "all":
             assert vb == pytest.approx(va, rel=0.01, abs=0.02), key
         elif key[2] != "defect_count":  # subregion borders may move by one surface point

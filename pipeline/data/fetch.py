@@ -188,6 +188,11 @@ def _retrieve(url: str, sha256: str | None, target: Path, downloader, source: st
     """pooch.retrieve into ``target``; every failure is one InputError naming ``source``."""
     import pooch
 
+    logger = pooch.get_logger()
+    level = logger.level
+    if "://" not in source:  # a mirror copy: pooch's "Downloading data from URL" would mislead
+        logger.setLevel(logging.WARNING)
+        log.debug("copying %s from the mirror", source)
     try:
         return Path(pooch.retrieve(url, known_hash=None if sha256 is None else f"sha256:{sha256}",
                                    fname=target.name, path=target.parent,
@@ -203,6 +208,8 @@ def _retrieve(url: str, sha256: str | None, target: Path, downloader, source: st
         raise _error(f"cannot download ({reason}); without network access, pass --mirror DIR "
                      "(or set CARTIQ_DATA_MIRROR) to a folder laid out like shared/data",
                      source) from None
+    finally:
+        logger.setLevel(level)
 
 
 def _fetch_member(f: SampleFile, target: Path, progress: bool) -> None:
