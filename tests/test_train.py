@@ -151,6 +151,17 @@ def test_training_writes_package_checkpoint_and_resumes(tmp_path):
     assert s2["epochs"] == 2 and s2["steps"] == 6
     ck = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert ck["epoch"] == 2 and len(ck["history"]) == 2
+    # the compact copy committed between sessions resumes too, with float32 moments again
+    from cartiq.segmentation.train import compact_checkpoint
+
+    small = compact_checkpoint(out / "checkpoints" / "last.pt", tmp_path / "small.pt")
+    assert small.stat().st_size < (out / "checkpoints" / "last.pt").stat().st_size
+    out2 = tmp_path / "model2"
+    (out2 / "checkpoints").mkdir(parents=True)
+    small.replace(out2 / "checkpoints" / "last.pt")
+    s3 = train(labels, out2, config_path=tiny_config(tmp_path, epochs=3), resume=True,
+               progress=False)
+    assert s3["epochs"] == 3 and s3["steps"] == 9
 
 
 def test_training_is_deterministic_on_cpu(tmp_path):

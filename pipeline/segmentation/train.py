@@ -36,7 +36,7 @@ from cartiq.io.volume import IMAGE_SUFFIXES, atomic_path, atomic_write_text, sha
 from cartiq.segmentation.models import InputSpec, ModelMetadata, NetworkSpec, build_network
 from cartiq.segmentation.synth import MODEL_CLASSES, Renderer, SynthConfig, load_label_map_canonical
 
-__all__ = ["TrainConfig", "train", "dice_per_class"]
+__all__ = ["TrainConfig", "train", "dice_per_class", "compact_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,21 @@ def _package_metadata(cfg: TrainConfig, sha: str, extra: dict[str, Any]) -> dict
     out = meta.model_dump(mode="json")
     out["training"] = extra
     return out
+
+
+def compact_checkpoint(src: Path, dst: Path) -> Path:
+    """A smaller resumable copy of ``checkpoints/last.pt`` for committing between sessions:
+    the weights stay float32; the optimiser's moment estimates are stored as bfloat16 (they
+    are cast back to float32 when ``--resume`` loads them)."""
+    ck = torch.load(src, map_location="cpu", weights_only=False)
+    for state in ck["optimizer"]["state"].values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.is_floating_point() and value.ndim > 0:
+                state[key] = value.to(torch.bfloat16)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _save_checkpoint(dst, ck)
+    return dst
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
