@@ -29,6 +29,8 @@ def _module_name(path: Path) -> str:
 
 def _stage(module: str) -> str:
     parts = module.split(".")
+    if len(parts) >= 2 and parts[1] in FRONT:  # cartiq.cli.* (the CLI's command modules)
+        return "front"
     if len(parts) >= 3 or (len(parts) == 2 and parts[1] in STAGES):
         return parts[1]
     name = parts[1] if len(parts) > 1 else "__init__"
