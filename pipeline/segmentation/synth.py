@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from cartiq.config import Strict
+from cartiq.segmentation.grid import normalize_array
 
 __all__ = ["MODEL_CLASSES", "SynthConfig", "Renderer", "to_model_classes",
            "load_label_map_canonical"]
@@ -289,7 +290,8 @@ class Renderer:
         n1 = torch.randn(shape, generator=self.gen)
         n2 = torch.randn(shape, generator=self.gen)
         img = torch.sqrt((img + ns * n1) ** 2 + (ns * n2) ** 2)
-        img = normalize_percentile(img, (0.5, 99.5))
+        # the same normalisation as at inference (segmentation.grid.normalize_array)
+        img = torch.from_numpy(normalize_array(img.numpy(), (0.5, 99.5)))
         gamma = math.exp(float(torch.randn(1, generator=self.gen)) * cfg.gamma_std)
         return img.clamp(0, 1) ** gamma
 
@@ -305,14 +307,3 @@ class Renderer:
         if float(torch.rand(1, generator=self.gen)) < self.cfg.bml_probability:
             self._plant_bml(lab)
         return self.render(lab), lab.long()
-
-
-def normalize_percentile(img: torch.Tensor, percentiles: tuple[float, float]) -> torch.Tensor:
-    """Map the given intensity percentiles to 0 and 1 (on a subsample for speed)."""
-    flat = img.reshape(-1)
-    if flat.numel() > 200_000:
-        step = flat.numel() // 200_000
-        flat = flat[::step]
-    lo, hi = torch.quantile(flat.float(), torch.tensor([percentiles[0] / 100,
-                                                         percentiles[1] / 100]))
-    return (img - lo) / torch.clamp(hi - lo, min=1e-6)
