@@ -67,7 +67,8 @@ class ScanResult:
     """One measured scan.
 
     ``measurements``, ``defects`` and ``lesions`` are the ``measurements.csv``,
-    ``defects.csv`` and ``lesions.csv`` tables; ``raw`` holds the per-vertex surfaces
+    ``defects.csv`` and ``lesions.csv`` tables (``qc_status`` column included);
+    ``qc_flags``/``qc_status`` the automatic QC; ``raw`` holds the per-vertex surfaces
     (:class:`cartiq.measurement.measure.MeasureResult`) that scoring and comparison reuse.
     """
 
@@ -80,6 +81,7 @@ class ScanResult:
     labels: Any  # Volume in the cartiq scheme
     config: Any
     raw: Any
+    qc_flags: list = field(default_factory=list)  # cartiq.measurement.qc.QCFlag
     folder: Path | None = None
     _inputs: Any = field(default=None, repr=False)
     _manifest: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -93,14 +95,17 @@ class ScanResult:
 
         check_writable(out)
         self._manifest = write_results(out, self.raw, self._inputs, self.config,
-                                       dict(self._manifest), t_start=time.perf_counter())
+                                       dict(self._manifest), t_start=time.perf_counter(),
+                                       qc_flags=self.qc_flags)
         self.folder = out
         return out
 
     @property
-    def qc(self) -> dict[str, Any]:
-        """QC status and flags (after :meth:`save`; empty before)."""
-        return dict(self._manifest.get("qc") or {})
+    def qc_status(self) -> str:
+        """``pass``, ``warn`` or ``fail`` (a ``fail`` scan's numbers are implausible)."""
+        from cartiq.measurement.qc import QCResult
+
+        return QCResult(flags=self.qc_flags).status
 
 
 @dataclass
@@ -165,6 +170,7 @@ def measure(image: Any, labels: Any, *, side: str | None = None, config: Any = N
     from cartiq.io.volume import Volume, check_same_geometry
     from cartiq.measurement.measure import measure_labels
     from cartiq.measurement.outputs import MeasureInputs
+    from cartiq.measurement.qc import QCResult, qc_checks
 
     cfg = _measure_config(config)
     t0 = time.perf_counter()
@@ -178,7 +184,9 @@ def measure(image: Any, labels: Any, *, side: str | None = None, config: Any = N
                            side_source=info["side_source"], mapping_name=mapping.name)
     t1 = time.perf_counter()
     raw = measure_labels(arr, lab.geometry, side=info["side"], config=cfg)
+    flags = qc_checks(arr, lab.geometry, side=info["side"], result=raw)
     m, d, les = _frames(raw)
+    m["qc_status"] = QCResult(flags=flags).status  # a broken segmentation is marked here too
     manifest = {"stage": "measure", "inputs": inputs.describe(), "side": info["side"],
                 "side_source": info["side_source"], "label_mapping": mapping.name,
                 "config": resolved(cfg), "config_hash": config_hash(cfg),
@@ -187,7 +195,7 @@ def measure(image: Any, labels: Any, *, side: str | None = None, config: Any = N
     return ScanResult(measurements=m, defects=d, lesions=les, side=info["side"],
                       side_source=info["side_source"], image=img,
                       labels=Volume(arr, lab.geometry, lab.path, dict(lab.meta)), config=cfg,
-                      raw=raw, _inputs=inputs, _manifest=manifest)
+                      raw=raw, qc_flags=flags, _inputs=inputs, _manifest=manifest)
 
 
 def score(result: ScanResult, *, sites: Any = None, config: PathLike | None = None):

@@ -138,3 +138,23 @@ def test_thickness_map_respects_its_distance_cap(phantoms):
                             config=MeasureConfig(thickness={"map_max_distance_mm": 0.5}))
     full, near = np.count_nonzero(default.thickness_map), np.count_nonzero(capped.thickness_map)
     assert full > 0 and 0 < near < 0.8 * full  # voxels > 0.5 mm from the tAB get no value
+
+
+def test_in_memory_result_marks_a_broken_segmentation(phantoms, tmp_path):
+    from scipy import ndimage
+
+    from cartiq.io.labels import default_scheme
+    from cartiq.io.volume import Volume
+
+    ph = phantoms[0]
+    good = cartiq.measure(ph.image, ph.labels, side="right")
+    assert good.qc_status != "fail" and set(good.measurements.qc_status) == {good.qc_status}
+    s = default_scheme()
+    arr = ph.labels.array.copy()  # femoral cartilage grown into the soft tissue: ~2x volume
+    grown = ndimage.binary_dilation(arr == s["femoral_cartilage"], iterations=3) & (arr == 0)
+    arr[grown] = s["femoral_cartilage"]
+    bad = cartiq.measure(ph.image, Volume(arr, ph.labels.geometry), side="right")
+    assert bad.qc_status == "fail"
+    assert set(bad.measurements.qc_status) == {"fail"}  # no unmarked number, before saving
+    out = bad.save(tmp_path / "bad")
+    assert set(pd.read_csv(out / "measurements.csv").qc_status) == {"fail"}

@@ -125,13 +125,16 @@ def _region_ids(plate: str, codes: np.ndarray) -> np.ndarray:
 
 def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureConfig,
                   manifest: dict[str, Any], *, t_start: float,
-                  dicom_out: bool = False, fresh: bool = True) -> dict[str, Any]:
+                  dicom_out: bool = False, fresh: bool = True,
+                  qc_flags: list[QCFlag] | None = None) -> dict[str, Any]:
     """Write the output contract into an emptied folder (``fresh=False``: keep what an
-    earlier step of the same run wrote there); the manifest goes last."""
+    earlier step of the same run wrote there); the manifest goes last.  ``qc_flags``:
+    flags computed already (the Python API's), else computed here."""
     begin_folder(out_dir, fresh=fresh, inputs=(inputs.image.path, inputs.seg.path)
                  if fresh else ())
     geometry = inputs.geometry
-    qc_flags = _qc_flags(out_dir, result, inputs)
+    if qc_flags is None:
+        qc_flags = _qc_flags(out_dir, result, inputs)
     status = "not run" if qc_flags is None else QCResult(flags=qc_flags).status
     outputs = [
         write_csv(out_dir / "measurements.csv", MEASUREMENT_COLUMNS,
