@@ -26,24 +26,15 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _common import median_cpu_seconds, pymskt_case
+
 NO_CHECK = ("import sys, cartiq.io.integrity as m; m.check_complete = lambda path: None; "
             "from cartiq.cli import main; sys.argv[0] = 'cartiq'; main()")
-
-
-def _median_time(fn, repeats: int) -> float:
-    """Median CPU seconds of ``fn`` (CPU, not wall: the machine is shared)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
 
 
 def _run(cmd: list[str]) -> tuple[float, float]:
@@ -67,20 +58,10 @@ def main() -> None:
                     default=Path(os.environ.get("CARTIQ_DATA_MIRROR", "../shared/data")))
     args = ap.parse_args()
 
-    from cartiq.data.fetch import fetch_sample
     from cartiq.io.integrity import check_complete
     from cartiq.io.labels import default_scheme, load_mapping
     from cartiq.io.side import anatomy_evidence
-    from cartiq.io.volume import read_volume, write_volume
-
-    seg = fetch_sample("pymskt_dess_labels", mirror=args.mirror)
-    work = Path(tempfile.mkdtemp(prefix="cartiq-bench-"))
-    vol = read_volume(seg, kind="labels")
-    rng = np.random.default_rng(0)
-    tissue = rng.uniform(50, 250, size=int(vol.array.max()) + 1)
-    image = work / "image.nii.gz"
-    write_volume(image, (tissue[vol.array] + rng.normal(0, 10, vol.array.shape))
-                 .astype(np.float32), vol.geometry)
+    seg, vol, image, work = pymskt_case(args.mirror)
 
     scheme = default_scheme()
     lut = np.zeros(int(vol.array.max()) + 1, np.uint8)
@@ -88,9 +69,9 @@ def main() -> None:
         lut[value] = scheme.labels.get(name, 0)
     labels = lut[vol.array]
     fibula = vol.array == 8
-    t_seg = _median_time(lambda: check_complete(seg), args.repeats)
-    t_img = _median_time(lambda: check_complete(image), args.repeats)
-    t_side = _median_time(lambda: anatomy_evidence(labels, vol.geometry.affine, scheme.labels,
+    t_seg = median_cpu_seconds(lambda: check_complete(seg), args.repeats)
+    t_img = median_cpu_seconds(lambda: check_complete(image), args.repeats)
+    t_side = median_cpu_seconds(lambda: anatomy_evidence(labels, vol.geometry.affine, scheme.labels,
                                                    fibula=fibula), args.repeats)
     print(f"label map {seg.name}: {seg.stat().st_size / 1e6:.2f} MB on disk, "
           f"{vol.array.size / 1e6:.1f} M voxels")

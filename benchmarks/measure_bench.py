@@ -14,11 +14,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from _common import pymskt_case
 
 
 def main() -> None:
@@ -28,16 +27,7 @@ def main() -> None:
     ap.add_argument("--no-qc-note", action="store_true")
     args = ap.parse_args()
 
-    from cartiq.data.fetch import fetch_sample
-    from cartiq.io.volume import read_volume, write_volume
-
-    seg = fetch_sample("pymskt_dess_labels", mirror=args.mirror)
-    work = Path(tempfile.mkdtemp(prefix="cartiq-bench-"))
-    vol = read_volume(seg, kind="labels")
-    rng = np.random.default_rng(0)
-    tissue = rng.uniform(50, 250, size=int(vol.array.max()) + 1)
-    image = (tissue[vol.array] + rng.normal(0, 10, vol.array.shape)).astype(np.float32)
-    write_volume(work / "image.nii.gz", image, vol.geometry)
+    seg, vol, _, work = pymskt_case(args.mirror)
 
     walls, peaks = [], []
     for i in range(args.runs):

@@ -19,21 +19,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-
-def _median(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
+from _common import median_cpu_seconds
 
 
 def main() -> None:
@@ -61,7 +52,7 @@ def main() -> None:
         for name, arr in (("thickness.nii.gz", thickness), ("segmentation.nii.gz", labels)):
             image = sitk.GetImageFromArray(arr)
             path = folder / name
-            write = _median(lambda: sitk.WriteImage(image, str(path), True, 1), args.repeats)
+            write = median_cpu_seconds(lambda: sitk.WriteImage(image, str(path), True, 1), args.repeats)
 
             def check() -> None:
                 fd = os.open(path, os.O_RDONLY)
@@ -69,9 +60,9 @@ def main() -> None:
                 os.close(fd)
                 verify_written(path, path)
 
-            rows.append((name, path.stat().st_size, write, _median(check, args.repeats)))
+            rows.append((name, path.stat().st_size, write, median_cpu_seconds(check, args.repeats)))
         write_manifest(folder, {})  # first call: provenance (git) cached
-        listing = _median(lambda: write_manifest(folder, {}), args.repeats)
+        listing = median_cpu_seconds(lambda: write_manifest(folder, {}), args.repeats)
 
     print(f"{'file':22s} {'bytes':>10s} {'write CPU s':>12s} {'verify CPU s':>13s} {'ratio':>7s}")
     for name, size, write, check in rows:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +20,9 @@ import pytest
 from cartiq.errors import InputError
 from cartiq.io.labels import load_mapping, to_default_scheme
 from cartiq.io.volume import read_volume, write_volume
+from _cli import run_cartiq as _cartiq
 
 SPL_TO_OAI = {95: 1, 83: 2, 96: 3, 84: 4, 85: 4}  # femur, fem. cart., tibia, both tib. plates
-
-
-def _cartiq(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "cartiq", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def _fails_cleanly(res, out: Path, path: Path, *needles: str) -> str:

@@ -1,8 +1,6 @@
 """`cartiq measure` as a user runs it: outputs, and one clear line + exit 2 on bad input."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -10,15 +8,11 @@ import pytest
 from cartiq.io.volume import Geometry, write_volume
 
 from _shapes import mini_knee
+from _cli import run_cartiq as _cartiq, assert_one_line_error as _one_line_error
 
 
 def _geometry(shape, spacing):
     return Geometry(tuple(shape), tuple(spacing), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-
-
-def _cartiq(*args):
-    return subprocess.run([sys.executable, "-m", "cartiq", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +50,6 @@ def test_measure_writes_the_contract_and_warns_about_missing_plate(scan, tmp_pat
     assert float(fem["thickness_mean"]) < float(fem["thickness_median"])  # thinner at the rim
     pat = {r[2]: r[3] for r in rows if r[0] == "patellar_cartilage" and r[1] == "all"}
     assert pat["volume"] == "0" and pat["thickness_mean"] == ""
-
-
-def _one_line_error(res, *needles):
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, res.stderr
-    for n in needles:
-        assert str(n) in lines[0], lines[0]
 
 
 def test_geometry_mismatch(scan, tmp_path):

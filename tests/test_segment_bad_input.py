@@ -4,8 +4,6 @@ model package with a wrong checksum: one clear line, exit 2, nothing written."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,21 +13,10 @@ from cartiq.errors import InputError
 from cartiq.io.volume import Geometry, Volume, sha256_file, write_volume
 from cartiq.segmentation.segmenter import (MAX_SLICE_SPACING_MM, check_knee_found,
                                            check_knee_like, segment_file)
+from _cli import assert_one_line_error as _one_line_error
+from _cli import run_cartiq as _cartiq
 
 EYE = (1, 0, 0, 0, 1, 0, 0, 0, 1)
-
-
-def _cartiq(*args):
-    return subprocess.run([sys.executable, "-m", "cartiq", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
-
-
-def _one_line_error(res, *needles):
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
-    assert len(lines) == 1, res.stderr
-    for n in needles:
-        assert str(n) in lines[0], lines[0]
 
 
 def _nothing_written(out: Path):

@@ -5,8 +5,6 @@ rendered on an oblique anisotropic grid and re-stored with permuted, flipped axe
 is the analytic mean/median over cAB (cartiq.data.rim_phantoms, from the geometry).
 """
 
-import subprocess
-import sys
 from functools import lru_cache
 
 import numpy as np
@@ -16,6 +14,7 @@ from cartiq.data.rim_phantoms import RIM_PLATES, render_rim_plate, rim_plate_tru
 from cartiq.measurement.thickness import plate_surface
 
 from _shapes import mini_knee
+from _cli import run_cartiq as _cartiq
 
 
 @lru_cache(maxsize=None)
@@ -86,11 +85,6 @@ def test_rim_exclusion_drops_only_the_outer_band():
     band = full.vertex_area_mm2[dropped].sum()
     assert 0.6 * 95 < band < 1.4 * 95
     assert _stats(inner)[0] > _stats(full)[0]  # the thin outer taper is what was left out
-
-
-def _cartiq(*args):
-    return subprocess.run([sys.executable, "-m", "cartiq", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("text, key", [
