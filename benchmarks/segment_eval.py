@@ -1,35 +1,56 @@
-"""Model-card numbers for a segmentation model (not a test; run by hand, ~10 min on 2 cores).
+"""Model-card numbers for a segmentation model (not a test; run by hand, 15-40 min on 2 cores).
 
-    python benchmarks/segment_eval.py --model cartiq_unet2d_synth --renderings 4 \
-        --mirror ../shared/data -o /tmp/segeval
+    python benchmarks/segment_eval.py --model cartiq_unet2d_synth --fold mskt_right \
+        --renderings 2 --mirror ../shared/data -o /tmp/segeval
 
-1. Held-out label map (SPL Knee Atlas, never used in training): rendered with random
-   contrast, blur, bias and noise (no deformation, so the atlas is the truth) on a sagittal
-   acquisition grid (0.35 x 0.35 mm in-plane, 1.0 mm slices), segmented end to end by
-   :class:`cartiq.segmentation.segmenter.Segmenter`; Dice per cartiq label against the atlas resampled
-   to that grid.
-2. A cartiq phantom (seed 7, left knee; the training phantoms used seeds 1 and 2).
-3. The real qDESS scan (echo 1): femoral-cartilage volume, mean thickness (via
-   :func:`cartiq.measurement.measure.measure_labels`) and an overlay PNG on three planes.
+1. Leave-one-map-out renderings: the fold's held-out real label map (never seen in training)
+   is rendered in each MR-like contrast family (DESS, PD fat-sat, T1, T2 FSE; see
+   :data:`cartiq.segmentation.synth.CONTRAST_FAMILIES`) at each slice thickness, without
+   deformation (so the map itself is the truth), random noise, bias field and gamma, on a
+   sagittal acquisition grid (0.35 x 0.35 mm in-plane); it is segmented end to end by
+   :class:`cartiq.segmentation.segmenter.Segmenter` without a side (the side is found from the
+   anatomy; when that fails the true side is given and the failure recorded) and each cartiq
+   structure's Dice against the label map on that grid is recorded.
+2. The real scans (`cartiq run` in a fresh process, as a user runs it, peak RSS from
+   ``os.wait4``): the qDESS (echo 1, a right knee) and the multi-echo spin echo (echo 1):
+   side found, plate volumes and mean thicknesses next to the plausible ranges of
+   ``configs/qc.yaml``, BML volume, QC status and flags, wall time; the QC figure
+   (overlays on three planes per plate) is copied to ``OUT/<scan>_qc.png``.
 
-Writes ``OUT/eval.json`` and ``OUT/qdess_overlay.png``.
+Writes ``OUT/eval.json`` and ``OUT/eval.md`` (the model-card tables).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 log = logging.getLogger("segment_eval")
 
 NAMES = ("femur", "tibia", "patella", "femoral_cartilage", "medial_tibial_cartilage",
          "lateral_tibial_cartilage", "patellar_cartilage", "medial_meniscus",
          "lateral_meniscus")
+PLATES = ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartilage",
+          "patellar_cartilage")
+# fold name -> (sample name, label mapping, knee side)
+FOLDS = {
+    "mskt_right": ("mskt_right_knee_labels", "pymskt_dess", "right"),
+    "pymskt_dess": ("pymskt_dess_labels", "pymskt_dess", "right"),
+    "spl": ("spl_knee_atlas_labels", "spl_knee_atlas", "left"),
+    "mskt_t2_left": ("mskt_t2_left_knee_labels", "pymskt_dess", "left"),
+}
+REAL = {"qdess": ("pykneer_qdess", "echo1"), "mese": ("pymskt_mese_t2", "")}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -37,175 +58,203 @@ def dice(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if s == 0 else round(2 * int((a & b).sum()) / s, 4)
 
 
-def sagittal_grid(src, spacing=(0.35, 0.35, 1.0)):
-    """Sagittal acquisition grid (i = A->P... like the qDESS) covering ``src``'s FOV."""
+def sagittal_grid(src, spacing):
+    """Sagittal acquisition grid like the qDESS (i = A->P, j = S->I, k = R->L) over ``src``."""
     from cartiq.io.volume import Geometry
     from cartiq.segmentation.segmenter import canonical_geometry
 
     c = canonical_geometry(src, (1.0, 1.0, 1.0))
     lo = np.asarray(c.origin) - 0.5
     ext = np.asarray(c.shape) * 1.0
-    # i: posterior->anterior? use the qDESS convention: i = +y (A->P), j = -z (S->I), k = x
     m = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)
     shape = (int(ext[1] / spacing[0]), int(ext[2] / spacing[1]), int(ext[0] / spacing[2]))
     origin = (lo[0] + spacing[2] / 2, lo[1] + spacing[0] / 2, lo[2] + ext[2] - spacing[1] / 2)
     return Geometry(shape, spacing, origin, tuple(m.ravel()))
 
 
-def held_out(model: str, mirror: Path, n: int, seed0: int = 100) -> dict:
+def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: list[float],
+         n: int, seed0: int = 100) -> dict:
+    """Dice per structure on renderings of the fold's held-out map (see module docstring)."""
     import torch
 
     from cartiq.data.fetch import fetch_sample
-    from cartiq.io.volume import Volume, read_volume
+    from cartiq.errors import InputError
     from cartiq.io.labels import default_scheme, load_mapping, to_default_scheme
+    from cartiq.io.volume import Volume, read_volume
     from cartiq.segmentation.segmenter import Segmenter, canonical_geometry, resample_array
     from cartiq.segmentation.synth import Renderer, SynthConfig, to_model_classes
 
+    sample, mapping, side = FOLDS[fold]
     s = default_scheme()
-    path = fetch_sample("spl_knee_atlas_labels", mirror=mirror)
+    path = fetch_sample(sample, mirror=mirror)
     vol = read_volume(path, kind="labels")
-    mp = load_mapping("spl_knee_atlas")
-    cart, _ = to_default_scheme(vol.array, mp, vol.geometry.affine, path=path)
+    mp = load_mapping(mapping)
+    cart, _ = to_default_scheme(vol.array, mp, vol.geometry.affine, side=side, path=path)
     fib = np.isin(vol.array, [v for v, t in mp.map.items() if t == "fibula"])
     canon = canonical_geometry(vol.geometry, (0.5, 0.5, 0.5))
     classes = resample_array(to_model_classes(cart, fib), vol.geometry, canon, nearest=True)
-    target = sagittal_grid(canon)
-    truth = resample_array(cart, vol.geometry, target, nearest=True)
-    seg = Segmenter(model, device="cpu")
-    cfg = SynthConfig(rotation_deg=0, scale_fraction=0, elastic_mm=0, mirror_probability=0,
-                      bml_probability=0)
-    runs = []
     lab_t = torch.from_numpy(np.ascontiguousarray(classes))
     center = (torch.tensor(lab_t.shape, dtype=torch.float32) - 1) / 2
-    for i in range(n):
-        r = Renderer(cfg, seed=seed0 + i)
-        img, _ = r.sample(lab_t, tuple(lab_t.shape), center=center)
-        img_t = resample_array(img.numpy(), canon, target)
-        t0 = time.monotonic()
-        res = seg.run(Volume(np.ascontiguousarray(img_t), target), side="left")  # SPL: left
-        d = {k: dice(res.labels == s[k], truth == s[k]) for k in NAMES}
-        runs.append({"seed": seed0 + i, "dice": d, "side_found": res.info.get("side"),
-                     "side_source": res.info.get("side_source"),
-                     "seconds": round(time.monotonic() - t0, 1)})
-        log.info("SPL rendering %d: %s", i, d)
-    summary = {}
+    in_map = {s.name_of(int(v)) for v in np.unique(cart) if v}  # no Dice for absent labels
+    seg = Segmenter(model, device="cpu")
+    runs = []
+    for thick in slices_mm:
+        target = sagittal_grid(canon, (0.35, 0.35, thick))
+        truth = resample_array(cart, vol.geometry, target, nearest=True)
+        for contrast in contrasts:
+            cfg = SynthConfig(rotation_deg=0, scale_fraction=0, elastic_mm=0,
+                              mirror_probability=0, bml_probability=0,
+                              random_contrast_probability=0, contrast_families=(contrast,),
+                              slice_thickness_mm=(thick, thick),
+                              inplane_resolution_mm=(0.35, 0.35))
+            for i in range(n):
+                seed = seed0 + i
+                img, _ = Renderer(cfg, seed=seed).sample(lab_t, tuple(lab_t.shape),
+                                                         center=center)
+                image = Volume(np.ascontiguousarray(resample_array(img.numpy(), canon, target)),
+                               target)
+                t0 = time.monotonic()
+                try:
+                    res = seg.run(image)
+                    side_found = res.info.get("side")
+                except InputError as exc:
+                    side_found = f"error: {exc}"[:160]
+                    res = seg.run(image, side=side)
+                d = {k: dice(res.labels == s[k], truth == s[k]) if k in in_map else None
+                     for k in NAMES}
+                runs.append({"contrast": contrast, "slice_mm": thick, "seed": seed, "dice": d,
+                             "side_found": side_found, "side_source": res.info.get("side_source"),
+                             "seconds": round(time.monotonic() - t0, 1)})
+                log.info("%s %s %.1f mm seed %d: %s (side %s)", fold, contrast, thick, seed,
+                         d, side_found)
+    return {"fold": fold, "held_out": sample, "side": side, "runs": runs,
+            "summary": summarise(runs)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
     for k in NAMES:
         vals = [r["dice"][k] for r in runs if r["dice"][k] is not None]
-        summary[k] = {"mean": round(float(np.mean(vals)), 3) if vals else None,
-                      "sd": round(float(np.std(vals)), 3) if vals else None}
-    return {"label_map": "SPL Knee Atlas (left knee), held out", "grid": target.to_json(),
-            "runs": runs, "dice": summary}
+        if not vals:
+            out[k] = None
+            continue
+        worst = min(runs, key=lambda r: r["dice"][k] if r["dice"][k] is not None else 2)
+        out[k] = {"mean": round(float(np.mean(vals)), 3), "sd": round(float(np.std(vals)), 3),
+                  "worst": round(float(min(vals)), 3),
+                  "worst_at": f"{worst['contrast']} {worst['slice_mm']} mm"}
+    return out
 
 
-def phantom_eval(model: str) -> dict:
-    from cartiq.io.labels import default_scheme
-    from cartiq.data.phantom import PhantomSpec, make_phantom
-    from cartiq.segmentation.segmenter import Segmenter
-
-    s = default_scheme()
-    ph = make_phantom(PhantomSpec(seed=7, side="left"))
-    res = Segmenter(model, device="cpu").run(ph.image, side="left")
-    return {k: dice(res.labels == s[k], ph.labels.array == s[k]) for k in NAMES}
-
-
-def qdess(model: str, mirror: Path, out: Path) -> dict:
+def real_scan(name: str, model: str | None, mirror: Path, out: Path) -> dict:
+    """`cartiq run` on a real scan in a fresh process; numbers next to configs/qc.yaml."""
+    from cartiq._resources import resource_dir
     from cartiq.data.fetch import fetch_sample
-    from cartiq.io.volume import read_volume, write_volume
-    from cartiq.io.labels import default_scheme
-    from cartiq.measurement.measure import measure_labels
-    from cartiq.segmentation.segmenter import Segmenter
 
-    s = default_scheme()
-    vol = read_volume(fetch_sample("pykneer_qdess", mirror=mirror) / "echo1")
+    sample, sub = REAL[name]
+    path = fetch_sample(sample, mirror=mirror)
+    path = path / sub if sub else path
+    dest = out / f"run_{name}"
+    cmd = [sys.executable, "-m", "cartiq", "run", str(path), "-o", str(dest), "--device", "cpu"]
+    if model:
+        cmd += ["--model", model]
     t0 = time.monotonic()
-    seg = Segmenter(model, device="cpu")
-    # the qDESS knee is a RIGHT knee (its fibula lies at -x, patient right, of the tibia;
-    # the knee sits at x = -46 mm); first let the model find the side from its fibula
-    try:
-        res = seg.run(vol)
-        inferred = (res.info["side"], res.info["side_source"])
-    except Exception as exc:  # noqa: BLE001 - side not found: say so, use the true side
-        res, inferred = None, (None, str(exc)[:120])
-    if res is None or res.info["side"] != "right":
-        res = seg.run(vol, side="right")
-    secs = time.monotonic() - t0
-    lab = res.labels
-    write_volume(out / "qdess_segmentation.nii.gz", lab, vol.geometry)
-    vox = vol.geometry.voxel_volume_mm3
-    vols = {k: round(float((lab == s[k]).sum() * vox), 1) for k in NAMES}
-    result = measure_labels(lab, vol.geometry, side=res.info["side"])
-    rows = [r for r in result.rows if r["structure"] == "femoral_cartilage"
-            and r["metric"] in ("thickness_mean", "volume", "thickness_median")
-            and r["region"] in ("all", "total", "plate")]
-    overlay(vol.array, lab, vol.geometry, out / "qdess_overlay.png")
-    return {"side": res.info["side"], "side_inferred_by_model": inferred,
-            "seconds": round(secs, 1), "volumes_mm3": vols, "femoral_rows": rows,
-            "all_femoral_rows": [r for r in result.rows if r["structure"] == "femoral_cartilage"
-                                 ][:12],
-            "warnings": res.info["warnings"] + list(result.warnings)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    text = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t0
+    rc = os.waitstatus_to_exitcode(status)
+    if rc != 0:
+        return {"rc": rc, "output": text[-2000:]}
+    qc_ranges = yaml.safe_load((resource_dir("configs") / "qc.yaml").read_text())["plausible"]
+    rows = list(csv.DictReader(open(dest / "measurements.csv")))
+
+    def value(structure: str, metric: str) -> float | None:
+        for r in rows:
+            if r["structure"] == structure and r["region"] == "all" and r["metric"] == metric:
+                return round(float(r["value"]), 2)
+        return None
+
+    man = json.loads((dest / "manifest.json").read_text())
+    shutil.copy(dest / "qc.png", out / f"{name}_qc.png")
+    return {
+        "rc": rc, "wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
+        "side": man.get("side"), "side_source": man.get("side_source"),
+        "qc_status": man["qc"]["status"], "qc_flags": [f["message"] for f in man["qc"]["flags"]],
+        "plates": {p: {"volume_mm3": value(p, "volume"),
+                       "volume_range_mm3": qc_ranges["plate_volume_mm3"][p],
+                       "mean_thickness_mm": value(p, "thickness_mean"),
+                       "thickness_range_mm": qc_ranges["mean_thickness_mm"][p]}
+                   for p in PLATES},
+        "bml_volume_mm3": value("bone_marrow_lesion", "volume") or 0.0,
+        "timings_s": man.get("timings_s"),
+    }
 
 
-def overlay(img: np.ndarray, lab: np.ndarray, geom, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    colors = ["none", "#e6c36a", "#8fbf6a", "#6aa5e6", "#ff3030", "#ff9900", "#ffee00",
-              "#ff55ff", "#00e5ff", "#00ff66", "#ffffff"]
-    cmap = ListedColormap(colors)
-    fem = np.argwhere(lab == 4)
-    c = fem.mean(0).astype(int) if len(fem) else np.asarray(lab.shape) // 2
-    sp = np.asarray(geom.spacing)
-    m = np.abs(geom.matrix)
-    lo, hi = np.percentile(img, [1, 99.5])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
-    for ax, (title, normal, up) in zip(axes, (("sagittal", 0, 2), ("coronal", 1, 2),
-                                             ("axial", 2, 1))):
-        a = int(np.argmax(m[normal]))
-        rest = [k for k in range(3) if k != a]
-        row = max(rest, key=lambda k: m[up, k])
-        col = [k for k in rest if k != row][0]
-        sl = [slice(None)] * 3
-        sl[a] = int(c[a])
-        im = np.moveaxis(img[tuple(sl)], [rest.index(row), rest.index(col)], [0, 1])
-        lb = np.moveaxis(lab[tuple(sl)], [rest.index(row), rest.index(col)], [0, 1])
-        if geom.matrix[up, row] > 0:  # put superior (or posterior) at the top
-            im, lb = im[::-1], lb[::-1]
-        aspect = sp[row] / sp[col]
-        ax.imshow(im, cmap="gray", vmin=lo, vmax=hi, aspect=aspect)
-        ax.imshow(np.ma.masked_equal(lb, 0), cmap=cmap, vmin=0, vmax=10, alpha=0.45,
-                  interpolation="nearest", aspect=aspect)
-        ax.set_title(f"{title} (index axis {a}, slice {int(c[a])})")
-        ax.axis("off")
-    fig.suptitle("cartiq default model on the real qDESS (echo 1); red = femoral cartilage")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+def markdown(report: dict) -> str:
+    lines = []
+    for fold in report.get("lomo", []):
+        lines += [f"### Leave-one-map-out fold `{fold['fold']}` (held out: {fold['held_out']})",
+                  "", "| structure | mean | SD | worst (where) |", "|---|---|---|---|"]
+        for k, v in fold["summary"].items():
+            lines.append(f"| {k} | n/a (not in the map) | | |" if v is None else
+                         f"| {k} | {v['mean']:.3f} | {v['sd']:.3f} | {v['worst']:.3f} "
+                         f"({v['worst_at']}) |")
+        cells: dict[tuple, list] = {}
+        for r in fold["runs"]:
+            cells.setdefault((r["contrast"], r["slice_mm"]), []).append(r)
+        lines += ["", "| contrast | slice mm | " + " | ".join(NAMES[:7]) + " | side found |",
+                  "|---" * 10 + "|"]
+        for (c, t), rs in cells.items():
+            means = []
+            for k in NAMES[:7]:
+                vals = [r["dice"][k] for r in rs if r["dice"][k] is not None]
+                means.append(f"{np.mean(vals):.3f}" if vals else "n/a")
+            sides = ",".join(str(r["side_found"])[:12] for r in rs)
+            lines.append(f"| {c} | {t} | " + " | ".join(means) + f" | {sides} |")
+        lines.append("")
+    for name, r in report.get("real", {}).items():
+        if r.get("rc") != 0:
+            lines += [f"### {name}: `cartiq run` failed (rc {r.get('rc')})", ""]
+            continue
+        lines += [f"### Real scan `{name}`: side {r['side']} ({r['side_source']}), QC "
+                  f"**{r['qc_status']}**, {r['wall_s']} s, {r['peak_rss_mib']} MiB", "",
+                  "| plate | volume mm3 | plausible | mean thickness mm | plausible |",
+                  "|---|---|---|---|---|"]
+        for p, v in r["plates"].items():
+            lines.append(f"| {p} | {v['volume_mm3']} | {v['volume_range_mm3']} | "
+                         f"{v['mean_thickness_mm']} | {v['thickness_range_mm']} |")
+        lines += ["", f"BML volume {r['bml_volume_mm3']} mm3. QC flags: "
+                  + ("; ".join(r["qc_flags"]) or "none"), ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
+    from cartiq.segmentation.synth import CONTRAST_FAMILIES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="model name or package folder")
+    ap.add_argument("--fold", nargs="*", default=["mskt_right"], choices=sorted(FOLDS),
+                    help="held-out maps to render (the model must not have seen them)")
+    ap.add_argument("--contrasts", nargs="*", default=list(CONTRAST_FAMILIES),
+                    choices=list(CONTRAST_FAMILIES))
+    ap.add_argument("--slice-mm", nargs="*", type=float, default=[1.0, 3.0])
+    ap.add_argument("--renderings", type=int, default=2, help="per contrast and thickness")
+    ap.add_argument("--real", nargs="*", default=sorted(REAL), choices=sorted(REAL))
     ap.add_argument("--mirror", type=Path, default=Path("../shared/data"))
-    ap.add_argument("--renderings", type=int, default=4)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["spl", "phantom", "qdess"])
     ap.add_argument("-o", "--out", type=Path, required=True)
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     a.out.mkdir(parents=True, exist_ok=True)
-    report: dict = {}
-    if "qdess" not in a.skip:
-        report["qdess"] = qdess(a.model, a.mirror, a.out)
-        log.info("qDESS: %s", report["qdess"])
-    if "spl" not in a.skip:
-        report["held_out_spl"] = held_out(a.model, a.mirror, a.renderings)
-    if "phantom" not in a.skip:
-        report["phantom_seed7"] = phantom_eval(a.model)
-        log.info("phantom: %s", report["phantom_seed7"])
+    report: dict = {"model": a.model, "lomo": [], "real": {}}
+    for name in a.real:
+        report["real"][name] = real_scan(name, a.model, a.mirror, a.out)
+        log.info("%s: %s", name, report["real"][name])
+    for fold in a.fold:
+        report["lomo"].append(lomo(a.model, fold, a.mirror, a.contrasts, a.slice_mm,
+                                   a.renderings))
     (a.out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
-    log.info("wrote %s", a.out / "eval.json")
+    (a.out / "eval.md").write_text(markdown(report))
+    log.info("wrote %s and eval.md", a.out / "eval.json")
 
 
 if __name__ == "__main__":

@@ -163,6 +163,41 @@ def test_tibial_split_with_touching_plates_and_side_from_fibula(pymskt, tmp_path
                       PYMSKT["lateral_tibial_cartilage"]) > 0.95
 
 
+def test_tibial_split_at_femoral_notch_when_the_spines_are_covered(pymskt):
+    """A prediction that covers the whole tibial plateau, spines included, has no sparse
+    plane between the plates: the split is anchored on the femoral notch instead."""
+    src, aff = pymskt.array, pymskt.geometry.affine
+    oai = _as_oai_zib(src)
+    med, lat = (src == PYMSKT["medial_tibial_cartilage"]), (src == PYMSKT["lateral_tibial_cartilage"])
+    x_of = lambda m: np.argwhere(m) @ aff[0, :3] + aff[0, 3]  # noqa: E731
+    lo, hi = sorted((x_of(lat).max(), x_of(med).min()))  # right knee: lateral at -x
+    # a 2 mm cartilage layer on the tibia's upper surface all across the gap between plates
+    up = int(np.argmax(np.abs(aff[2, :3])))
+    step = 1 if aff[2, up] > 0 else -1
+    tibia = src == PYMSKT["tibia"]
+    n_layer = int(round(2.0 / pymskt.geometry.spacing[up]))
+    grid_x = (np.indices(src.shape).reshape(3, -1).T @ aff[0, :3] + aff[0, 3]).reshape(src.shape)
+    in_gap = (grid_x > lo - 1.0) & (grid_x < hi + 1.0)
+    above = tibia.copy()
+    layer = np.zeros_like(tibia)
+    for _ in range(n_layer):
+        above = np.roll(above, step, axis=up)
+        layer |= above
+    bridge = layer & ~tibia & in_gap & (oai == 0)
+    oai[bridge] = 4
+    x_tib = x_of(oai == 4)
+    hist, _ = np.histogram(x_tib, bins=np.arange(lo - 6, hi + 7, 1.0))
+    assert hist.min() > 0  # no empty plane left between the plates
+    out, info = to_default_scheme(oai, load_mapping("oai_zib"), aff, side="right")
+    assert info["tibial_split"] == "femoral notch"
+    assert _agreement(out, src, PYMSKT["medial_tibial_cartilage"],
+                      PYMSKT["lateral_tibial_cartilage"]) > 0.99
+    # the bridge itself is split at the notch, which lies in the gap between the plates
+    from cartiq.io.labels import femoral_notch_x
+
+    assert lo - 1.0 <= femoral_notch_x(src == PYMSKT["femur"], aff) <= hi + 1.0
+
+
 def test_spl_merged_tibial_label_split_left_knee(spl):
     src, aff = spl.array, spl.geometry.affine
     merged = np.where(src == SPL["medial_tibial_cartilage"], SPL["lateral_tibial_cartilage"], src)

@@ -91,6 +91,34 @@ def test_renderer_shapes_and_varied_contrast():
     assert np.std(means) > 0.05  # contrast differs between renderings
 
 
+@pytest.mark.parametrize("family, brighter, darker", [
+    ("dess", "femoral_cartilage", "femur"),      # DESS: cartilage over marrow
+    ("pdfs", "femoral_cartilage", "femur"),      # fat-sat: marrow suppressed
+    ("t1", "femur", "femoral_cartilage"),        # T1: fatty marrow bright
+    ("t2", "femur", "femoral_cartilage"),        # T2 FSE (no fat-sat): cartilage dark
+])
+def test_contrast_family_can_be_chosen(family, brighter, darker):
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    cfg = SynthConfig(spacing_mm=1.0, random_contrast_probability=0.0,
+                      contrast_families=(family,), noise_std=(0.0, 0.0), bias_std=0.0,
+                      gamma_std=0.0, slice_thickness_mm=(1.0, 1.0),
+                      inplane_resolution_mm=(1.0, 1.0), rotation_deg=0, elastic_mm=0,
+                      scale_fraction=0, mirror_probability=0, bml_probability=0,
+                      cortex_probability=0.0)
+    center = torch.tensor([19.5, 31.5, 31.5])
+    for seed in range(3):
+        img, lab = Renderer(cfg, seed=seed).sample(labels, (40, 64, 64), center=center)
+        hi, lo = lab == C[brighter], lab == C[darker]
+        assert float(img[hi].mean()) > float(img[lo].mean()), (family, seed)
+        # the meniscus is dark in every family
+        assert float(img[lab == C["meniscus"]].mean()) < float(img[hi].mean())
+
+
+def test_unknown_contrast_family_is_refused():
+    with pytest.raises(ValueError):
+        SynthConfig(contrast_families=("flair",))
+
+
 def test_renderer_plants_bml_inside_bone():
     labels = torch.from_numpy(to_model_classes(toy_knee()))
     cfg = SynthConfig(spacing_mm=1.0, bml_probability=1.0, rotation_deg=0, elastic_mm=0,

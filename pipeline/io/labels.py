@@ -11,8 +11,14 @@ Tibial split (schemes with one tibial-cartilage label, e.g. OAI-ZIB)
 2. The tibial cartilage is split by a sagittal plane (constant patient left-right
    coordinate).  When its two largest 3D connected components each hold at least 20% of
    its voxels (the usual case: two separate plates), the plane lies midway between their
-   left-right centroids; otherwise it lies at the sparsest left-right position in the middle
-   60% of the cartilage (the tibial spines).
+   left-right centroids.  Otherwise (plates joined across the tibial spines, as a network's
+   prediction often is) the plane is anchored on the femoral intercondylar notch: per 1 mm
+   left-right bin the femur's most distal point is found, and the notch is the highest of
+   these in the middle half of the femur's width (it must lie at least 5 mm above the
+   lower condyle); the plane is at the sparsest 1 mm of tibial cartilage within 6 mm of the
+   notch.  Without a usable femur it lies at the sparsest left-right position in the
+   middle 60% of the cartilage.  On the four real label maps the notch lies in the gap
+   between the plates or within 1 mm of it.
 3. The half on the fibula's side (for a right knee: patient right, -x in LPS) is lateral.
 """
 
@@ -181,8 +187,39 @@ _NO_SIDE = ("cannot tell the knee side (no header laterality, no fibula, no medi
             "labels, no clear femur shape); pass --side left|right")
 
 
-def _split_tibial(tib: np.ndarray, affine: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray]:
-    """Split one tibial-cartilage mask into (medial, lateral) masks; see module docstring."""
+def femoral_notch_x(femur: np.ndarray, affine: np.ndarray) -> float | None:
+    """Patient left-right coordinate (LPS x, mm) of the femoral intercondylar notch.
+
+    Per 1 mm x bin the femur's most distal point (lowest z) is found; the notch is the
+    highest of these within the middle half of the femur's width, and must lie at least
+    5 mm above the lower condyle (else None: no clear notch).
+    """
+    idx = np.argwhere(femur)
+    if len(idx) < 1000:
+        return None
+    w = idx @ affine[:3, :3].T + affine[:3, 3]
+    x, z = w[:, 0], w[:, 2]
+    lo = float(x.min())
+    b = np.floor(x - lo).astype(int)
+    zmin = np.full(int(b.max()) + 1, np.inf)
+    np.minimum.at(zmin, b, z)
+    centers = lo + np.arange(len(zmin)) + 0.5
+    ok = np.isfinite(zmin)
+    centers, zmin = centers[ok], zmin[ok]
+    n = len(zmin)
+    if n < 20:
+        return None
+    a, e = n // 4, (3 * n) // 4 + 1
+    i = a + int(np.argmax(zmin[a:e]))
+    if zmin[i] - min(zmin[:i].min(), zmin[i + 1:].min()) < 5.0:
+        return None
+    return float(centers[i])
+
+
+def _split_tibial(tib: np.ndarray, affine: np.ndarray, side: str,
+                  femur: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Split one tibial-cartilage mask into (medial, lateral) masks and say how (module
+    docstring): ``"two plates"``, ``"femoral notch"`` or ``"sparsest plane"``."""
     import cc3d
 
     idx = np.argwhere(tib)
@@ -191,23 +228,32 @@ def _split_tibial(tib: np.ndarray, affine: np.ndarray, side: str) -> tuple[np.nd
     counts = np.bincount(comps[tib])
     counts[0] = 0
     order = np.argsort(counts)[::-1]
+    notch = femoral_notch_x(femur, affine) if femur is not None else None
     if len(order) > 2 and counts[order[1]] >= 0.2 * tib.sum():
         comp_of = comps[tib]
         x1 = x[comp_of == order[0]].mean()
         x2 = x[comp_of == order[1]].mean()
-        split = 0.5 * (x1 + x2)
+        split, how = 0.5 * (x1 + x2), "two plates"
+    elif notch is not None:
+        edges = notch + np.arange(-6.0, 6.5, 1.0)
+        hist, _ = np.histogram(x, bins=edges)
+        centers = 0.5 * (edges[:-1] + edges[1:])
+        # the sparsest bin; ties go to the bin nearest the notch
+        best = np.flatnonzero(hist == hist.min())
+        split = float(centers[best[np.argmin(np.abs(centers[best] - notch))]])
+        how = "femoral notch"
     else:
         lo, hi = np.quantile(x, [0.2, 0.8])
         hist, edges = np.histogram(x, bins=60, range=(lo, hi))
         i = int(np.argmin(hist))
-        split = 0.5 * (edges[i] + edges[i + 1])
+        split, how = 0.5 * (edges[i] + edges[i + 1]), "sparsest plane"
     lateral_is_plus = lateral_sign(side) > 0
     lat_sel = (x > split) if lateral_is_plus else (x < split)
     lat = np.zeros_like(tib)
     med = np.zeros_like(tib)
     lat[tuple(idx[lat_sel].T)] = True
     med[tuple(idx[~lat_sel].T)] = True
-    return med, lat
+    return med, lat, how
 
 
 def to_default_scheme(array: np.ndarray, mapping: LabelMapping, affine: np.ndarray, *,
@@ -253,8 +299,9 @@ def to_default_scheme(array: np.ndarray, mapping: LabelMapping, affine: np.ndarr
     info.update(side=found_side, side_source=how, side_check=record)
     if needs_side:
         tib = np.isin(array, tibial_values)
-        med, lat = _split_tibial(tib, affine, found_side)
+        femur = out == scheme["femur"]
+        med, lat, how = _split_tibial(tib, affine, found_side, femur if femur.any() else None)
         out[med] = scheme["medial_tibial_cartilage"]
         out[lat] = scheme["lateral_tibial_cartilage"]
-        info["tibial_split"] = True
+        info["tibial_split"] = how
     return out, info

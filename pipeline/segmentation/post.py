@@ -205,7 +205,7 @@ def to_cartiq_scheme(raw: np.ndarray, volume: Volume, labels: dict[int, str], mo
             "side_check": info.get("side_check", {})}
     present = sorted(scheme.name_of(int(v)) for v in np.unique(out) if v)
     keep["structures"] = present
-    keep["medial_lateral_check"] = ml_check
+    keep["medial_lateral_check"] = {"tibial_split": info.get("tibial_split"), **ml_check}
     return out.astype(np.uint8), keep
 
 

@@ -10,7 +10,7 @@ training sample is a random image rendered from a real label map.  One sample is
 3. rendering-only sub-labels: random smooth "soft tissue" regions splitting the background,
    a cortical-bone rim and a joint-fluid shell around cartilage and menisci;
 4. per-label Gaussian intensities (fully random, or MR-like contrast families: DESS-,
-   PD-fat-sat- and T1-like, jittered);
+   PD-fat-sat-, T1- and T2-FSE-like, jittered; :data:`CONTRAST_FAMILIES`);
 5. per-axis Gaussian blur for a random acquisition resolution (slice thickness across the
    sagittal axis, in-plane resolution) and partial volume, a multiplicative smooth bias
    field, Rician noise, percentile normalisation and a random gamma.
@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from pydantic import Field
 from cartiq.config import Strict
 from cartiq.segmentation.grid import normalize_array
 
-__all__ = ["MODEL_CLASSES", "SynthConfig", "Renderer", "to_model_classes",
+__all__ = ["MODEL_CLASSES", "CONTRAST_FAMILIES", "SynthConfig", "Renderer", "to_model_classes",
            "load_label_map_canonical"]
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,13 @@ _FAMILIES = {
     "t1": {"bone": (0.65, 0.95), "cart": (0.25, 0.45), "meniscus": (0.0, 0.08),
            "bml": (0.1, 0.3), "cortex": (0.0, 0.06), "fluid": (0.08, 0.2),
            "bg": [(0.2, 0.35), (0.75, 1.0), (0.0, 0.3), (0.3, 0.6)]},
+    # T2-weighted fast spin echo without fat suppression (and the early echoes of a
+    # multi-echo spin echo): bright fluid, darker cartilage, fatty marrow and fat fairly bright
+    "t2": {"bone": (0.35, 0.65), "cart": (0.1, 0.3), "meniscus": (0.0, 0.08),
+           "bml": (0.55, 0.85), "cortex": (0.0, 0.06), "fluid": (0.8, 1.0),
+           "bg": [(0.08, 0.25), (0.4, 0.75), (0.0, 0.3), (0.1, 0.5)]},
 }
+CONTRAST_FAMILIES = tuple(_FAMILIES)
 
 
 class SynthConfig(Strict):
@@ -77,6 +84,9 @@ class SynthConfig(Strict):
     bml_radius_mm: tuple[float, float] = (2.0, 7.0)
     random_contrast_probability: float = Field(0.5, ge=0, le=1,
         description="fully random per-label means; else an MR-like family, jittered")
+    contrast_families: tuple[Literal["dess", "pdfs", "t1", "t2"], ...] = Field(
+        CONTRAST_FAMILIES, min_length=1,
+        description="MR-like families drawn from (uniformly) when the means are not random")
     intensity_std: tuple[float, float] = (0.0, 0.06)
     slice_thickness_mm: tuple[float, float] = (0.5, 3.0)
     inplane_resolution_mm: tuple[float, float] = (0.3, 0.9)
@@ -231,7 +241,7 @@ class Renderer:
         cfg = self.cfg
         if float(torch.rand(1, generator=self.gen)) < cfg.random_contrast_probability:
             return torch.rand(N_RENDER, generator=self.gen)
-        fams = list(_FAMILIES)
+        fams = cfg.contrast_families
         fam = _FAMILIES[fams[int(torch.randint(len(fams), (1,), generator=self.gen))]]
         mu = torch.zeros(N_RENDER)
 
