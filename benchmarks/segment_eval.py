@@ -50,7 +50,9 @@ FOLDS = {
     "spl": ("spl_knee_atlas_labels", "spl_knee_atlas", "left"),
     "mskt_t2_left": ("mskt_t2_left_knee_labels", "pymskt_dess", "left"),
 }
-REAL = {"qdess": ("pykneer_qdess", "echo1"), "mese": ("pymskt_mese_t2", "")}
+# real scan -> (sample, sub-folder, known knee side or None); the qDESS is a right knee
+# (SOURCES.md), the MESE's side is not documented
+REAL = {"qdess": ("pykneer_qdess", "echo1", "right"), "mese": ("pymskt_mese_t2", "", None)}
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -150,21 +152,20 @@ def real_scan(name: str, model: str | None, mirror: Path, out: Path) -> dict:
     from cartiq._resources import resource_dir
     from cartiq.data.fetch import fetch_sample
 
-    sample, sub = REAL[name]
+    sample, sub, known_side = REAL[name]
     path = fetch_sample(sample, mirror=mirror)
     path = path / sub if sub else path
     dest = out / f"run_{name}"
     cmd = [sys.executable, "-m", "cartiq", "run", str(path), "-o", str(dest), "--device", "cpu"]
     if model:
         cmd += ["--model", model]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    text = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - t0
-    rc = os.waitstatus_to_exitcode(status)
+    rc, text, wall, usage = _run(cmd)
+    side_error = None
+    if rc == 2 and "cannot tell the knee side" in text and known_side:
+        side_error = text.strip().splitlines()[-1]
+        rc, text, wall, usage = _run(cmd + ["--side", known_side])
     if rc != 0:
-        return {"rc": rc, "output": text[-2000:]}
+        return {"rc": rc, "output": text[-2000:], "side_error": side_error}
     qc_ranges = yaml.safe_load((resource_dir("configs") / "qc.yaml").read_text())["plausible"]
     rows = list(csv.DictReader(open(dest / "measurements.csv")))
 
@@ -179,6 +180,7 @@ def real_scan(name: str, model: str | None, mirror: Path, out: Path) -> dict:
     return {
         "rc": rc, "wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
         "side": man.get("side"), "side_source": man.get("side_source"),
+        "side_not_found": side_error,
         "qc_status": man["qc"]["status"], "qc_flags": [f["message"] for f in man["qc"]["flags"]],
         "plates": {p: {"volume_mm3": value(p, "volume"),
                        "volume_range_mm3": qc_ranges["plate_volume_mm3"][p],
@@ -188,6 +190,14 @@ def real_scan(name: str, model: str | None, mirror: Path, out: Path) -> dict:
         "bml_volume_mm3": value("bone_marrow_lesion", "volume") or 0.0,
         "timings_s": man.get("timings_s"),
     }
+
+
+def _run(cmd: list[str]) -> tuple[int, str, float, os.struct_rusage]:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    text = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    return os.waitstatus_to_exitcode(status), text, time.monotonic() - t0, usage
 
 
 def markdown(report: dict) -> str:
@@ -218,6 +228,8 @@ def markdown(report: dict) -> str:
             continue
         lines += [f"### Real scan `{name}`: side {r['side']} ({r['side_source']}), QC "
                   f"**{r['qc_status']}**, {r['wall_s']} s, {r['peak_rss_mib']} MiB", "",
+                  *([f"Side not found from the anatomy (`{r['side_not_found']}`); run again "
+                     "with the known side.", ""] if r.get("side_not_found") else []),
                   "| plate | volume mm3 | plausible | mean thickness mm | plausible |",
                   "|---|---|---|---|---|"]
         for p, v in r["plates"].items():
