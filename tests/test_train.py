@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 from cartiq.errors import ConfigError, InputError
@@ -134,6 +135,57 @@ def test_renderer_plants_bml_inside_bone():
         base = labels[tuple(torch.nonzero(bml).T)]
         assert set(base.tolist()) <= {C["femur"], C["tibia"]}
     assert n_found >= 3
+
+
+def _fixed(**over) -> SynthConfig:
+    return SynthConfig(spacing_mm=1.0, rotation_deg=0, elastic_mm=0, scale_fraction=0,
+                       mirror_probability=0, bml_probability=0, **over)
+
+
+def _cart(lab: torch.Tensor) -> torch.Tensor:
+    return ((lab == C["femoral_cartilage"]) | (lab == C["tibial_cartilage"])
+            | (lab == C["patellar_cartilage"]))
+
+
+@pytest.mark.parametrize("partial", [0.0, 1.0])
+def test_planted_defects_remove_cartilage_and_show_fluid(partial):
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    center = torch.tensor([19.5, 31.5, 31.5])
+    shape = (40, 64, 64)
+    _, plain = Renderer(_fixed(), seed=3).sample(labels, shape, center=center)
+    cfg = _fixed(defect_probability=1.0, defect_radius_mm=(5.0, 6.0),
+                 partial_defect_fraction=partial, random_contrast_probability=0.0,
+                 contrast_families=("dess",), fluid_probability=0.0, noise_std=(0.0, 0.0),
+                 bias_std=0.0, gamma_std=0.0, inplane_resolution_mm=(0.5, 0.5),
+                 slice_thickness_mm=(0.5, 0.5))
+    img, lab = Renderer(cfg, seed=3).sample(labels, shape, center=center)
+    removed = _cart(plain) & (lab == 0)
+    assert removed.sum() > 30
+    # only cartilage was removed, nothing else changed
+    assert torch.equal(lab[~removed], plain[~removed])
+    # the removed cartilage is rendered as bright fluid (DESS), not as the dark background
+    bg = (plain == 0)
+    assert float(img[removed].mean()) > float(img[bg].mean()) + 0.2
+    bone = (plain == C["femur"]) | (plain == C["tibia"])
+    touching = removed & (F.max_pool3d(bone[None, None].float(), 3, 1, 1)[0, 0] > 0)
+    if partial == 1.0:  # partial defects keep the cartilage that touches bone
+        assert touching.sum() == 0
+    else:
+        assert touching.sum() > 0
+
+
+def test_plate_thinning_removes_the_articular_layer_only():
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    center = torch.tensor([19.5, 31.5, 31.5])
+    shape = (40, 64, 64)
+    _, plain = Renderer(_fixed(), seed=4).sample(labels, shape, center=center)
+    _, lab = Renderer(_fixed(thinning_probability=1.0), seed=4).sample(labels, shape,
+                                                                       center=center)
+    before, after = int(_cart(plain).sum()), int(_cart(lab).sum())
+    assert 0.4 * before < after < 0.9 * before  # one voxel of a 3-voxel-thick cap
+    bone = (plain == C["femur"]) | (plain == C["tibia"])
+    near_bone = F.max_pool3d(bone[None, None].float(), 3, 1, 1)[0, 0] > 0
+    assert torch.equal(_cart(lab) & near_bone, _cart(plain) & near_bone)
 
 
 def test_mirroring_flips_left_right():

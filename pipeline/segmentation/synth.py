@@ -7,6 +7,9 @@ training sample is a random image rendered from a real label map.  One sample is
 1. a random affine (rotation, per-axis scale) + elastic deformation and optional
    left/right mirroring of the label map, sampled on a crop of the canonical LPS grid;
 2. optional bone-marrow lesions planted as random ellipsoids in subchondral femur/tibia;
+   optional cartilage defects (random spheres on a plate; full-thickness, or partial:
+   only the cartilage not touching bone is removed) and plate thinning (the articular
+   surface layer of every plate removed); removed cartilage is rendered as joint fluid;
 3. rendering-only sub-labels: random smooth "soft tissue" regions splitting the background,
    a cortical-bone rim and a joint-fluid shell around cartilage and menisci;
 4. per-label Gaussian intensities (fully random, or MR-like contrast families: DESS-,
@@ -95,6 +98,13 @@ class SynthConfig(Strict):
     gamma_std: float = Field(0.25, ge=0)
     fluid_probability: float = Field(0.7, ge=0, le=1)
     cortex_probability: float = Field(0.8, ge=0, le=1)
+    defect_probability: float = Field(0.0, ge=0, le=1,
+        description="chance per crop of planting 1-3 cartilage defects (filled with fluid)")
+    defect_radius_mm: tuple[float, float] = (2.0, 7.0)
+    partial_defect_fraction: float = Field(0.5, ge=0, le=1,
+        description="share of planted defects that keep the cartilage touching bone")
+    thinning_probability: float = Field(0.0, ge=0, le=1,
+        description="chance per crop of removing the articular surface layer (1 voxel)")
 
 
 def to_model_classes(cartiq: np.ndarray, fibula: np.ndarray | None = None) -> np.ndarray:
@@ -237,6 +247,46 @@ class Renderer:
         d = d + 0.3 * _smooth_field(tuple(lab.shape), 4, self.gen)[0]
         lab[(d < 1) & bone] = _C["bone_marrow_lesion"]
 
+    def _plant_defects(self, lab: torch.Tensor) -> torch.Tensor:
+        """Remove cartilage in 1-3 random spheres (in place); returns the removed voxels."""
+        cfg = self.cfg
+        plates = (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartilage"])
+        cart = torch.zeros_like(lab, dtype=torch.bool)
+        for c in plates:
+            cart |= lab == c
+        removed = torch.zeros_like(cart)
+        cand = torch.nonzero(cart)
+        if len(cand) < 50:
+            return removed
+        bone = torch.zeros_like(cart)
+        for b in _BONES:
+            bone |= lab == b
+        on_bone = (_dilate(bone.float(), 1) > 0) & cart
+        axes = [torch.arange(n, dtype=torch.float32) for n in lab.shape]
+        g = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+        for _ in range(int(torch.randint(1, 4, (1,), generator=self.gen))):
+            c = cand[int(torch.randint(len(cand), (1,), generator=self.gen))].float()
+            r = float(self._u(*cfg.defect_radius_mm)) / cfg.spacing_mm
+            ball = (((g - c) ** 2).sum(-1) < r * r) & cart
+            if float(torch.rand(1, generator=self.gen)) < cfg.partial_defect_fraction:
+                ball &= ~on_bone
+            removed |= ball
+        lab[removed] = 0
+        return removed
+
+    def _thin(self, lab: torch.Tensor) -> torch.Tensor:
+        """Remove the articular surface layer of every plate (in place); returns it."""
+        cart = torch.zeros_like(lab, dtype=torch.bool)
+        for c in (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartilage"]):
+            cart |= lab == c
+        bone = torch.zeros_like(cart)
+        for b in _BONES + (_C["bone_marrow_lesion"],):
+            bone |= lab == b
+        outside = ~(cart | bone)  # joint space, menisci, soft tissue
+        surface = cart & (_dilate(outside.float(), 1) > 0) & ~(_dilate(bone.float(), 1) > 0)
+        lab[surface] = 0
+        return surface
+
     def _means(self) -> torch.Tensor:
         cfg = self.cfg
         if float(torch.rand(1, generator=self.gen)) < cfg.random_contrast_probability:
@@ -263,8 +313,9 @@ class Renderer:
         mu[FLUID] = pick(fam["fluid"])
         return mu
 
-    def render(self, lab: torch.Tensor) -> torch.Tensor:
-        """Random MR-like image (float32, normalised to [0, 1]) for a (D, H, W) label crop."""
+    def render(self, lab: torch.Tensor, fluid: torch.Tensor | None = None) -> torch.Tensor:
+        """Random MR-like image (float32, normalised to [0, 1]) for a (D, H, W) label crop;
+        ``fluid`` (optional mask) is rendered as joint fluid (removed cartilage)."""
         cfg = self.cfg
         shape = tuple(lab.shape)
         rl = lab.clone().long()
@@ -285,6 +336,8 @@ class Renderer:
             k = 3 if float(torch.rand(1, generator=self.gen)) < 0.5 else 5
             near = _dilate(soft.float(), k // 2)
             rl[bg & (near > 0)] = FLUID
+        if fluid is not None:
+            rl[fluid] = FLUID
         mu = self._means()
         sd = self._u(*cfg.intensity_std, N_RENDER)
         img = mu[rl] + sd[rl] * torch.randn(shape, generator=self.gen)
@@ -316,4 +369,12 @@ class Renderer:
                             padding_mode="zeros", align_corners=True)[0, 0].round().to(torch.uint8)
         if float(torch.rand(1, generator=self.gen)) < self.cfg.bml_probability:
             self._plant_bml(lab)
-        return self.render(lab), lab.long()
+        fluid = None
+        if self.cfg.defect_probability > 0 and \
+                float(torch.rand(1, generator=self.gen)) < self.cfg.defect_probability:
+            fluid = self._plant_defects(lab)
+        if self.cfg.thinning_probability > 0 and \
+                float(torch.rand(1, generator=self.gen)) < self.cfg.thinning_probability:
+            thin = self._thin(lab)
+            fluid = thin if fluid is None else fluid | thin
+        return self.render(lab, fluid), lab.long()
