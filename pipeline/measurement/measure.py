@@ -74,10 +74,23 @@ def _thickness_stats(t: np.ndarray, w: np.ndarray) -> dict[str, float]:
     }
 
 
-def _region_mask(codes: np.ndarray, region: str) -> np.ndarray:
+def _region_mask(codes: np.ndarray, region: str,
+                 index: tuple[list[str], np.ndarray] | None = None) -> np.ndarray:
+    """Points of ``codes`` in ``region`` (or a subregion of it); ``index``: the distinct
+    codes and each point's position among them (:func:`_code_index`), made once."""
     if region == "all":
         return np.ones(len(codes), dtype=bool)
-    return np.array([c == region or region in region_parents(c) for c in codes], dtype=bool)
+    distinct, which = index if index is not None else _code_index(codes)
+    inside = np.array([c == region or region in region_parents(c) for c in distinct], dtype=bool)
+    return inside[which]
+
+
+def _code_index(codes: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """The distinct codes (first-seen order) and, per point, the position of its code."""
+    distinct: dict[str, int] = {}
+    which = np.fromiter((distinct.setdefault(c, len(distinct)) for c in codes), dtype=np.intp,
+                        count=len(codes))
+    return list(distinct), which
 
 
 def plate_rows(p: PlateResult, defects: list[Defect]) -> list[dict[str, Any]]:
@@ -92,8 +105,9 @@ def plate_rows(p: PlateResult, defects: list[Defect]) -> list[dict[str, Any]]:
     regions = ["all"] + sorted({c for c in p.region if c} | {q for c in p.region if c
                                                               for q in region_parents(c)})
     rows = []
+    index = _code_index(p.region)
     for region in regions:
-        sel = _region_mask(p.region, region)
+        sel = _region_mask(p.region, region, index)
         cov = sel & p.covered
         stats = _thickness_stats(p.thickness_mm[cov], p.vertex_area_mm2[cov])
         total = float(p.vertex_area_mm2[sel].sum())
@@ -239,12 +253,14 @@ def measure_labels(labels: np.ndarray, geometry: Geometry, *, side: str | None,
                          slice_axis=geometry.slice_axis(),
                          min_volume_mm3=config.lesions.min_lesion_volume_mm3,
                          connectivity=config.lesions.connectivity)
-    frame = knee_frame(labels, geometry.affine, side, scheme.labels) if side else None
+    boxes = ndimage.find_objects(labels)
+    frame = knee_frame(labels, geometry.affine, side, scheme.labels,
+                       boxes={n: boxes[v - 1] if v <= len(boxes) else None
+                              for n, v in scheme.labels.items() if v > 0}) if side else None
     if side is None:
         warnings.append("knee side unknown: subregions not assigned (pass --side)")
     thickness_map = np.zeros(labels.shape, dtype=np.float32)
     plates: dict[str, PlateResult] = {}
-    boxes = ndimage.find_objects(labels)
     margin = np.ceil(config.thickness.crop_margin_mm / spacing).astype(int) + 2
     for name in PLATES:
         value = scheme[name]

@@ -26,9 +26,12 @@ import yaml
 
 from cartiq.config import MeasureConfig, resolved
 from cartiq.errors import InputError, OutputError
-from cartiq.io.volume import Geometry, Volume, check_same_geometry, read_volume, sha256_file, write_volume
-from cartiq.io.labels import PLATES, default_scheme, load_mapping, to_default_scheme
-from cartiq.io.outputs import begin_folder, check_writable, write_csv, write_manifest, write_vtk_polydata
+from cartiq.io.volume import (Geometry, Volume, atomic_write_bytes, atomic_write_text,
+                              check_same_geometry, read_volume, sha256_file, write_volume)
+from cartiq.io.labels import (PLATES, default_scheme, label_counts, load_mapping,
+                               to_default_scheme)
+from cartiq.io.outputs import (BackgroundWrites, begin_folder, check_writable, write_csv,
+                               write_manifest, write_vtk_polydata)
 from cartiq.measurement.qc import QCFlag, QCResult, write_qc
 from cartiq.measurement.regions import REGION_CODES
 
@@ -91,7 +94,7 @@ def load_inputs(image: Path, seg: Path, out_dir: Path, *, labels: str | None = N
     converted, info = to_default_scheme(lab.array, mapping, lab.geometry.affine, side=side,
                                         header_side=img.meta.get("side"), path=lab.path,
                                         side_source=side_source, side_override=side_override)
-    counts = np.bincount(converted.ravel(), minlength=256)
+    counts = label_counts(converted, minlength=256)
     if not counts[1:].any():
         raise InputError(f"label map holds no structure of the cartiq scheme under label "
                          f"mapping '{mapping.name}' (wrong --labels?): nothing to measure",
@@ -133,36 +136,41 @@ def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureC
     begin_folder(out_dir, fresh=fresh, inputs=(inputs.image.path, inputs.seg.path)
                  if fresh else ())
     geometry = inputs.geometry
-    if qc_flags is None:
-        qc_flags = _qc_flags(out_dir, result, inputs)
-    status = "not run" if qc_flags is None else QCResult(flags=qc_flags).status
-    outputs = [
-        write_csv(out_dir / "measurements.csv", MEASUREMENT_COLUMNS,
-                  [{**r, "qc_status": status} for r in result.rows]),
-        write_csv(out_dir / "defects.csv", DEFECT_COLUMNS, defect_rows(result)),
-        write_csv(out_dir / "lesions.csv", LESION_COLUMNS, lesion_rows(result)),
-        write_volume(out_dir / "thickness.nii.gz", result.thickness_map, geometry),
-        write_volume(out_dir / "segmentation.nii.gz", inputs.labels.astype(np.uint8), geometry),
-    ]
-    for name, p in result.plates.items():
-        if not p.present:
-            continue
-        outputs.append(write_vtk_polydata(
-            out_dir / "meshes" / f"{name}.vtk", p.points_world, p.faces,
-            {"thickness_mm": p.thickness_mm, "region_id": _region_ids(name, p.region),
-             "defect_id": p.defect_id.astype(float)}, title=f"cartiq {name}"))
     from cartiq.config import config_hash
     from cartiq.measurement.store import RESULT_FILE, save_result
 
-    outputs.append(save_result(result, out_dir / RESULT_FILE, config_hash=config_hash(config)))
-    config_path = out_dir / "config.yaml"
-    from cartiq.io.volume import atomic_write_text
-
-    atomic_write_text(config_path, yaml.safe_dump(resolved(config), sort_keys=False))
-    outputs.append(config_path)
+    if qc_flags is None:
+        qc_flags = _qc_flags(out_dir, result, inputs)
+    status = "not run" if qc_flags is None else QCResult(flags=qc_flags).status
+    # one thread writes the files in this order (compressing and reading back the volumes
+    # outside the GIL) while this one draws qc.png, which goes last
+    with BackgroundWrites() as bg:
+        written = [
+            bg.submit(write_csv, out_dir / "measurements.csv", MEASUREMENT_COLUMNS,
+                      [{**r, "qc_status": status} for r in result.rows]),
+            bg.submit(write_csv, out_dir / "defects.csv", DEFECT_COLUMNS, defect_rows(result)),
+            bg.submit(write_csv, out_dir / "lesions.csv", LESION_COLUMNS, lesion_rows(result)),
+            bg.submit(write_volume, out_dir / "thickness.nii.gz", result.thickness_map, geometry),
+            bg.submit(write_volume, out_dir / "segmentation.nii.gz",
+                      inputs.labels.astype(np.uint8), geometry),
+        ]
+        for name, p in result.plates.items():
+            if not p.present:
+                continue
+            written.append(bg.submit(
+                write_vtk_polydata, out_dir / "meshes" / f"{name}.vtk", p.points_world, p.faces,
+                {"thickness_mm": p.thickness_mm, "region_id": _region_ids(name, p.region),
+                 "defect_id": p.defect_id.astype(float)}, title=f"cartiq {name}"))
+        written.append(bg.submit(save_result, result, out_dir / RESULT_FILE,
+                                 config_hash=config_hash(config)))
+        config_path = out_dir / "config.yaml"
+        bg.submit(atomic_write_text, config_path, yaml.safe_dump(resolved(config), sort_keys=False))
+        qc = _run_qc(out_dir, result, inputs, qc_flags,
+                     save_figure=lambda path, png: bg.submit(atomic_write_bytes, path, png))
+    outputs = [f.result() for f in written] + [config_path]
     manifest = dict(manifest)
     manifest["warnings"] = list(result.warnings) + list(manifest.get("warnings", []))
-    manifest["qc"] = _run_qc(out_dir, result, inputs, qc_flags)
+    manifest["qc"] = qc
     manifest["timings_s"] = {**manifest.get("timings_s", {}),
                              "write": round(time.perf_counter() - t_start, 3)}
     manifest["outputs"] = sorted(str(Path(p).relative_to(out_dir)) for p in outputs)
@@ -186,13 +194,14 @@ def _qc_flags(out_dir: Path, result, inputs: MeasureInputs) -> list[QCFlag] | No
 
 
 def _run_qc(out_dir: Path, result, inputs: MeasureInputs,
-            flags: list[QCFlag] | None = None) -> dict[str, Any]:
-    """QC picture and flags (cartiq.measurement.qc); a plotting failure never fails the measurement."""
+            flags: list[QCFlag] | None = None, save_figure=None) -> dict[str, Any]:
+    """QC picture and flags (cartiq.measurement.qc); a plotting failure never fails the
+    measurement.  ``save_figure(path, png)`` stores the picture (default: written now)."""
     if flags is None:
         return {"status": "not run"}
     try:
         qc = write_qc(out_dir, result=result, image=inputs.image, labels=inputs.labels,
-                      flags=flags)
+                      flags=flags, save_figure=save_figure)
         return qc if isinstance(qc, dict) else getattr(qc, "to_json", lambda: {"status": "ok"})()
     except OutputError:  # a full disk is not a plotting failure: the folder is not complete
         raise

@@ -42,7 +42,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from pydantic import Field
@@ -50,7 +50,7 @@ from scipy import ndimage
 
 from cartiq.config import Strict, load_config
 from cartiq.io.volume import Geometry, Volume, read_volume
-from cartiq.io.labels import PLATES, default_scheme, lateral_sign
+from cartiq.io.labels import PLATES, default_scheme, label_counts, lateral_sign, plate_boxes
 from cartiq.measurement.qc_figure import lesions_for
 from cartiq.measurement.qc_figure import qc_figure as _qc_figure
 from cartiq.measurement.qc_ranges import (PlausibleRanges, bml_problems, border_fraction,
@@ -121,20 +121,20 @@ def _marginals(mask: np.ndarray) -> list[np.ndarray]:
     return [mask.sum(axis=tuple(b for b in range(3) if b != a)) for a in range(3)]
 
 
-def _crop(mask: np.ndarray, pad: np.ndarray) -> tuple[slice, ...]:
-    out = []
-    for m, p, n in zip(_marginals(mask), pad, mask.shape):
-        nz = np.flatnonzero(m)
-        out.append(slice(max(int(nz[0]) - int(p), 0), min(int(nz[-1]) + int(p) + 1, n)))
-    return tuple(out)
+def _grow(box: tuple[slice, ...], pad: np.ndarray, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A bounding box grown by ``pad`` voxels per axis, clipped to the array."""
+    return tuple(slice(max(b.start - int(p), 0), min(b.stop + int(p), n))
+                 for b, p, n in zip(box, pad, shape))
 
 
-def _centroid_world(mask: np.ndarray, geometry: Geometry) -> np.ndarray | None:
+def _centroid_world(mask: np.ndarray, geometry: Geometry,
+                    start: tuple[int, ...] = (0, 0, 0)) -> np.ndarray | None:
+    """World centroid of ``mask``, a crop of the volume starting at voxel ``start``."""
     margins = _marginals(mask)
     total = margins[0].sum()
     if total == 0:
         return None
-    mean = [float((m * np.arange(len(m))).sum() / total) for m in margins]
+    mean = [float((m * np.arange(s, s + len(m))).sum() / total) for m, s in zip(margins, start)]
     return geometry.index_to_world(np.array(mean))[0]
 
 
@@ -149,11 +149,12 @@ def _distance_mm(outside: np.ndarray, spacing: np.ndarray) -> np.ndarray:
         return ndimage.distance_transform_edt(outside, sampling=spacing)
 
 
-def _adjacency_flags(name: str, cart: np.ndarray, labels: np.ndarray, bone_values: list[int],
-                     spacing: np.ndarray, cfg: QCConfig) -> list[QCFlag]:
+def _adjacency_flags(name: str, value: int, box: tuple[slice, ...], labels: np.ndarray,
+                     bone_values: list[int], spacing: np.ndarray, cfg: QCConfig) -> list[QCFlag]:
+    """Adjacency of the plate labelled ``value`` (bounding box ``box``) to its bone."""
     pad = np.ceil((cfg.max_distance_to_bone_mm + 2) / spacing).astype(int)
-    box = _crop(cart, pad)
-    c, b = cart[box], np.isin(labels[box], bone_values)
+    sub = labels[_grow(box, pad, labels.shape)]
+    c, b = sub == value, np.isin(sub, bone_values)
     if not b.any():
         return [QCFlag("not_adjacent", "error", name,
                        f"{name} lies farther than {cfg.max_distance_to_bone_mm:g} mm from its bone")]
@@ -169,6 +170,15 @@ def _adjacency_flags(name: str, cart: np.ndarray, labels: np.ndarray, bone_value
                        f"{100 * far:.0f}% of {name} lies more than "
                        f"{cfg.max_distance_to_bone_mm:g} mm from its bone", far)]
     return []
+
+
+def _border_counts(labels: np.ndarray, n: int) -> np.ndarray:
+    """Voxels per label value on the faces of the volume (the six faces, each voxel once)."""
+    if min(labels.shape) <= 2:
+        return label_counts(labels, n)
+    faces = (labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1],
+             labels[1:-1, 1:-1, 0], labels[1:-1, 1:-1, -1])
+    return sum(label_counts(f, n) for f in faces)
 
 
 def _thickness_values(name: str, mask: np.ndarray, thickness: np.ndarray | None,
@@ -210,7 +220,8 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
     spacing = np.asarray(geometry.spacing, float)
     vox = geometry.voxel_volume_mm3
     flags: list[QCFlag] = []
-    counts = np.bincount(labels.ravel(), minlength=max(scheme.values) + 1)
+    counts = label_counts(labels, minlength=max(scheme.values) + 1)
+    boxes = plate_boxes(labels)
     centroids: dict[str, np.ndarray | None] = {}
     for name in PLATES:
         n = int(counts[scheme[name]])
@@ -218,13 +229,15 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
         if n == 0:
             flags.append(QCFlag("plate_empty", "error", name, f"{name} is empty", 0.0))
             continue
-        mask = labels == scheme[name]
-        centroids[name] = _centroid_world(mask, geometry)
+        box = boxes[name]
+        mask = labels[box] == scheme[name]
+        centroids[name] = _centroid_world(mask, geometry, tuple(b.start for b in box))
         limit = cfg.min_plate_volume_mm3.get(name, 0.0)
         if volume < limit:
             flags.append(QCFlag("plate_small", "warning", name,
                                 f"{name} volume {volume:.0f} mm3 < {limit:g} mm3", volume))
-        t, w = _thickness_values(name, mask, thickness, result)
+        t, w = _thickness_values(name, mask, None if thickness is None else thickness[box],
+                                 result)
         mean = float(np.average(t, weights=w)) if t.size and w.sum() > 0 else None
         if mean_thickness_mm and np.isfinite(mean_thickness_mm.get(name, np.nan)):
             mean = float(mean_thickness_mm[name])
@@ -241,10 +254,10 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
             flags.append(QCFlag("bone_missing", "warning", name,
                                 f"{bone_name} not labelled: adjacency of {name} not checked"))
         else:
-            flags += _adjacency_flags(name, mask, labels, [scheme[bone_name], scheme["bone_marrow_lesion"]],
+            flags += _adjacency_flags(name, scheme[name], box, labels,
+                                      [scheme[bone_name], scheme["bone_marrow_lesion"]],
                                       spacing, cfg)
-    inner = labels[1:-1, 1:-1, 1:-1] if min(labels.shape) > 2 else labels[:0, :0, :0]
-    on_border = counts - np.bincount(inner.ravel(), minlength=len(counts))
+    on_border = _border_counts(labels, len(counts))
     for name in PLATES + ("medial_meniscus", "lateral_meniscus", "bone_marrow_lesion"):
         if not (n := int(on_border[scheme[name]])):
             continue
@@ -257,12 +270,12 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
         else:
             flags.append(QCFlag("border", "warning", name,
                                 f"{name} touches the image border ({n} voxels): cut off?", n))
-    flags += [QCFlag("bml_volume", "error", where, msg, v) for where, msg, v in
-              bml_problems(labels, scheme["bone_marrow_lesion"],
-                           {b: scheme[b] for b in ("femur", "tibia", "patella")}, vox,
-                           cfg.plausible)]
-    bml = labels == scheme["bone_marrow_lesion"]
-    if bml.any():
+    if counts[scheme["bone_marrow_lesion"]]:  # (no lesion voxel: no lesion flag)
+        flags += [QCFlag("bml_volume", "error", where, msg, v) for where, msg, v in
+                  bml_problems(labels, scheme["bone_marrow_lesion"],
+                               {b: scheme[b] for b in ("femur", "tibia", "patella")}, vox,
+                               cfg.plausible)]
+        bml = labels == scheme["bone_marrow_lesion"]
         bones = np.isin(labels, [scheme[b] for b in scheme.bones])
         grown = ndimage.binary_dilation(bones, iterations=1)
         comps, n = ndimage.label(bml)
@@ -366,8 +379,12 @@ def plate_maps(labels: np.ndarray, geometry: Geometry, values: np.ndarray | None
     """2D map per present plate from surface points (``result``) or a voxel value map."""
     scheme = default_scheme()
     maps: dict[str, PlateMap] = {}
-    fem = labels == scheme["femoral_cartilage"]
-    fem_pts = geometry.index_to_world(np.argwhere(fem)) if fem.any() else None
+    box = plate_boxes(labels)["femoral_cartilage"]
+    fem_pts = None
+    if box is not None:  # the femoral cartilage's voxels, found on its bounding box
+        start = np.array([b.start for b in box])
+        fem_pts = geometry.index_to_world(np.argwhere(labels[box] == scheme["femoral_cartilage"])
+                                          + start)
     for name in PLATES:
         plate = getattr(result, "plates", {}).get(name) if result is not None else None
         if plate is not None and plate.present and len(plate.points_world):
@@ -390,7 +407,8 @@ def plate_maps(labels: np.ndarray, geometry: Geometry, values: np.ndarray | None
 def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
              labels: np.ndarray | None = None, registration_residual_mm: float | None = None,
              config: QCConfig | Path | None = None, figure: bool = True,
-             flags: list[QCFlag] | None = None) -> QCResult:
+             flags: list[QCFlag] | None = None,
+             save_figure: Callable[[Path, bytes], Any] | None = None) -> QCResult:
     """Compute the QC flags of a measure folder and write its ``qc.png``.
 
     Reads what is not given in memory from ``scan_dir``: ``manifest.json`` (image path,
@@ -398,6 +416,7 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
     A plotting failure is logged and returned in ``QCResult.errors``; flags are still
     computed.  Missing segmentation raises :class:`cartiq.errors.InputError`.  ``flags``:
     flags computed already (e.g. ``write_qc(..., figure=False).flags``): only drawn.
+    ``save_figure(path, png)``: stores the drawn PNG (default: written at once).
     """
     scan_dir = Path(scan_dir)
     cfg = config if isinstance(config, QCConfig) else load_qc_config(config)
@@ -436,7 +455,7 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
             if thickness is not None or result is not None else {}
         out.figure = _qc_figure(scan_dir / "qc.png", labels, geometry, image, maps, defects,
                                 lesions, flags, side, cfg, title=manifest.get("scan_id")
-                                or f"{scan_dir.parent.name}/{scan_dir.name}")
+                                or f"{scan_dir.parent.name}/{scan_dir.name}", save=save_figure)
     except Exception as exc:  # reports never fail the analysis
         log.warning("QC figure for %s failed: %s", scan_dir, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         out.errors.append(f"{type(exc).__name__}: {exc}"[:300])

@@ -6,24 +6,37 @@ plate and its 2D thickness map (drawing helpers in :mod:`cartiq.measurement.qc_m
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from cartiq.io.labels import PLATES, default_scheme
-from cartiq.io.volume import Geometry, Volume, atomic_path
+from cartiq.io.labels import PLATES, default_scheme, plate_boxes
+from cartiq.io.volume import Geometry, Volume, atomic_write_bytes
 from cartiq.measurement.qc_maps import PlateMap, draw_plate_map, draw_slice, plate_views
 
 __all__ = ["qc_figure", "lesions_for"]
 
 
 def qc_figure(path: Path, labels: np.ndarray, geometry: Geometry, image: Volume | None,
-               maps: dict[str, PlateMap], defects: list[dict], lesions: list[dict],
-               flags: list[Any], side: str | None, cfg: Any, title: str) -> Path:
+              maps: dict[str, PlateMap], defects: list[dict], lesions: list[dict],
+              flags: list[Any], side: str | None, cfg: Any, title: str,
+              save: Callable[[Path, bytes], Any] | None = None) -> Path:
     """Draw ``qc.png`` (see :mod:`cartiq.measurement.qc`): a header with the status and the
     first flags, then per plate three planes and the thickness map.  ``flags``:
-    :class:`cartiq.measurement.qc.QCFlag`; ``cfg``: its ``QCConfig`` (dpi, colour bar)."""
+    :class:`cartiq.measurement.qc.QCFlag`; ``cfg``: its ``QCConfig`` (dpi, colour bar).
+    The PNG is drawn in memory and stored by ``save(path, data)`` (default: an atomic,
+    verified write now; ``cartiq measure`` hands it to its background writer)."""
+    png = _draw(labels, geometry, image, maps, defects, lesions, flags, side, cfg, title)
+    (save or atomic_write_bytes)(path, png)
+    return path
+
+
+def _draw(labels: np.ndarray, geometry: Geometry, image: Volume | None,
+          maps: dict[str, PlateMap], defects: list[dict], lesions: list[dict],
+          flags: list[Any], side: str | None, cfg: Any, title: str) -> bytes:
+    """The figure of :func:`qc_figure` as PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -42,18 +55,23 @@ def qc_figure(path: Path, labels: np.ndarray, geometry: Geometry, image: Volume 
     fig.text(0.03, 1 - 0.25 / fig.get_figheight(), head, fontsize=14, weight="bold", va="top")
     fig.text(0.03, 1 - 0.6 / fig.get_figheight(), "\n".join(lines) or "no QC flags",
              fontsize=8.5, va="top", color="#b00" if flags else "#060")
+    boxes = plate_boxes(labels)
     for row, name in enumerate(PLATES):
-        mask = labels == scheme[name]
+        box = boxes[name]
         axes = [fig.add_subplot(grid[row, c]) for c in range(4)]
-        if not mask.any():
+        if box is None:
             for ax in axes:
                 ax.set_axis_off()
             axes[0].text(0.5, 0.5, f"{name}: absent", ha="center", va="center",
                          transform=axes[0].transAxes, fontsize=12, color="#b00")
             continue
+        # the plate's mask, made on its bounding box (the rest of the volume is False)
+        mask = np.zeros(labels.shape, dtype=bool)
+        mask[box] = labels[box] == scheme[name]
         # per axis, the slice holding most of the plate (the femur's centroid is in the notch)
-        centre = np.array([int(np.argmax(mask.sum(axis=tuple(b for b in range(3) if b != a))))
-                           for a in range(3)])
+        sub = mask[box]
+        centre = np.array([b.start + int(np.argmax(sub.sum(axis=tuple(x for x in range(3) if x != a))))
+                           for a, b in enumerate(box)])
         for ax, view in zip(axes[:3], views):
             draw_slice(ax, img, labels, geometry, view, centre, mask, name)
         marks = [d for d in defects if d.get("plate") == name]
@@ -66,9 +84,9 @@ def qc_figure(path: Path, labels: np.ndarray, geometry: Geometry, image: Volume 
             axes[3].set_axis_off()
             axes[3].text(0.5, 0.5, "no thickness map", ha="center", va="center",
                          transform=axes[3].transAxes, color="#777")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=cfg.figure_dpi, format="png")
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=cfg.figure_dpi, format="png")
+    return buf.getvalue()
 
 
 def lesions_for(name: str, lesions: list[dict], maps: dict[str, PlateMap]) -> list[dict]:

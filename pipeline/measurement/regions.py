@@ -62,25 +62,42 @@ class KneeFrame:
     tibia_ap_mm: dict[str, tuple[float, float]]  # compartment -> (anterior y, posterior y)
 
 
-def _world_points(mask: np.ndarray, affine: np.ndarray, max_points: int = 200_000) -> np.ndarray:
-    idx = np.argwhere(mask)
+def _world_points(labels: np.ndarray, value: int, affine: np.ndarray,
+                  box: tuple[slice, ...] | None = None, max_points: int = 200_000) -> np.ndarray:
+    """World points of the voxels labelled ``value`` (every k-th above ``max_points``);
+    ``box``: their bounding box (searched instead of the whole volume)."""
+    if box is None:
+        idx = np.argwhere(labels == value)
+    else:
+        idx = np.argwhere(labels[box] == value) + np.array([b.start for b in box])
     if len(idx) > max_points:
         idx = idx[:: len(idx) // max_points + 1]
     return idx @ affine[:3, :3].T + affine[:3, 3]
 
 
 def knee_frame(labels: np.ndarray, affine: np.ndarray, side: str,
-               scheme: dict[str, int]) -> KneeFrame:
-    """Measure the knee's medial/lateral split and tibial plate AP extents."""
+               scheme: dict[str, int],
+               boxes: dict[str, tuple[slice, ...] | None] | None = None) -> KneeFrame:
+    """Measure the knee's medial/lateral split and tibial plate AP extents.
+
+    ``boxes``: bounding box per structure name where known (None: absent), so that
+    the plates' voxels are searched there only."""
     lat_sign = -1.0 if side == "right" else 1.0
-    pts = {name: _world_points(labels == scheme[name], affine)
-           for name in ("medial_tibial_cartilage", "lateral_tibial_cartilage")}
+
+    def points(name: str) -> np.ndarray:
+        if boxes is not None and name in boxes:
+            box = boxes[name]
+            return np.zeros((0, 3)) if box is None else \
+                _world_points(labels, scheme[name], affine, box)
+        return _world_points(labels, scheme[name], affine)
+
+    pts = {name: points(name) for name in ("medial_tibial_cartilage", "lateral_tibial_cartilage")}
     split = None
     if all(len(p) for p in pts.values()):
         split = 0.5 * (pts["medial_tibial_cartilage"][:, 0].mean()
                        + pts["lateral_tibial_cartilage"][:, 0].mean())
     else:
-        fem = _world_points(labels == scheme["femoral_cartilage"], affine)
+        fem = points("femoral_cartilage")
         if len(fem):
             lo, hi = np.quantile(fem[:, 0], [0.2, 0.8])
             hist, edges = np.histogram(fem[:, 0], bins=40, range=(lo, hi))
