@@ -221,7 +221,7 @@ def test_interrupted_batch_resumes_and_tables_are_exact(trial, tmp_path):
     b = man["batch"]
     assert b["inputs_sha256"]["seg"] != json.loads(
         (out / "S02" / "bl" / "manifest.json").read_text())["batch"]["inputs_sha256"]["seg"]
-    assert {"measure", "score"} <= set(b["config_hashes"]) and b["segmentation"] == "given"
+    assert {"measure", "qc", "score"} <= set(b["config_hashes"]) and b["segmentation"] == "given"
     assert man["cartiq_version"] and "measure" in b["stage_timings_s"]
     scan_log = (out / "S02" / "m6" / "scan.log").read_text()  # runs 2, 3 and 4
     assert scan_log.count("processing") == 2 and scan_log.count("up to date") == 1
@@ -433,3 +433,18 @@ def test_pool_reruns_after_a_crash_alone():
     assert len(failed) == 1 and isinstance(failed[0], WorkerFailure)
     assert "died 3 times" in failed[0].error
     assert [o for t, o in got if t != 7] == [None, None, None]
+
+
+def test_qc_limits_are_part_of_the_fingerprint(monkeypatch):
+    """Other QC limits give other QC statuses: a resumed batch must not keep the old ones."""
+    from cartiq.batch.manifest import config_hashes
+    from cartiq.measurement import qc
+
+    before = config_hashes(None)
+    base = qc.load_qc_config()
+    stricter = base.model_copy(update={"max_thickness_mm": base.max_thickness_mm - 1.0})
+    monkeypatch.setattr(qc, "load_qc_config", lambda path=None: stricter)
+    after = config_hashes(None)
+    assert before["qc"] != after["qc"]
+    assert {k: v for k, v in before.items() if k != "qc"} == \
+        {k: v for k, v in after.items() if k != "qc"}

@@ -359,7 +359,8 @@ def config_hashes(measure_config: Path | None, compare: bool = True) -> dict[str
 
     out = {"measure": config_hash(load_config(measure_config, MeasureConfig,
                                               default_name="measure.yaml"))}
-    stages = [("score", "scoring.mocart", "load_scoring_config")]
+    stages = [("qc", "measurement.qc", "load_qc_config"),
+              ("score", "scoring.mocart", "load_scoring_config")]
     if compare:
         stages.append(("compare", "longitudinal.compare", "load_compare_config"))
     for key, module, loader in stages:
