@@ -145,25 +145,30 @@ def _frames(raw: Any):
 
 
 def segment(image: Any, *, model: PathLike | None = None, device: str = "auto",
-            side: str | None = None):
+            side: str | None = None, side_override: bool = False):
     """Segment a knee scan; returns the label map (cartiq scheme) as a ``Volume`` whose
-    ``meta["segmentation"]`` records the model, device, side and warnings."""
+    ``meta["segmentation"]`` records the model, device, side and warnings.
+
+    A ``side`` that the predicted anatomy contradicts is an ``InputError`` unless
+    ``side_override`` (as ``--side-override`` on the command line)."""
     from cartiq.io.volume import Volume
     from cartiq.segmentation.segmenter import Segmenter, select_device
 
     vol = _volume(image, "image", "image")
-    res = Segmenter(model, device=select_device(device)).run(vol, side=side)
+    res = Segmenter(model, device=select_device(device)).run(vol, side=side,
+                                                             side_override=side_override)
     return Volume(res.labels, vol.geometry, None, {"segmentation": res.info})
 
 
 def measure(image: Any, labels: Any, *, side: str | None = None, config: Any = None,
-            label_map: str | None = None) -> ScanResult:
+            label_map: str | None = None, side_override: bool = False) -> ScanResult:
     """Measure a scan from its label map.
 
     ``image``/``labels``: paths or ``Volume`` objects on the same grid; ``label_map``: the
     labels' convention (``oai_zib``, ``spl_knee_atlas``, ``pymskt_dess``, a YAML path;
-    default cartiq); ``side``: left/right (else from the header or the anatomy);
-    ``config``: a measurement YAML path or a ``MeasureConfig``.
+    default cartiq); ``side``: left/right (else from the header or the anatomy; a side the
+    anatomy contradicts is an ``InputError`` unless ``side_override``); ``config``: a
+    measurement YAML path or a ``MeasureConfig``.
     """
     from cartiq.config import config_hash, resolved
     from cartiq.io.labels import load_mapping, to_default_scheme
@@ -179,7 +184,8 @@ def measure(image: Any, labels: Any, *, side: str | None = None, config: Any = N
     check_same_geometry(img.geometry, lab.geometry, img.path, lab.path)
     mapping = load_mapping(label_map)
     arr, info = to_default_scheme(lab.array, mapping, lab.geometry.affine, side=side,
-                                  header_side=img.meta.get("side"), path=lab.path)
+                                  header_side=img.meta.get("side"), path=lab.path,
+                                  side_override=side_override)
     inputs = MeasureInputs(image=img, seg=lab, labels=arr, side=info["side"],
                            side_source=info["side_source"], mapping_name=mapping.name)
     t1 = time.perf_counter()
@@ -188,7 +194,8 @@ def measure(image: Any, labels: Any, *, side: str | None = None, config: Any = N
     m, d, les = _frames(raw)
     m["qc_status"] = QCResult(flags=flags).status  # a broken segmentation is marked here too
     manifest = {"stage": "measure", "inputs": inputs.describe(), "side": info["side"],
-                "side_source": info["side_source"], "label_mapping": mapping.name,
+                "side_source": info["side_source"], "side_check": info.get("side_check", {}),
+                "label_mapping": mapping.name,
                 "config": resolved(cfg), "config_hash": config_hash(cfg),
                 "timings_s": {"read": round(t1 - t0, 3),
                               "measure": round(time.perf_counter() - t1, 3)}}

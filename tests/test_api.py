@@ -3,6 +3,8 @@ contract, separate saving, one measurement per scan, errors as the CLI prints th
 
 from __future__ import annotations
 
+import json
+
 import re
 import subprocess
 import sys
@@ -79,6 +81,17 @@ def test_bad_inputs_raise_one_clear_cartiq_error(phantoms):
     with pytest.raises(cartiq.errors.InputError) as e:
         cartiq.measure(ph.image, other)
     assert "\n" not in str(e.value)
+
+
+def test_a_side_the_anatomy_contradicts_needs_side_override(phantoms, tmp_path):
+    ph = phantoms[0]  # a right knee: its fibula and plates say so
+    with pytest.raises(cartiq.errors.InputError, match="--side says left but the"):
+        cartiq.measure(ph.image, ph.labels, side="left")
+    kept = cartiq.measure(ph.image, ph.labels, side="left", side_override=True)
+    assert kept.side == "left"
+    man = json.loads((kept.save(tmp_path / "scan") / "manifest.json").read_text())
+    assert man["side"] == "left" and man["side_check"]["overridden"] is True
+    assert man["side_check"]["anatomy"] == "right"
 
 
 def test_compare_and_score_reuse_the_measurements(scans, monkeypatch):
