@@ -38,6 +38,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_bytes",
     "sha256_file",
+    "is_dicom_path",
     "IMAGE_SUFFIXES",
 ]
 
@@ -185,6 +186,13 @@ def read_volume(
         elif meta["format"] == "nifti":
             _check_nifti_finite(path, kind)
     return _volume_from_sitk(image, path, meta, kind)
+
+
+def is_dicom_path(path: str | Path) -> bool:
+    """Whether :func:`read_volume` reads ``path`` as a DICOM series (a folder, or a
+    ``.dcm`` file and its siblings)."""
+    path = Path(path)
+    return path.is_dir() or path.suffix.lower() == ".dcm"
 
 
 def _read_itk(path: Path) -> Any:

@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -27,7 +27,8 @@ import yaml
 from cartiq.config import MeasureConfig, resolved
 from cartiq.errors import InputError, OutputError
 from cartiq.io.volume import (Geometry, Volume, atomic_write_bytes, atomic_write_text,
-                              check_same_geometry, read_volume, sha256_file, write_volume)
+                              check_same_geometry, is_dicom_path, read_volume, sha256_file,
+                              write_volume)
 from cartiq.io.labels import (PLATES, default_scheme, label_counts, load_mapping,
                                to_default_scheme)
 from cartiq.io.outputs import (BackgroundWrites, begin_folder, check_writable, write_csv,
@@ -56,6 +57,7 @@ class MeasureInputs:
     side_source: str
     mapping_name: str
     side_check: dict[str, Any] = field(default_factory=dict)  # given side vs anatomy
+    meanwhile: Any = None  # what load_inputs(meanwhile=...) computed while the image was read
 
     @property
     def geometry(self) -> Geometry:
@@ -77,23 +79,62 @@ class MeasureInputs:
 def load_inputs(image: Path, seg: Path, out_dir: Path, *, labels: str | None = None,
                 side: str | None = None, series: str | None = None,
                 echo: int | None = None, fresh: bool = True, side_source: str = "flag",
-                side_override: bool = False) -> MeasureInputs:
+                side_override: bool = False,
+                meanwhile: Callable[[MeasureInputs], Any] | None = None) -> MeasureInputs:
     """Read image and label map and check everything before any output is written
     (``fresh``: the output folder will be emptied, so it must not hold an input).
 
     An empty label map, or one with nothing of the cartiq scheme after mapping, is an
     :class:`InputError`; so is a given side (``side`` from ``side_source``, or the DICOM
-    header) that the anatomy contradicts, unless ``side_override``."""
+    header) that the anatomy contradicts, unless ``side_override``.
+
+    The image is read in a thread (decompressing and checking it runs mostly outside the
+    GIL) while the label map is read and converted, and ``meanwhile(inputs)`` - given the
+    inputs but their ``image`` - runs; its result is ``inputs.meanwhile``.  Errors come in
+    the order of reading one thing after the other: the image's, the label map's, the grids
+    that differ, the label map's content, then ``meanwhile``'s.  (A DICOM image is awaited
+    before the labels are converted: its header may give the side.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
     check_writable(out_dir, inputs=(image, seg) if fresh else ())
     mapping = load_mapping(labels)
-    img = read_volume(image, series=series, echo=echo, kind="image")
-    lab = read_volume(seg, kind="labels")
-    check_same_geometry(img.geometry, lab.geometry, img.path, lab.path)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cartiq-read") as pool:
+        pending = pool.submit(read_volume, image, series=series, echo=echo, kind="image")
+
+        def image_volume(lab: Volume) -> Volume:
+            img = pending.result()
+            check_same_geometry(img.geometry, lab.geometry, img.path, lab.path)
+            return img
+
+        try:
+            lab = read_volume(seg, kind="labels")
+        except Exception:
+            pending.result()
+            raise
+        img = image_volume(lab) if is_dicom_path(image) else None
+        try:
+            inputs = _convert(lab, mapping, img, side=side, side_source=side_source,
+                              side_override=side_override)
+            if meanwhile is not None:
+                inputs.meanwhile = meanwhile(inputs)
+        except Exception:
+            if img is None:
+                image_volume(lab)
+            raise
+        inputs.image = img if img is not None else image_volume(lab)
+    return inputs
+
+
+def _convert(lab: Volume, mapping, img: Volume | None, *, side: str | None,
+             side_source: str, side_override: bool) -> MeasureInputs:
+    """The label map in the cartiq scheme, checked (``img``: the DICOM image, whose header
+    may give the side; None for other formats)."""
     if not lab.array.any():
         raise InputError("label map is empty (every voxel is 0): nothing to measure", lab.path)
     converted, info = to_default_scheme(lab.array, mapping, lab.geometry.affine, side=side,
-                                        header_side=img.meta.get("side"), path=lab.path,
-                                        side_source=side_source, side_override=side_override)
+                                        header_side=img.meta.get("side") if img else None,
+                                        path=lab.path, side_source=side_source,
+                                        side_override=side_override)
     counts = label_counts(converted, minlength=256)
     if not counts[1:].any():
         raise InputError(f"label map holds no structure of the cartiq scheme under label "

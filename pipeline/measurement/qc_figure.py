@@ -85,7 +85,8 @@ def _draw(labels: np.ndarray, geometry: Geometry, image: Volume | None,
             axes[3].text(0.5, 0.5, "no thickness map", ha="center", va="center",
                          transform=axes[3].transAxes, color="#777")
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=cfg.figure_dpi, format="png")
+    # zlib level 1: the same pixels, a file about 8% larger, encoded several times faster
+    fig.savefig(buf, dpi=cfg.figure_dpi, format="png", pil_kwargs={"compress_level": 1})
     return buf.getvalue()
 
 
