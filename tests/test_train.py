@@ -242,6 +242,18 @@ def test_training_writes_package_checkpoint_and_resumes(tmp_path):
     s3 = train(labels, out2, config_path=tiny_config(tmp_path, epochs=3), resume=True,
                progress=False)
     assert s3["epochs"] == 3 and s3["steps"] == 9
+    # the last epoch's weights (not the best by validation) become a loadable package
+    from cartiq.segmentation.train import export_package
+
+    pkg = export_package(out2 / "checkpoints" / "last.pt", tmp_path / "last_pkg")
+    last = torch.load(out2 / "checkpoints" / "last.pt", weights_only=False)
+    m3 = load_model(pkg)
+    for k, v in m3.network.state_dict().items():
+        assert torch.equal(v, last["model"][k])
+    meta = json.loads((pkg / "metadata.json").read_text())["training"]
+    assert meta["steps"] == 9 and meta["best_val"]["epoch"] == 3 and len(meta["history"]) == 3
+    with pytest.raises(InputError, match="not a cartiq training checkpoint"):
+        export_package(pkg / "model.pt", tmp_path / "bad")
 
 
 def test_training_is_deterministic_on_cpu(tmp_path):

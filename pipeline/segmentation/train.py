@@ -20,6 +20,7 @@ import fnmatch
 import json
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from cartiq.io.volume import IMAGE_SUFFIXES, atomic_path, atomic_write_text, sha
 from cartiq.segmentation.models import InputSpec, ModelMetadata, NetworkSpec, build_network
 from cartiq.segmentation.synth import MODEL_CLASSES, Renderer, SynthConfig, load_label_map_canonical
 
-__all__ = ["TrainConfig", "train", "dice_per_class", "compact_checkpoint"]
+__all__ = ["TrainConfig", "train", "dice_per_class", "compact_checkpoint", "export_package"]
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,24 @@ def compact_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def export_package(checkpoint: Path, out_dir: Path) -> Path:
+    """Write a model package (``metadata.json`` + ``model.pt``) from the weights of a
+    training checkpoint - e.g. the last, annealed epoch of a run, where ``model.pt`` of the
+    run folder holds the best epoch by validation Dice.  The checkpoint's own resolved
+    configuration and history go into the metadata."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    try:
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        cfg = TrainConfig.model_validate(ck["config"])
+        net = build_network(cfg.network)
+        net.load_state_dict(ck["model"])
+    except (OSError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        raise InputError(f"not a cartiq training checkpoint: {exc}", checkpoint) from exc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_package(net, cfg, out_dir, ck["history"])
+    return out_dir
+
+
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -375,6 +394,7 @@ def _write_package(net, cfg: TrainConfig, out_dir: Path, history: list[dict]) ->
     sha = sha256_file(weights)
     extra = {"epochs": len(history), "steps": history[-1]["step"],
              "seconds": round(sum(h["seconds"] for h in history), 1),
-             "best_val": history[-1], "config": resolved(cfg)}
+             "best_val": history[-1],  # the validation of the packaged epoch
+             "history": history, "config": resolved(cfg)}
     atomic_write_text(out_dir / "metadata.json",
                       json.dumps(_package_metadata(cfg, sha, extra), indent=2))
