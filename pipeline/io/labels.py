@@ -315,7 +315,11 @@ def to_default_scheme(array: np.ndarray, mapping: LabelMapping, affine: np.ndarr
         elif target == "fibula":
             fibula_values.append(value)
     out = lut[array]
-    fibula = np.isin(array, fibula_values) if fibula_values else None
+    fibula = None
+    if fibula_values:  # np.isin(array, fibula_values), by a table lookup (one pass)
+        is_fibula = np.zeros(len(lut), dtype=bool)
+        is_fibula[fibula_values] = True
+        fibula = is_fibula[array]
     info: dict[str, Any] = {"mapping": mapping.name, "dropped_labels": unknown}
     needs_side = bool(tibial_values) and np.isin(array, tibial_values).any()
     evidence = anatomy_evidence(out, affine, scheme.labels, fibula=fibula)

@@ -375,11 +375,13 @@ def _load_image(manifest: dict[str, Any]) -> Volume | None:
 
 
 def plate_maps(labels: np.ndarray, geometry: Geometry, values: np.ndarray | None, *,
-               result: Any = None, bin_mm: float = 1.0) -> dict[str, PlateMap]:
-    """2D map per present plate from surface points (``result``) or a voxel value map."""
+               result: Any = None, bin_mm: float = 1.0,
+               boxes: dict[str, tuple[slice, ...] | None] | None = None) -> dict[str, PlateMap]:
+    """2D map per present plate from surface points (``result``) or a voxel value map
+    (``boxes``: :func:`cartiq.io.labels.plate_boxes` of ``labels``, if known)."""
     scheme = default_scheme()
     maps: dict[str, PlateMap] = {}
-    box = plate_boxes(labels)["femoral_cartilage"]
+    box = (boxes or plate_boxes(labels))["femoral_cartilage"]
     fem_pts = None
     if box is not None:  # the femoral cartilage's voxels, found on its bounding box
         start = np.array([b.start for b in box])
@@ -451,11 +453,13 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
         if image is None:
             image = _load_image(manifest)
         defects, lesions = markers(scan_dir, result)
-        maps = plate_maps(labels, geometry, thickness, result=result) \
+        boxes = plate_boxes(labels)
+        maps = plate_maps(labels, geometry, thickness, result=result, boxes=boxes) \
             if thickness is not None or result is not None else {}
         out.figure = _qc_figure(scan_dir / "qc.png", labels, geometry, image, maps, defects,
                                 lesions, flags, side, cfg, title=manifest.get("scan_id")
-                                or f"{scan_dir.parent.name}/{scan_dir.name}", save=save_figure)
+                                or f"{scan_dir.parent.name}/{scan_dir.name}", save=save_figure,
+                                boxes=boxes)
     except Exception as exc:  # reports never fail the analysis
         log.warning("QC figure for %s failed: %s", scan_dir, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         out.errors.append(f"{type(exc).__name__}: {exc}"[:300])

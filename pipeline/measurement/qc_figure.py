@@ -22,20 +22,24 @@ __all__ = ["qc_figure", "lesions_for"]
 def qc_figure(path: Path, labels: np.ndarray, geometry: Geometry, image: Volume | None,
               maps: dict[str, PlateMap], defects: list[dict], lesions: list[dict],
               flags: list[Any], side: str | None, cfg: Any, title: str,
-              save: Callable[[Path, bytes], Any] | None = None) -> Path:
+              save: Callable[[Path, bytes], Any] | None = None,
+              boxes: dict[str, tuple[slice, ...] | None] | None = None) -> Path:
     """Draw ``qc.png`` (see :mod:`cartiq.measurement.qc`): a header with the status and the
     first flags, then per plate three planes and the thickness map.  ``flags``:
     :class:`cartiq.measurement.qc.QCFlag`; ``cfg``: its ``QCConfig`` (dpi, colour bar).
     The PNG is drawn in memory and stored by ``save(path, data)`` (default: an atomic,
-    verified write now; ``cartiq measure`` hands it to its background writer)."""
-    png = _draw(labels, geometry, image, maps, defects, lesions, flags, side, cfg, title)
+    verified write now; ``cartiq measure`` hands it to its background writer).  ``boxes``:
+    :func:`cartiq.io.labels.plate_boxes` of ``labels``, if known."""
+    png = _draw(labels, geometry, image, maps, defects, lesions, flags, side, cfg, title,
+                boxes or plate_boxes(labels))
     (save or atomic_write_bytes)(path, png)
     return path
 
 
 def _draw(labels: np.ndarray, geometry: Geometry, image: Volume | None,
           maps: dict[str, PlateMap], defects: list[dict], lesions: list[dict],
-          flags: list[Any], side: str | None, cfg: Any, title: str) -> bytes:
+          flags: list[Any], side: str | None, cfg: Any, title: str,
+          boxes: dict[str, tuple[slice, ...] | None]) -> bytes:
     """The figure of :func:`qc_figure` as PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -55,7 +59,6 @@ def _draw(labels: np.ndarray, geometry: Geometry, image: Volume | None,
     fig.text(0.03, 1 - 0.25 / fig.get_figheight(), head, fontsize=14, weight="bold", va="top")
     fig.text(0.03, 1 - 0.6 / fig.get_figheight(), "\n".join(lines) or "no QC flags",
              fontsize=8.5, va="top", color="#b00" if flags else "#060")
-    boxes = plate_boxes(labels)
     for row, name in enumerate(PLATES):
         box = boxes[name]
         axes = [fig.add_subplot(grid[row, c]) for c in range(4)]
