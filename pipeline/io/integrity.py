@@ -13,7 +13,9 @@ describes:
   and the decompressed byte count is compared with the header.
 
 :func:`check_complete` returns the sha256 of the file that was read (the header file for a
-detached NRRD/MHD), so provenance hashes exactly those bytes.  Errors are
+detached NRRD/MHD), so provenance hashes exactly those bytes.  Asked to (``keep_nifti``), it
+also keeps the bytes of a NIfTI file as read (decompressed), so that the reader need not read
+and inflate the file a second time (:mod:`cartiq.io.nifti`).  Errors are
 :class:`~cartiq.errors.InputError` naming the file.
 """
 
@@ -53,26 +55,29 @@ _MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_ASCII_CHAR": 1, "MET_SHORT": 2
 
 
 class Checked(NamedTuple):
-    """What reading a file to its end found: its sha256 and (NIfTI float data) the number
-    of non-finite voxel values."""
+    """What reading a file to its end found: its sha256, (NIfTI float data) the number of
+    non-finite voxel values and (NIfTI, when asked for) the file's bytes, decompressed:
+    header, extensions and exactly the voxel data the header describes."""
 
     sha256: str
     nonfinite: int = 0
+    nifti: np.ndarray | None = None  # uint8
 
 
-def check_complete(path: Path) -> Checked | None:
+def check_complete(path: Path, *, keep_nifti: bool = False) -> Checked | None:
     """Check that ``path`` holds all the voxel data its header describes.
 
     Returns the file's sha256 and, for NIfTI float data, the count of NaN/Inf values
-    (``None`` for formats this module does not know, which are left to the reader).
+    (``None`` for formats this module does not know, which are left to the reader);
+    ``keep_nifti``: a NIfTI file's decompressed bytes too (``Checked.nifti``).
     Raises :class:`InputError` naming the file otherwise.
     """
     name = path.name.lower()
     try:
         if name.endswith(".nii.gz"):
-            return _check_nifti(path, gz=True)
+            return _check_nifti(path, gz=True, keep=keep_nifti)
         if name.endswith(".nii"):
-            return _check_nifti(path, gz=False)
+            return _check_nifti(path, gz=False, keep=keep_nifti)
         if name.endswith((".nrrd", ".nhdr")):
             return _check_nrrd(path)
         if name.endswith((".mha", ".mhd")):
@@ -174,6 +179,7 @@ def _prod(values) -> int:
 
 
 _NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of real floating-point data
+_DEFLATE_MAX_RATIO = 1032  # a deflate stream inflates to at most ~1032 times its size
 
 
 def _nifti_header(first: bytes, path: Path) -> tuple[int, int, str, np.dtype | None]:
@@ -205,15 +211,20 @@ def _nifti_header(first: bytes, path: Path) -> tuple[int, int, str, np.dtype | N
 
 class _NiftiScan:
     """Consumes a NIfTI byte stream in order: parses the header, then counts non-finite
-    values of float data (ITK's reader turns NaN/Inf into 0 without a word)."""
+    values of float data (ITK's reader turns NaN/Inf into 0 without a word).
 
-    def __init__(self, path: Path) -> None:
+    ``keep_limit``: keep the first ``vox_offset + data bytes`` of the stream (``kept``) when
+    the header's size is at most this many bytes (a larger one cannot be complete)."""
+
+    def __init__(self, path: Path, keep_limit: int | None = None) -> None:
         self.path = path
         self.header: tuple[int, int, str, np.dtype | None] | None = None
         self.buf = b""
         self.pos = 0  # stream offset of the next piece
         self.rest = b""
         self.nonfinite = 0
+        self.keep_limit = keep_limit
+        self.kept: np.ndarray | None = None
 
     def __call__(self, piece: bytes) -> None:
         if self.header is None:
@@ -223,7 +234,10 @@ class _NiftiScan:
                 return
             self.header = _nifti_header(self.buf, self.path)
             piece, self.buf = self.buf, b""
+            self._start_keeping()
         offset, need, _, dtype = self.header
+        if self.kept is not None:
+            self._keep(piece)
         lo, hi = max(offset - self.pos, 0), min(offset + need - self.pos, len(piece))
         self.pos += len(piece)
         if dtype is None or hi <= lo:
@@ -234,15 +248,26 @@ class _NiftiScan:
         self.nonfinite += int(values.size - np.count_nonzero(np.isfinite(values)))
         self.rest = bytes(data[n:])
 
+    def _start_keeping(self) -> None:
+        offset, need = self.header[:2]
+        if self.keep_limit is not None and offset + need <= self.keep_limit:
+            self.kept = np.empty(offset + need, np.uint8)  # pages are touched as filled
+
+    def _keep(self, piece) -> None:
+        n = min(len(piece), self.kept.size - self.pos)
+        if n > 0:
+            self.kept[self.pos:self.pos + n] = np.frombuffer(piece, np.uint8, n)
+
     def finish(self) -> tuple[int, int, str, np.dtype | None]:
         if self.header is None:
             self.header = _nifti_header(self.buf, self.path)
         return self.header
 
 
-def _check_nifti(path: Path, *, gz: bool) -> Checked:
+def _check_nifti(path: Path, *, gz: bool, keep: bool = False) -> Checked:
     f = _Hashing(path)
-    scan = _NiftiScan(path)
+    limit = f.size * (_DEFLATE_MAX_RATIO if gz else 1) + (1 << 16) if keep else None
+    scan = _NiftiScan(path, keep_limit=limit)
     if gz:
         total = _inflated_length(f.chunks(), path, what="gzip",
                                  new=lambda: zlib.decompressobj(31), sink=scan)
@@ -253,7 +278,7 @@ def _check_nifti(path: Path, *, gz: bool) -> Checked:
             total += len(block)
     offset, need, shape, _ = scan.finish()
     _compare(path, total - offset, need, shape)
-    return Checked(f.hexdigest(), scan.nonfinite)
+    return Checked(f.hexdigest(), scan.nonfinite, scan.kept)
 
 
 # ------------------------------------------------------------------------- NRRD

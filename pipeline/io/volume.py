@@ -176,8 +176,17 @@ def read_volume(
         from cartiq.io.integrity import check_complete
 
         # ITK zero-fills a cut file: prove the data are complete first (and hash them)
-        checked = check_complete(path)
-        image = _read_itk(path)
+        checked = check_complete(path, keep_nifti=True)
+        voxels = None
+        if checked is not None and checked.nifti is not None:
+            # NIfTI: the check inflated the file already; ITK reads only the header
+            from cartiq.io.nifti import voxels as nifti_voxels
+
+            image = _read_itk(path, header_only=True)
+            voxels = nifti_voxels(checked.nifti, image)
+            checked = checked._replace(nifti=None)
+        if voxels is None:
+            image = _read_itk(path)
         meta = {"format": _format_of(path)}
         if checked is not None:
             meta["sha256"] = checked.sha256
@@ -185,6 +194,9 @@ def read_volume(
                 _raise_nonfinite(checked.nonfinite, path, kind)
         elif meta["format"] == "nifti":
             _check_nifti_finite(path, kind)
+        if voxels is not None:  # its non-finite values were counted: there are none
+            return _volume_from_array(_reversed_axes(voxels), Geometry.from_sitk(image),
+                                      path, meta, kind, finite=True)
     return _volume_from_sitk(image, path, meta, kind)
 
 
@@ -195,8 +207,9 @@ def is_dicom_path(path: str | Path) -> bool:
     return path.is_dir() or path.suffix.lower() == ".dcm"
 
 
-def _read_itk(path: Path) -> Any:
-    """``sitk.ReadImage`` of exactly ``path``.
+def _read_itk(path: Path, *, header_only: bool = False) -> Any:
+    """``sitk.ReadImage`` of exactly ``path`` (``header_only``: an ``ImageFileReader``
+    after ``ReadImageInformation``: size, geometry and pixel type, no voxels).
 
     ITK's NIfTI reader resolves ``X.nii.gz`` by its stem and reads ``X.nii`` (or
     ``X.hdr/.img``) when such a file lies beside it; a NIfTI file with a sibling of the
@@ -208,9 +221,18 @@ def _read_itk(path: Path) -> Any:
     isolate = _format_of(path) == "nifti" and any(
         (path.parent / (stem + ext)).exists() for ext in
         (".nii", ".nii.gz", ".hdr", ".hdr.gz", ".img", ".img.gz") if stem + ext != name)
+
+    def read(file: Path) -> Any:
+        if not header_only:
+            return sitk.ReadImage(str(file))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(file))
+        reader.ReadImageInformation()
+        return reader
+
     try:
         if not isolate:
-            return sitk.ReadImage(str(path))
+            return read(path)
         with tempfile.TemporaryDirectory(prefix="cartiq-read-") as tmp:
             link = Path(tmp) / ("image" + name[len(stem):])
             try:
@@ -219,7 +241,7 @@ def _read_itk(path: Path) -> Any:
                 import shutil
 
                 shutil.copyfile(path, link)
-            return sitk.ReadImage(str(link))
+            return read(link)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((ln for ln in first if "ERROR" in ln or "Unable" in ln), "unreadable")
@@ -274,25 +296,36 @@ def _volume_from_sitk(image: Any, path: Path, meta: dict[str, Any], kind: str) -
     elif dim == 2:
         raise InputError(f"is 2D ({image.GetSize()[0]}x{image.GetSize()[1]}); a 3D image is "
                          "needed", path)
-    size = image.GetSize()
-    if min(size) < 2:
-        raise InputError(f"is a single slice ({'x'.join(map(str, size))}); a 3D image is "
-                         "needed", path)
-    geometry = Geometry.from_sitk(image)
+    if min(image.GetSize()) < 2:
+        _raise_single_slice(image.GetSize(), path)
     array = _reversed_axes(sitk.GetArrayFromImage(image))
+    return _volume_from_array(array, Geometry.from_sitk(image), path, meta, kind)
+
+
+def _volume_from_array(array: np.ndarray, geometry: Geometry, path: Path,
+                       meta: dict[str, Any], kind: str, *, finite: bool = False) -> Volume:
+    """``array`` in cartiq order; ``finite``: its values are known to be finite."""
+    if min(geometry.shape) < 2:
+        _raise_single_slice(geometry.shape, path)
     if kind == "labels":
         array = _as_label_array(array, path)
-    elif np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+    elif (not finite and np.issubdtype(array.dtype, np.floating)
+          and not np.isfinite(array).all()):
         n = int((~np.isfinite(array)).sum())
         raise InputError(f"contains {n} non-finite intensities (NaN or Inf)", path)
     return Volume(array=array, geometry=geometry, path=path, meta=meta)
 
 
+def _raise_single_slice(size, path: Path) -> None:
+    raise InputError(f"is a single slice ({'x'.join(map(str, size))}); a 3D image is "
+                     "needed", path)
+
+
 def _reversed_axes(array: np.ndarray) -> np.ndarray:
     """C-contiguous copy of a 3D ``array.transpose(2, 1, 0)`` (ITK <-> cartiq index order),
-    made one 2D transpose per middle index: the blocks stay in the cache, 2-3x faster than
-    numpy's copy of the whole transposed view."""
-    out = np.empty(array.shape[::-1], dtype=array.dtype)
+    in native byte order, made one 2D transpose per middle index: the blocks stay in the
+    cache, 2-3x faster than numpy's copy of the whole transposed view."""
+    out = np.empty(array.shape[::-1], dtype=array.dtype.newbyteorder("="))
     for j in range(array.shape[1]):
         out[:, j, :] = array[:, j, :].T
     return out
