@@ -49,8 +49,8 @@ MODEL_CLASSES = ("background", "femur", "tibia", "patella", "femoral_cartilage",
                  "bone_marrow_lesion")
 _C = {n: i for i, n in enumerate(MODEL_CLASSES)}
 _BONES = (_C["femur"], _C["tibia"], _C["patella"], _C["fibula"])
-_SOFT = (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartilage"],
-         _C["meniscus"])
+_PLATES = (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartilage"])
+_SOFT = _PLATES + (_C["meniscus"],)
 N_BG, CORTEX, FLUID = 4, len(MODEL_CLASSES) + 4, len(MODEL_CLASSES) + 5
 N_RENDER = len(MODEL_CLASSES) + 6
 
@@ -175,6 +175,17 @@ def _dilate(x: torch.Tensor, r: int) -> torch.Tensor:
     return y[0, 0]
 
 
+def _any_of(lab: torch.Tensor, classes: tuple[int, ...]) -> torch.Tensor:
+    """Mask of the voxels of ``lab`` whose class is one of ``classes``."""
+    return torch.isin(lab, torch.tensor(classes, dtype=lab.dtype))
+
+
+def _coords(shape: tuple[int, ...]) -> torch.Tensor:
+    """Voxel index coordinates of a crop, (D, H, W, 3) float."""
+    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
 def _smooth_field(shape: tuple[int, ...], coarse: int, gen: torch.Generator,
                   n: int = 1) -> torch.Tensor:
     small = torch.randn((1, n) + tuple(max(2, s // coarse) for s in shape), generator=gen)
@@ -241,8 +252,7 @@ class Renderer:
             return
         c = cand[int(torch.randint(len(cand), (1,), generator=self.gen))].float()
         r = self._u(*cfg.bml_radius_mm, 3) / cfg.spacing_mm
-        axes = [torch.arange(s, dtype=torch.float32) for s in lab.shape]
-        g = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+        g = _coords(tuple(lab.shape))
         d = (((g - c) / r) ** 2).sum(-1)
         d = d + 0.3 * _smooth_field(tuple(lab.shape), 4, self.gen)[0]
         lab[(d < 1) & bone] = _C["bone_marrow_lesion"]
@@ -250,20 +260,13 @@ class Renderer:
     def _plant_defects(self, lab: torch.Tensor) -> torch.Tensor:
         """Remove cartilage in 1-3 random spheres (in place); returns the removed voxels."""
         cfg = self.cfg
-        plates = (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartilage"])
-        cart = torch.zeros_like(lab, dtype=torch.bool)
-        for c in plates:
-            cart |= lab == c
+        cart = _any_of(lab, _PLATES)
         removed = torch.zeros_like(cart)
         cand = torch.nonzero(cart)
         if len(cand) < 50:
             return removed
-        bone = torch.zeros_like(cart)
-        for b in _BONES:
-            bone |= lab == b
-        on_bone = (_dilate(bone.float(), 1) > 0) & cart
-        axes = [torch.arange(n, dtype=torch.float32) for n in lab.shape]
-        g = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+        on_bone = (_dilate(_any_of(lab, _BONES).float(), 1) > 0) & cart
+        g = _coords(tuple(lab.shape))
         for _ in range(int(torch.randint(1, 4, (1,), generator=self.gen))):
             c = cand[int(torch.randint(len(cand), (1,), generator=self.gen))].float()
             r = float(self._u(*cfg.defect_radius_mm)) / cfg.spacing_mm
@@ -276,12 +279,8 @@ class Renderer:
 
     def _thin(self, lab: torch.Tensor) -> torch.Tensor:
         """Remove the articular surface layer of every plate (in place); returns it."""
-        cart = torch.zeros_like(lab, dtype=torch.bool)
-        for c in (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartilage"]):
-            cart |= lab == c
-        bone = torch.zeros_like(cart)
-        for b in _BONES + (_C["bone_marrow_lesion"],):
-            bone |= lab == b
+        cart = _any_of(lab, _PLATES)
+        bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],))
         outside = ~(cart | bone)  # joint space, menisci, soft tissue
         surface = cart & (_dilate(outside.float(), 1) > 0) & ~(_dilate(bone.float(), 1) > 0)
         lab[surface] = 0
@@ -302,7 +301,7 @@ class Renderer:
         for b in _BONES:
             mu[b] = min(1.0, max(0.0, bone + float(self._u(-0.04, 0.04))))
         cart = pick(fam["cart"])
-        for c in (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartilage"]):
+        for c in _PLATES:
             mu[c] = min(1.0, max(0.0, cart + float(self._u(-0.05, 0.05))))
         mu[_C["meniscus"]] = pick(fam["meniscus"])
         mu[_C["bone_marrow_lesion"]] = pick(fam["bml"])
@@ -323,16 +322,11 @@ class Renderer:
         bg = lab == 0
         rl[bg] = bgsub[bg]
         if float(torch.rand(1, generator=self.gen)) < cfg.cortex_probability:
-            bone = torch.zeros_like(bg)
-            for b in _BONES:
-                bone |= lab == b
-            bone |= lab == _C["bone_marrow_lesion"]
+            bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],))
             eroded = -_dilate(-bone.float(), 1)
             rl[bone & (eroded < 0.5) & (lab != _C["bone_marrow_lesion"])] = CORTEX
         if float(torch.rand(1, generator=self.gen)) < cfg.fluid_probability:
-            soft = torch.zeros_like(bg)
-            for s in _SOFT:
-                soft |= lab == s
+            soft = _any_of(lab, _SOFT)
             k = 3 if float(torch.rand(1, generator=self.gen)) < 0.5 else 5
             near = _dilate(soft.float(), k // 2)
             rl[bg & (near > 0)] = FLUID
