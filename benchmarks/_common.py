@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,6 +21,24 @@ def median_cpu_seconds(fn, repeats: int) -> float:
         fn()
         times.append(time.process_time() - t0)
     return statistics.median(times)
+
+
+class TimedRun(NamedTuple):
+    rc: int
+    output: str  # stdout and stderr together
+    wall_s: float
+    peak_rss_mib: float
+
+
+def timed_run(cmd: list[str]) -> TimedRun:
+    """Run a command in a fresh process: exit code, output, wall time and peak RSS (from
+    ``os.wait4``, so the child's own peak, not this process's)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    return TimedRun(os.waitstatus_to_exitcode(status), output, time.monotonic() - t0,
+                    usage.ru_maxrss / 1024.0)  # KiB -> MiB on Linux
 
 
 def pymskt_case(mirror: Path):

@@ -15,12 +15,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from _common import pymskt_case
+from _common import pymskt_case, timed_run
 
 
 def main() -> None:
@@ -35,16 +33,13 @@ def main() -> None:
     walls, peaks, splits = [], [], []
     for i in range(args.runs):
         out = work / f"out{i}"
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "cartiq", "-q", "measure",
-                                 str(work / "image.nii.gz"), "--seg", str(seg),
-                                 "--labels", "pymskt_dess", "-o", str(out)],
-                                stdout=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        walls.append(time.perf_counter() - t0)
-        peaks.append(usage.ru_maxrss / 1024.0)  # KiB -> MiB on Linux
-        if status != 0:
-            raise SystemExit(f"run {i} failed with status {status}")
+        run = timed_run([sys.executable, "-m", "cartiq", "-q", "measure",
+                         str(work / "image.nii.gz"), "--seg", str(seg),
+                         "--labels", "pymskt_dess", "-o", str(out)])
+        walls.append(run.wall_s)
+        peaks.append(run.peak_rss_mib)
+        if run.rc != 0:
+            raise SystemExit(f"run {i} failed with exit code {run.rc}: {run.output[-500:]}")
         splits.append(json.loads((out / "manifest.json").read_text())["timings_s"])
     print(f"runs: {args.runs}; cpu cores: {os.cpu_count()}")
     print(f"wall s: median {statistics.median(walls):.2f} (min {min(walls):.2f}, max {max(walls):.2f})")

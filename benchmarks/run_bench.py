@@ -15,11 +15,11 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _common import timed_run
 
 
 def main() -> None:
@@ -39,17 +39,11 @@ def main() -> None:
             out = work / f"run{i}"
             cmd = [sys.executable, "-m", "cartiq", "run", str(scan), "-o", str(out),
                    "--device", a.device] + (["--model", a.model] if a.model else [])
-            t0 = time.monotonic()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    text=True)
-            err = proc.stderr.read()
-            _, status, usage = os.wait4(proc.pid, 0)
-            wall = time.monotonic() - t0
-            rc = os.waitstatus_to_exitcode(status)
-            if rc != 0:
-                raise SystemExit(f"cartiq run failed (rc {rc}): {err.strip()[-500:]}")
+            run = timed_run(cmd)
+            if run.rc != 0:
+                raise SystemExit(f"cartiq run failed (rc {run.rc}): {run.output.strip()[-500:]}")
             man = json.loads((out / "manifest.json").read_text())
-            runs.append({"wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
+            runs.append({"wall_s": round(run.wall_s, 1), "peak_rss_mib": round(run.peak_rss_mib),
                          "segment_timings_s": (man.get("segmentation") or {}).get("timings_s"),
                          "measure_timings_s": man.get("timings_s"), "side": man.get("side"),
                          "side_source": man.get("side_source"), "qc": man["qc"]["status"]})

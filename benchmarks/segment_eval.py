@@ -26,15 +26,14 @@ import argparse
 import csv
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import yaml
+from _common import timed_run
 
 log = logging.getLogger("segment_eval")
 
@@ -159,13 +158,13 @@ def real_scan(name: str, model: str | None, mirror: Path, out: Path) -> dict:
     cmd = [sys.executable, "-m", "cartiq", "run", str(path), "-o", str(dest), "--device", "cpu"]
     if model:
         cmd += ["--model", model]
-    rc, text, wall, usage = _run(cmd)
+    run = timed_run(cmd)
     side_error = None
-    if rc == 2 and "cannot tell the knee side" in text and known_side:
-        side_error = text.strip().splitlines()[-1]
-        rc, text, wall, usage = _run(cmd + ["--side", known_side])
-    if rc != 0:
-        return {"rc": rc, "output": text[-2000:], "side_error": side_error}
+    if run.rc == 2 and "cannot tell the knee side" in run.output and known_side:
+        side_error = run.output.strip().splitlines()[-1]
+        run = timed_run(cmd + ["--side", known_side])
+    if run.rc != 0:
+        return {"rc": run.rc, "output": run.output[-2000:], "side_error": side_error}
     qc_ranges = yaml.safe_load((resource_dir("configs") / "qc.yaml").read_text())["plausible"]
     rows = list(csv.DictReader(open(dest / "measurements.csv")))
 
@@ -178,7 +177,7 @@ def real_scan(name: str, model: str | None, mirror: Path, out: Path) -> dict:
     man = json.loads((dest / "manifest.json").read_text())
     shutil.copy(dest / "qc.png", out / f"{name}_qc.png")
     return {
-        "rc": rc, "wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024),
+        "rc": run.rc, "wall_s": round(run.wall_s, 1), "peak_rss_mib": round(run.peak_rss_mib),
         "side": man.get("side"), "side_source": man.get("side_source"),
         "side_not_found": side_error,
         "qc_status": man["qc"]["status"], "qc_flags": [f["message"] for f in man["qc"]["flags"]],
@@ -190,14 +189,6 @@ def real_scan(name: str, model: str | None, mirror: Path, out: Path) -> dict:
         "bml_volume_mm3": value("bone_marrow_lesion", "volume") or 0.0,
         "timings_s": man.get("timings_s"),
     }
-
-
-def _run(cmd: list[str]) -> tuple[int, str, float, os.struct_rusage]:
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    text = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), text, time.monotonic() - t0, usage
 
 
 def markdown(report: dict) -> str:
