@@ -188,6 +188,22 @@ def test_write_qc_on_measured_phantom(measured):
     assert [f.code for f in again.flags] == ["registration"] and again.status == "warn"
 
 
+def test_measured_result_carries_the_plate_boxes(phantom):
+    """QC reuses the measurement's plate boxes; they must be those of the label map, and
+    QC on the result gives the flags it gives on the label map alone."""
+    from cartiq.io.labels import plate_boxes
+    from cartiq.measurement.measure import measure_labels
+
+    labels, g = phantom.labels.array.copy(), phantom.labels.geometry
+    labels[labels == default_scheme()["patellar_cartilage"]] = 0  # an absent plate too
+    result = measure_labels(labels, g, side="right")
+    assert result.plate_boxes == plate_boxes(labels)
+    assert result.plate_boxes["patellar_cartilage"] is None
+    assert result.plate_boxes["femoral_cartilage"] is not None
+    assert codes(qc_checks(labels, g, side="right", result=result)) \
+        == codes(qc_checks(labels, g, side="right")) == ["plate_empty"]
+
+
 @pytest.mark.slow
 def test_plot_failure_keeps_flags(measured, monkeypatch):
     import cartiq.measurement.qc as qc_mod

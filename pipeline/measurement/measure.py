@@ -309,7 +309,9 @@ def measure_labels(labels: np.ndarray, geometry: Geometry, *, side: str | None,
     for w in warnings if log_warnings else ():
         log.warning(w)
     return MeasureResult(side=side, geometry=geometry, plates=plates, defects=defects,
-                      lesions=lesions, rows=rows, thickness_map=thickness_map, warnings=warnings)
+                      lesions=lesions, rows=rows, thickness_map=thickness_map, warnings=warnings,
+                      plate_boxes={n: boxes[scheme[n] - 1] if scheme[n] <= len(boxes) else None
+                                   for n in PLATES})
 
 
 def run_measure(image: Path, seg: Path, out_dir: Path, *, labels: str | None = None,

@@ -199,6 +199,13 @@ def _thickness_values(name: str, mask: np.ndarray, thickness: np.ndarray | None,
     return t, np.ones_like(t)
 
 
+def _boxes(labels: np.ndarray, result: Any) -> dict[str, tuple[slice, ...] | None]:
+    """The plate boxes ``result`` (a :class:`~cartiq.measurement.records.MeasureResult` of
+    ``labels``) carries, else one pass over ``labels``."""
+    boxes = getattr(result, "plate_boxes", None)
+    return boxes if boxes is not None else plate_boxes(labels)
+
+
 def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None,
               thickness: np.ndarray | None = None, result: Any = None,
               config: QCConfig | None = None,
@@ -221,7 +228,7 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
     vox = geometry.voxel_volume_mm3
     flags: list[QCFlag] = []
     counts = label_counts(labels, minlength=max(scheme.values) + 1)
-    boxes = plate_boxes(labels)
+    boxes = _boxes(labels, result)
     centroids: dict[str, np.ndarray | None] = {}
     for name in PLATES:
         n = int(counts[scheme[name]])
@@ -453,7 +460,7 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
         if image is None:
             image = _load_image(manifest)
         defects, lesions = markers(scan_dir, result)
-        boxes = plate_boxes(labels)
+        boxes = _boxes(labels, result)
         maps = plate_maps(labels, geometry, thickness, result=result, boxes=boxes) \
             if thickness is not None or result is not None else {}
         out.figure = _qc_figure(scan_dir / "qc.png", labels, geometry, image, maps, defects,

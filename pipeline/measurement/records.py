@@ -66,3 +66,6 @@ class MeasureResult:
     rows: list[dict[str, Any]]
     thickness_map: np.ndarray
     warnings: list[str] = field(default_factory=list)
+    #: :func:`cartiq.io.labels.plate_boxes` of the measured label map (QC and its figure
+    #: reuse them instead of scanning the volume again)
+    plate_boxes: dict[str, tuple[slice, ...] | None] | None = None
