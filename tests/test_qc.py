@@ -248,3 +248,65 @@ def test_very_oblique_grid_shown_as_stored():
     g30 = Geometry(shape=(4, 5, 6), spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                    direction=tuple(m.ravel()))
     assert [v.name for v in plate_views(g30)] == ["sagittal", "coronal", "axial"]
+
+
+def _csv_rows(path):
+    import csv
+
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_cartiq_qc_rechecks_and_updates_the_record(phantom, tmp_path):
+    """`cartiq qc` with other limits: the folder stays complete and every place that
+    carries the status (manifest, measurements.csv, qc.png) says the new one."""
+    import yaml
+
+    from _cli import assert_one_line_error, run_cartiq
+    from cartiq.data.phantom import write_phantom
+    from cartiq.io.outputs import why_incomplete
+    from cartiq.measurement.measure import run_measure
+
+    paths = write_phantom(phantom, tmp_path / "in")
+    scan = run_measure(paths["image"], paths["seg"], tmp_path / "scan").out_dir
+    before = _csv_rows(scan / "measurements.csv")
+    assert {r["qc_status"] for r in before} == {"pass"}
+    fem = next(float(r["value"]) for r in before if r["structure"] == "femoral_cartilage"
+               and r["region"] == "all" and r["metric"] == "volume")
+    strict = load_qc_config().model_dump(mode="json")
+    strict["plausible"]["plate_volume_mm3"]["femoral_cartilage"] = [fem / 4, fem / 2]
+    (tmp_path / "strict.yaml").write_text(yaml.safe_dump(strict))
+
+    res = run_cartiq("qc", scan, "--config", tmp_path / "strict.yaml")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1].startswith("fail")
+    assert why_incomplete(scan) is None  # qc.png and the CSV are listed with their new hashes
+    m = json.loads((scan / "manifest.json").read_text())
+    assert m["qc"]["status"] == "fail" and m["qc"]["figure"] == "qc.png"
+    assert [f["code"] for f in m["qc"]["flags"]] == ["plate_volume"]
+    assert m["qc"]["rechecked"]["config"] == str((tmp_path / "strict.yaml").resolve())
+    after = _csv_rows(scan / "measurements.csv")
+    assert {r["qc_status"] for r in after} == {"fail"}
+    assert [{**r, "qc_status": ""} for r in after] == [{**r, "qc_status": ""} for r in before]
+    used = yaml.safe_load((scan / "qc_config.yaml").read_text())
+    assert used["plausible"]["plate_volume_mm3"]["femoral_cartilage"] == [fem / 4, fem / 2]
+
+    # back to the default limits, with a registration residual over the limit: warn
+    res = run_cartiq("qc", scan, "--registration-residual", "2.5")
+    assert res.returncode == 0, res.stderr
+    m = json.loads((scan / "manifest.json").read_text())
+    assert m["qc"]["status"] == "warn" and m["qc"]["rechecked"]["config"] == "default"
+    assert {r["qc_status"] for r in _csv_rows(scan / "measurements.csv")} == {"warn"}
+    assert why_incomplete(scan) is None
+
+    # a bad limits file: one line, exit 2, the folder untouched
+    (tmp_path / "bad.yaml").write_text("max_thickness_mm: -3\n")
+    snapshot = (scan / "manifest.json").read_bytes()
+    assert_one_line_error(run_cartiq("qc", scan, "--config", tmp_path / "bad.yaml"),
+                          "bad.yaml", "max_thickness_mm")
+    assert (scan / "manifest.json").read_bytes() == snapshot and why_incomplete(scan) is None
+
+    # a damaged folder is not rechecked
+    (scan / "defects.csv").write_text("tampered\n")
+    assert_one_line_error(run_cartiq("qc", scan), "not a complete cartiq output folder",
+                          "defects.csv")

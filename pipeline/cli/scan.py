@@ -172,10 +172,11 @@ def qc(
                                              "a longitudinal registration residual (mm)."),
     config: Optional[Path] = typer.Option(None, "--config", help="QC limits YAML (cartiq.measurement.qc.QCConfig)."),
 ) -> None:
-    """QC flags of a scan folder and its qc.png (outlines on three planes, thickness maps)."""
-    from cartiq.measurement.qc import write_qc
+    """QC a finished scan folder again: flags, qc.png, and the status in manifest.json and
+    measurements.csv (outlines on three planes, thickness maps)."""
+    from cartiq.measurement.qc import recheck_qc
 
-    result = write_qc(scan_dir, registration_residual_mm=residual, config=config)
+    result = recheck_qc(scan_dir, registration_residual_mm=residual, config=config)
     for f in result.flags:
         typer.echo(f"{f.severity}\t{f.code}\t{f.message}")
     for e in result.errors:

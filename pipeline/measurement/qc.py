@@ -58,7 +58,7 @@ from cartiq.measurement.qc_ranges import (PlausibleRanges, bml_problems, border_
 from cartiq.measurement.qc_maps import PlateMap, plate_map_from_points, projector_for
 
 __all__ = ["QCConfig", "QCFlag", "QCResult", "qc_checks", "load_qc_config", "registration_flag", "write_qc",
-           "read_table"]
+           "recheck_qc", "read_table"]
 
 log = logging.getLogger(__name__)
 
@@ -471,3 +471,52 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
         log.warning("QC figure for %s failed: %s", scan_dir, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         out.errors.append(f"{type(exc).__name__}: {exc}"[:300])
     return out
+
+
+def recheck_qc(scan_dir: Path, *, registration_residual_mm: float | None = None,
+               config: QCConfig | Path | None = None) -> QCResult:
+    """QC a finished ``cartiq measure``/``run`` folder again (``cartiq qc``: other limits,
+    a registration residual) and bring the folder's record up to date with the new status:
+    ``qc.png``, the ``qc_status`` column of ``measurements.csv``, the ``qc`` block of
+    ``manifest.json`` (with ``rechecked``: the limits file and residual used) and the
+    resolved limits in ``qc_config.yaml``; cohort tables and reports read that block.
+
+    Only a complete folder is rechecked (:func:`cartiq.io.outputs.why_incomplete`); the flags
+    are computed before anything is touched, and the folder is marked incomplete until the
+    new manifest is written, so an interrupted recheck is never taken for a finished one."""
+    import time
+
+    import yaml
+
+    from cartiq.config import resolved
+    from cartiq.errors import InputError
+    from cartiq.io.outputs import begin_folder, why_incomplete, write_csv, write_manifest
+    from cartiq.io.volume import atomic_write_text
+
+    scan_dir = Path(scan_dir)
+    why = why_incomplete(scan_dir)
+    if why is not None:
+        raise InputError(f"not a complete cartiq output folder: {why}", scan_dir)
+    cfg = config if isinstance(config, QCConfig) else load_qc_config(config)
+    manifest = read_manifest(scan_dir)
+    table = scan_dir / "measurements.csv"
+    columns = rows = None
+    if table.is_file():
+        with table.open(newline="", encoding="utf-8") as fh:
+            columns = list(csv.DictReader(fh).fieldnames or [])
+        rows = read_table(table)
+        columns += [] if "qc_status" in columns else ["qc_status"]
+    flags = write_qc(scan_dir, registration_residual_mm=registration_residual_mm, config=cfg,
+                     figure=False).flags
+    begin_folder(scan_dir, fresh=False)
+    result = write_qc(scan_dir, registration_residual_mm=registration_residual_mm, config=cfg,
+                      flags=flags)
+    if rows is not None:
+        write_csv(table, columns, [{**r, "qc_status": result.status} for r in rows])
+    atomic_write_text(scan_dir / "qc_config.yaml", yaml.safe_dump(resolved(cfg), sort_keys=False))
+    manifest["qc"] = {**result.to_json(), "rechecked": {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": str(Path(config).resolve()) if isinstance(config, (str, Path)) else "default",
+        "registration_residual_mm": registration_residual_mm}}
+    write_manifest(scan_dir, manifest)
+    return result
