@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cartiq.batch.batch import BatchOptions, run_batch
+from cartiq.batch.batch import EXIT_FAILED, BatchOptions, run_batch
 from cartiq.cli import main
 from cartiq.io.volume import read_volume, write_volume
 from cartiq.io.labels import default_scheme
@@ -448,3 +448,26 @@ def test_qc_limits_are_part_of_the_fingerprint(monkeypatch):
     assert before["qc"] != after["qc"]
     assert {k: v for k, v in before.items() if k != "qc"} == \
         {k: v for k, v in after.items() if k != "qc"}
+
+
+def test_side_override_column_keeps_a_contradicted_side(trial, tmp_path):
+    """A right phantom listed as left: the scan fails (anatomy contradicts the side) unless
+    the row says side_override, when it is measured as left and the manifest says so."""
+    img, seg = "phantom/image.nii.gz", "phantom/seg.nii.gz"
+    for override, name in (("", "plain"), ("yes", "kept")):
+        csv = tmp_path / f"{name}.csv"
+        csv.write_text(f"subject_id,timepoint,image,seg,side,side_override\n"
+                       f"S09,baseline,{trial / img},{trial / seg},left,{override}\n")
+        out = tmp_path / name
+        assert _run_cli(csv, out) == (EXIT_FAILED if not override else 0)
+        folder = out / "S09" / "baseline"
+        if not override:
+            assert not _complete(folder)
+            log = (folder / "scan.log").read_text()
+            assert "side column says left but the anatomy says right" in log
+            assert "side_override column" in log
+            continue
+        assert _complete(folder)
+        m = json.loads((folder / "manifest.json").read_text())
+        assert m["side"] == "left"
+        assert m["side_check"]["overridden"] is True and m["side_check"]["anatomy"] == "right"

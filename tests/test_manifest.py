@@ -168,3 +168,40 @@ def test_cli_bad_measure_config_exit_2_before_any_scan(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "measure.yaml" in err[0]
     assert not (tmp_path / "out" / "P1").exists() and not (tmp_path / "out" / "P2").exists()
+
+
+def test_side_override_column(tmp_path):
+    from cartiq.batch.manifest import fingerprint
+
+    _files(tmp_path, "a.nii")
+    p = _write(tmp_path, [
+        "subject_id,timepoint,image,side,side_override",
+        "P1,bl,a.nii,left,yes",   # 2 kept against the anatomy
+        "P2,bl,a.nii,right,",     # 3 empty = no
+        "P3,bl,a.nii,right,0",    # 4 no
+        "P4,bl,a.nii,,yes",       # 5 an override needs a side
+        "P5,bl,a.nii,left,maybe",  # 6 not yes/no
+    ])
+    with pytest.raises(InputError) as e:
+        read_manifest_csv(p)
+    msg = str(e.value)
+    assert "2 bad row(s)" in msg
+    assert "line 5: side_override without a side" in msg
+    assert "line 6: side_override 'maybe' is not yes or no" in msg
+    rows = {r.subject_id: r for r in read_manifest_csv(p, skip_invalid=True).rows}
+    assert rows["P1"].side_override is True
+    assert rows["P2"].side_override is False and rows["P3"].side_override is False
+    # an override changes what the results depend on; no override keeps old fingerprints
+    plain = rows["P1"].__class__(**{**rows["P1"].__dict__, "side_override": False})
+    assert fingerprint(rows["P1"], {}, None, {}) != fingerprint(plain, {}, None, {})
+    # the fingerprint of a row without an override is the one earlier versions recorded
+    import hashlib
+    import json
+
+    from cartiq._version import __version__
+    from cartiq.batch.manifest import FINGERPRINT_VERSION
+
+    before = {"v": FINGERPRINT_VERSION, "cartiq": __version__, "inputs": {"image": "abc"},
+              "model": None, "configs": {"measure": "1"}, "side": "left", "labels": None}
+    assert fingerprint(plain, {"image": "abc"}, None, {"measure": "1", "compare": "2"}) == \
+        hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()

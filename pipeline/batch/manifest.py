@@ -4,6 +4,8 @@ Columns
 -------
 Required: ``subject_id``, ``timepoint``, ``image`` (file or DICOM folder).
 Optional: ``seg`` (label map; segmentation is skipped for the row), ``side`` (left|right),
+``side_override`` (yes/no, 1/0, true/false; empty = no: keep ``side`` even where the anatomy
+contradicts it, recorded as ``side_check`` in the scan's manifest; needs ``side``),
 ``arm`` (treatment arm, e.g. ``MSC``/``placebo``), ``kl_grade`` (Kellgren-Lawrence 0-4, also
 ``I``..``IV``), ``visit_order`` (integer; else timepoints sort naturally), ``sites``
 (repair-site mask for MOCART scoring), ``labels`` (label convention of ``seg``).
@@ -55,8 +57,10 @@ __all__ = ["ScanRow", "InvalidRow", "Manifest", "read_manifest_csv", "timepoint_
            "scan_outdated", "compare_is_current"]
 
 REQUIRED_COLUMNS = ("subject_id", "timepoint", "image")
-OPTIONAL_COLUMNS = ("seg", "side", "arm", "kl_grade", "visit_order", "sites", "labels")
+OPTIONAL_COLUMNS = ("seg", "side", "side_override", "arm", "kl_grade", "visit_order", "sites", "labels")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_YES_NO = {"": False, "no": False, "n": False, "false": False, "0": False,
+           "yes": True, "y": True, "true": True, "1": True}
 _ROMAN = {"0": 0, "i": 1, "ii": 2, "iii": 3, "iv": 4}
 MAX_LISTED = 200
 
@@ -72,6 +76,7 @@ class ScanRow:
     seg: Path | None = None
     sites: Path | None = None
     side: str | None = None
+    side_override: bool = False
     arm: str = ""
     kl_grade: int | None = None
     visit_order: int | None = None
@@ -185,6 +190,11 @@ def _check_row(line: int, raw: dict[str, str], base: Path, columns: set[str],
         side = {"l": "left", "r": "right"}[side]
     if side is not None and side not in ("left", "right"):
         problems.append(f"side {get('side')!r} is not left or right")
+    override = _YES_NO.get(get("side_override").lower())
+    if override is None:
+        problems.append(f"side_override {get('side_override')!r} is not yes or no")
+    elif override and side is None:
+        problems.append("side_override without a side")
     kl = None
     if get("kl_grade"):
         try:
@@ -204,7 +214,8 @@ def _check_row(line: int, raw: dict[str, str], base: Path, columns: set[str],
         return None, problems
     is_base = (order == 0) if order is not None and "visit_order" in columns else False
     row = ScanRow(line=line, subject_id=sid, timepoint=tp, image=paths["image"],
-                  seg=paths["seg"], sites=paths["sites"], side=side, arm=get("arm"),
+                  seg=paths["seg"], sites=paths["sites"], side=side,
+                  side_override=bool(override), arm=get("arm"),
                   kl_grade=kl, visit_order=order, labels=get("labels") or None,
                   is_baseline=is_base or is_baseline_name(tp))
     return row, []
@@ -380,7 +391,8 @@ def fingerprint(row: ScanRow, inputs: dict[str, Any], model: dict[str, Any] | No
 
     data = {"v": FINGERPRINT_VERSION, "cartiq": __version__, "inputs": inputs, "model": model,
             "configs": {k: v for k, v in configs.items() if k != "compare"},
-            "side": row.side, "labels": row.labels}
+            "side": row.side, "labels": row.labels,
+            **({"side_override": True} if row.side_override else {})}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

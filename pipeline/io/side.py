@@ -207,7 +207,9 @@ def decide_side(evidence: list[SideEvidence], *, side: str | None = None,
                      for e in evidence],
         "overridden": False,
     }
-    hint = "; check the side, or pass --side-override to keep the given one"
+    hint = ("; check the side, or keep the given one with --side-override (in a batch "
+            "manifest: the side_override column)" if side_source == "manifest" else
+            "; check the side, or pass --side-override to keep the given one")
     if anatomy is not None:
         for e in evidence[1:]:
             if e.side != anatomy.side and e.source == "anatomy:plates" and not override:
