@@ -240,6 +240,35 @@ def test_different_sides_exit_2(visits, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_side_override_when_measuring_images(visits, tmp_path, capsys):
+    """Images + label maps of a right knee given as left: refused (exit 2) unless
+    --side-override, which keeps 'left' in both visits and records the contradiction."""
+    from cartiq.cli import main
+
+    image = {k: visits[k].parent / "image.nii.gz" for k in ("baseline", "nochange")}
+    seg = {k: visits[k].parent / "seg.nii.gz" for k in ("baseline", "nochange")}
+    args = ["compare", "--baseline", str(image["baseline"]), "--baseline-seg",
+            str(seg["baseline"]), "--followup", str(image["nochange"]), "--followup-seg",
+            str(seg["nochange"]), "--side", "left"]
+    with pytest.raises(SystemExit) as exc:
+        main(args + ["-o", str(tmp_path / "refused")])
+    assert exc.value.code == 2
+    assert "says left but the anatomy says right" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a finished folder keeps its own side
+        main(["compare", "--baseline", str(visits["baseline"]), "--followup",
+              str(visits["nochange"]), "-o", str(tmp_path / "x"), "--side-override"])
+    assert exc.value.code == 2 and "--side-override" in capsys.readouterr().err
+    result = compare_inputs(image["baseline"], seg["baseline"], image["nochange"],
+                            seg["nochange"], tmp_path / "kept", side="left",
+                            config=NO_INTENSITY, side_override=True)
+    assert result.status == "ok", result.warnings
+    for visit in ("baseline", "followup"):
+        m = json.loads((tmp_path / "kept" / visit / "manifest.json").read_text())
+        assert m["side"] == "left" and m["side_check"]["overridden"] is True
+    assert json.loads((tmp_path / "kept" / "manifest.json").read_text())["side"] == "left"
+
+
+@pytest.mark.slow
 def test_no_bone_registered_exit_2(visits, tmp_path, capsys):
     from cartiq.cli import main
 

@@ -117,6 +117,7 @@ def compare(
                                                 help="Label map of the follow-up image."),
     labels: LabelsOpt = None,
     side: SideOpt = None,
+    side_override: SideOverrideOpt = False,
     sdc: Optional[Path] = typer.Option(None, "--sdc", help="Smallest-detectable-change YAML "
                                        "(default configs/sdc.yaml)."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Compare even when "
@@ -128,11 +129,15 @@ def compare(
     if (baseline_seg is None) != (followup_seg is None):
         raise typer.BadParameter("give both --baseline-seg and --followup-seg, or neither",
                                  param_hint="--baseline-seg/--followup-seg")
+    if side_override and baseline_seg is None:
+        raise typer.BadParameter("applies when measuring images with --baseline-seg/--followup-seg; "
+                                 "finished folders keep the side they were measured with",
+                                 param_hint="--side-override")
     cfg = load_compare_config(sdc)
     if baseline_seg is not None:
         result = compare_inputs(baseline, baseline_seg, followup, followup_seg, out,
                                 labels=labels, side=value(side), config=cfg,
-                                allow_mismatch=allow_mismatch)
+                                allow_mismatch=allow_mismatch, side_override=side_override)
     else:
         result = compare_scans(baseline, followup, out, config=cfg, allow_mismatch=allow_mismatch)
     log.info("compare %s: results in %s", result.status, result.out_dir)

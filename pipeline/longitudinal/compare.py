@@ -506,17 +506,18 @@ def compare_inputs(baseline_image: Path, baseline_seg: Path, followup_image: Pat
                    followup_seg: Path, out_dir: Path, *, labels: str | None = None,
                    side: str | None = None, measure_config: Path | None = None,
                    config: CompareConfig | None = None,
-                   allow_mismatch: bool = False) -> CompareResult:
+                   allow_mismatch: bool = False, side_override: bool = False) -> CompareResult:
     """Measure two image + label-map pairs into ``out_dir/baseline`` and ``/followup``,
-    then :func:`compare_scans` them."""
+    then :func:`compare_scans` them.  ``side_override``: keep ``side`` where a visit's
+    anatomy contradicts it (recorded in that visit's ``side_check``)."""
     from cartiq.io.outputs import begin_folder
     from cartiq.measurement.measure import run_measure
 
     out = Path(out_dir)
     begin_folder(out, inputs=(baseline_image, baseline_seg, followup_image, followup_seg))
     run_measure(Path(baseline_image), Path(baseline_seg), out / "baseline", labels=labels,
-                side=side, config_path=measure_config)
+                side=side, config_path=measure_config, side_override=side_override)
     run_measure(Path(followup_image), Path(followup_seg), out / "followup", labels=labels,
-                side=side, config_path=measure_config)
+                side=side, config_path=measure_config, side_override=side_override)
     return compare_scans(out / "baseline", out / "followup", out, config=config,
                          allow_mismatch=allow_mismatch, fresh=False)
