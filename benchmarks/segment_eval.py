@@ -16,6 +16,9 @@
    side found, plate volumes and mean thicknesses next to the plausible ranges of
    ``configs/qc.yaml``, BML volume, QC status and flags, wall time; the QC figure
    (overlays on three planes per plate) is copied to ``OUT/<scan>_qc.png``.
+3. On the qDESS, where the sample ``pykneer_qdess_fc_reference`` can be fetched (it is not in
+   ``../shared/data``; see docs/data.md): the femoral cartilage against pyKNEEr's own result
+   for that scan (``pykneer_reference.py``).
 
 Writes ``OUT/eval.json`` and ``OUT/eval.md`` (the model-card tables).
 """
@@ -34,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from _common import timed_run
+from pykneer_reference import compare as pykneer_compare
 
 log = logging.getLogger("segment_eval")
 
@@ -188,7 +192,20 @@ def real_scan(name: str, model: str | None, mirror: Path, out: Path) -> dict:
                    for p in PLATES},
         "bml_volume_mm3": value("bone_marrow_lesion", "volume") or 0.0,
         "timings_s": man.get("timings_s"),
+        **({"pykneer_reference": _pykneer(dest, mirror)} if name == "qdess" else {}),
     }
+
+
+def _pykneer(run_dir: Path, mirror: Path) -> dict:
+    """pyKNEEr's femoral cartilage for the qDESS against cartiq's, or why it is missing."""
+    from cartiq.data.fetch import fetch_sample
+    from cartiq.errors import InputError
+
+    try:
+        ref = fetch_sample("pykneer_qdess_fc_reference", mirror=mirror)
+    except InputError as exc:
+        return {"not_available": str(exc)[:300]}
+    return pykneer_compare(run_dir / "segmentation.nii.gz", ref)
 
 
 def markdown(report: dict) -> str:
@@ -228,6 +245,20 @@ def markdown(report: dict) -> str:
                          f"{v['mean_thickness_mm']} | {v['thickness_range_mm']} |")
         lines += ["", f"BML volume {r['bml_volume_mm3']} mm3. QC flags: "
                   + ("; ".join(r["qc_flags"]) or "none"), ""]
+        ref = r.get("pykneer_reference")
+        if ref and "not_available" not in ref:
+            v, dist = ref["volume_mm3"], ref["pykneer_surface_to_cartiq_boundary_mm"]
+            lines += [f"Femoral cartilage against pyKNEEr's own result for this scan: volume "
+                      f"{v['cartiq']} vs {v['pykneer_reported']} mm3 (its contours rebuilt: "
+                      f"{v['pykneer_rebuilt_band']}), Dice {ref['dice_vs_band']} against the "
+                      f"rebuilt band; pyKNEEr's surface points lie {dist['median']} mm (median; "
+                      f"95th percentile {dist['p95']}) from cartiq's boundary; "
+                      f"{ref['cartiq_farther_than_2mm_from_pykneer']:.1%} of cartiq's cartilage "
+                      f"and {ref['pykneer_farther_than_2mm_from_cartiq']:.1%} of pyKNEEr's are "
+                      f"more than 2 mm from the other; slices {ref['slices']['cartiq']} vs "
+                      f"{ref['slices']['pykneer']}; mean thickness "
+                      f"{ref['mean_thickness_mm'].get('cartiq')} vs "
+                      f"{ref['mean_thickness_mm']['pykneer']} mm.", ""]
     return "\n".join(lines)
 
 

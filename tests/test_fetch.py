@@ -72,15 +72,16 @@ def fake_registry(tmp_path, monkeypatch):
 def test_sources_yaml_lists_every_sample_with_pinned_urls():
     F._registry.cache_clear()
     names = F.list_samples()
-    assert names == ["pykneer_qdess", "pymskt_mese_t2", "dicom_single", "pymskt_dess_labels",
+    assert names == ["pykneer_qdess", "pykneer_qdess_fc_reference", "pymskt_mese_t2", "dicom_single", "pymskt_dess_labels",
                      "spl_knee_atlas_labels", "spl_knee_atlas_colors", "mskt_right_knee_labels",
                      "mskt_t2_left_knee_labels"]
     counts = {n: len(F.sample_info(n).files) for n in names}
-    assert counts == {"pykneer_qdess": 160, "pymskt_mese_t2": 192, "dicom_single": 1,
+    assert counts == {"pykneer_qdess": 160, "pykneer_qdess_fc_reference": 4, "pymskt_mese_t2": 192, "dicom_single": 1,
                       "pymskt_dess_labels": 1, "spl_knee_atlas_labels": 1,
                       "spl_knee_atlas_colors": 1, "mskt_right_knee_labels": 1,
                       "mskt_t2_left_knee_labels": 1}
     commits = {"pykneer_qdess": "d7a36d6ceacdf25dbe9d52c67668f9b6ca50e93c",
+               "pykneer_qdess_fc_reference": "d7a36d6ceacdf25dbe9d52c67668f9b6ca50e93c",
                "pymskt_mese_t2": "0f56f055fd154befe1e67ce82b2fa2de22dfdff5",
                "pymskt_dess_labels": "0f56f055fd154befe1e67ce82b2fa2de22dfdff5",
                "dicom_single": "126ee906165a8b2f984f08259a4a2d32cf3b3409",
