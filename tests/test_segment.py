@@ -197,7 +197,7 @@ def phantom():
 @pytest.mark.slow
 def test_default_model_on_phantom(phantom):
     seg = Segmenter(None, device="cpu")
-    # the phantom has no fibula; model 0.2.0 predicts one on its medial side (model card),
+    # the phantom has no fibula; models 0.2.0 and 0.3.0 predict one on its medial side (card),
     # so the given side is refused unless overridden - a false fibula never passes silently
     with pytest.raises(InputError, match="--side says left but the anatomy says right"):
         seg.run(phantom.image, side="left")
@@ -208,8 +208,8 @@ def test_default_model_on_phantom(phantom):
     assert lab.shape == truth.shape
     assert set(np.unique(lab)) <= S.values
     assert res.info["model"]["weights_sha256"]
-    # measured with the shipped weights (0.2.0): femur 0.96, tibia 0.82, femoral cartilage
-    # 0.74, patellar cartilage 0.84 (0.1.0: 0.81, 0.76, 0.78, -)
+    # measured with the shipped weights (0.3.0): femur 0.90, tibia 0.81, femoral cartilage
+    # 0.71, patellar cartilage 0.87 (0.2.0: 0.96, 0.82, 0.74, 0.84; 0.1.0: 0.81, 0.76, 0.78, -)
     for name, floor in (("femur", 0.7), ("tibia", 0.65), ("femoral_cartilage", 0.6),
                         ("patellar_cartilage", 0.6)):
         assert _dice(lab == S[name], truth == S[name]) > floor, name
