@@ -310,3 +310,28 @@ def test_cartiq_qc_rechecks_and_updates_the_record(phantom, tmp_path):
     (scan / "defects.csv").write_text("tampered\n")
     assert_one_line_error(run_cartiq("qc", scan), "not a complete cartiq output folder",
                           "defects.csv")
+
+
+def test_recheck_draws_the_figure_with_image_and_side(phantom, tmp_path, monkeypatch):
+    """The rechecked qc.png is drawn over the scan's image, with its side, like the first."""
+    import cartiq.measurement.qc as qc_mod
+    from cartiq.data.phantom import write_phantom
+    from cartiq.io.outputs import why_incomplete
+    from cartiq.measurement.measure import run_measure
+
+    paths = write_phantom(phantom, tmp_path / "in")
+    scan = run_measure(paths["image"], paths["seg"], tmp_path / "scan").out_dir
+    seen = {}
+    original = qc_mod._qc_figure
+
+    def spy(path, labels, geometry, image, maps, defects, lesions, flags, side, cfg, **kw):
+        seen.update(image=image, side=side, maps=set(maps))
+        return original(path, labels, geometry, image, maps, defects, lesions, flags, side,
+                        cfg, **kw)
+
+    monkeypatch.setattr(qc_mod, "_qc_figure", spy)
+    res = qc_mod.recheck_qc(scan, registration_residual_mm=2.5)
+    assert res.status == "warn" and res.errors == []
+    assert seen["image"] is not None and seen["image"].array.shape == phantom.image.array.shape
+    assert seen["side"] == "right" and "femoral_cartilage" in seen["maps"]
+    assert why_incomplete(scan) is None

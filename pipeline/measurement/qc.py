@@ -482,8 +482,9 @@ def recheck_qc(scan_dir: Path, *, registration_residual_mm: float | None = None,
     resolved limits in ``qc_config.yaml``; cohort tables and reports read that block.
 
     Only a complete folder is rechecked (:func:`cartiq.io.outputs.why_incomplete`); the flags
-    are computed before anything is touched, and the folder is marked incomplete until the
-    new manifest is written, so an interrupted recheck is never taken for a finished one."""
+    and the figure (with the image and side the manifest names) are made before anything is
+    touched, and the folder is marked incomplete until the new manifest is written, so an
+    interrupted recheck is never taken for a finished one."""
     import time
 
     import yaml
@@ -491,7 +492,7 @@ def recheck_qc(scan_dir: Path, *, registration_residual_mm: float | None = None,
     from cartiq.config import resolved
     from cartiq.errors import InputError
     from cartiq.io.outputs import begin_folder, why_incomplete, write_csv, write_manifest
-    from cartiq.io.volume import atomic_write_text
+    from cartiq.io.volume import atomic_write_bytes, atomic_write_text
 
     scan_dir = Path(scan_dir)
     why = why_incomplete(scan_dir)
@@ -506,11 +507,12 @@ def recheck_qc(scan_dir: Path, *, registration_residual_mm: float | None = None,
             columns = list(csv.DictReader(fh).fieldnames or [])
         rows = read_table(table)
         columns += [] if "qc_status" in columns else ["qc_status"]
-    flags = write_qc(scan_dir, registration_residual_mm=registration_residual_mm, config=cfg,
-                     figure=False).flags
-    begin_folder(scan_dir, fresh=False)
+    figures: list[tuple[Path, bytes]] = []  # drawn now, written once the folder is marked
     result = write_qc(scan_dir, registration_residual_mm=registration_residual_mm, config=cfg,
-                      flags=flags)
+                      save_figure=lambda path, png: figures.append((path, png)))
+    begin_folder(scan_dir, fresh=False)
+    for path, png in figures:
+        atomic_write_bytes(path, png)
     if rows is not None:
         write_csv(table, columns, [{**r, "qc_status": result.status} for r in rows])
     atomic_write_text(scan_dir / "qc_config.yaml", yaml.safe_dump(resolved(cfg), sort_keys=False))
