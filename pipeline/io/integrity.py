@@ -184,21 +184,18 @@ _DEFLATE_MAX_RATIO = 1032  # a deflate stream inflates to at most ~1032 times it
 
 def _nifti_header(first: bytes, path: Path) -> tuple[int, int, str, np.dtype | None]:
     """(vox_offset, data bytes, shape text, float dtype or None) from a NIfTI-1/-2 header."""
+    from cartiq.io.nifti import NiftiHeader, byte_order
+
     if len(first) < 348:
         raise InputError(f"is truncated: {len(first)} bytes, shorter than a NIfTI header",
                          path)
-    end = "<" if struct.unpack("<i", first[:4])[0] in (348, 540) else ">"
-    sizeof = struct.unpack(end + "i", first[:4])[0]
-    if sizeof == 348:
-        dims = struct.unpack(end + "8h", first[40:56])
-        datatype, bitpix = struct.unpack(end + "2h", first[70:74])
-        offset = int(struct.unpack(end + "f", first[108:112])[0])
-    elif sizeof == 540 and len(first) >= 540:
-        datatype, bitpix = struct.unpack(end + "2h", first[12:16])
-        dims = struct.unpack(end + "8q", first[16:80])
-        offset = struct.unpack(end + "q", first[168:176])[0]
-    else:
-        raise InputError(f"not a valid NIfTI header (sizeof_hdr {sizeof})", path)
+    head = NiftiHeader.parse(first)
+    if head is None:
+        raise InputError(f"not a valid NIfTI header (sizeof_hdr {byte_order(first)[1]})",
+                         path)
+    sizeof, end, dims, datatype, bitpix = (head.sizeof, head.end, head.dims, head.datatype,
+                                           head.bitpix)
+    offset = int(head.offset)
     ndim = dims[0]
     if not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8 or min(dims[1:ndim + 1]) < 1:
         raise InputError(f"not a valid NIfTI header (dim {list(dims[:ndim + 1])}, bitpix "

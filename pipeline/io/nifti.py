@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["voxels"]
+__all__ = ["NiftiHeader", "byte_order", "voxels"]
 
 # NIfTI datatype code -> (numpy type, SimpleITK pixel type name)
 _PLAIN = {2: ("u1", "sitkUInt8"), 256: ("i1", "sitkInt8"), 4: ("i2", "sitkInt16"),
@@ -28,25 +28,42 @@ _PLAIN = {2: ("u1", "sitkUInt8"), 256: ("i1", "sitkInt8"), 4: ("i2", "sitkInt16"
 _MAGIC = {348: (b"n+1\0",), 540: (b"n+2\0\r\n\x1a\n",)}
 
 
-class _Header:
-    """The fields of a NIfTI-1/-2 header that say where and how the voxels are stored."""
+def byte_order(first: bytes) -> tuple[str, int]:
+    """(struct byte-order prefix, sizeof_hdr) of a NIfTI header: little-endian when its
+    first four bytes read 348 or 540 that way, else big-endian."""
+    end = "<" if struct.unpack("<i", first[:4])[0] in (348, 540) else ">"
+    return end, struct.unpack(end + "i", first[:4])[0]
 
-    def __init__(self, raw: np.ndarray) -> None:
-        first = raw[:540].tobytes()
-        end = "<" if struct.unpack("<i", first[:4])[0] in (348, 540) else ">"
-        self.sizeof = struct.unpack(end + "i", first[:4])[0]
-        if self.sizeof == 348:
-            self.magic = first[344:348]
-            self.dims = struct.unpack(end + "8h", first[40:56])
-            self.datatype, self.bitpix = struct.unpack(end + "2h", first[70:74])
-            self.offset, self.slope, self.inter = struct.unpack(end + "3f", first[108:120])
-        else:
-            self.magic = first[4:12]
-            self.datatype, self.bitpix = struct.unpack(end + "2h", first[12:16])
-            self.dims = struct.unpack(end + "8q", first[16:80])
-            self.offset = struct.unpack(end + "q", first[168:176])[0]
-            self.slope, self.inter = struct.unpack(end + "2d", first[176:192])
-        self.end = end
+
+class NiftiHeader:
+    """The fields of a NIfTI-1/-2 header that say where and how the voxels are stored
+    (:meth:`parse`; also read by :mod:`cartiq.io.integrity`)."""
+
+    def __init__(self, sizeof: int, end: str, magic: bytes, dims: tuple[int, ...],
+                 datatype: int, bitpix: int, offset: float, slope: float,
+                 inter: float) -> None:
+        self.sizeof, self.end, self.magic, self.dims = sizeof, end, magic, dims
+        self.datatype, self.bitpix, self.offset = datatype, bitpix, offset
+        self.slope, self.inter = slope, inter
+
+    @classmethod
+    def parse(cls, first: bytes) -> "NiftiHeader | None":
+        """The header at the start of ``first``; None when it is too short or its
+        ``sizeof_hdr`` is neither 348 (NIfTI-1) nor 540 (NIfTI-2), in either byte order."""
+        if len(first) < 348:
+            return None
+        end, sizeof = byte_order(first)
+        if sizeof == 348:
+            offset, slope, inter = struct.unpack(end + "3f", first[108:120])
+            return cls(sizeof, end, first[344:348], struct.unpack(end + "8h", first[40:56]),
+                       *struct.unpack(end + "2h", first[70:74]), offset, slope, inter)
+        if sizeof == 540 and len(first) >= 540:
+            datatype, bitpix = struct.unpack(end + "2h", first[12:16])
+            offset = struct.unpack(end + "q", first[168:176])[0]
+            slope, inter = struct.unpack(end + "2d", first[176:192])
+            return cls(sizeof, end, first[4:12], struct.unpack(end + "8q", first[16:80]),
+                       datatype, bitpix, offset, slope, inter)
+        return None
 
     def plain_dtype(self) -> np.dtype | None:
         """The stored voxel type if the stored values are the values ITK gives, else None."""
@@ -74,10 +91,8 @@ def voxels(stream: np.ndarray, info: Any) -> np.ndarray | None:
     """
     import SimpleITK as sitk
 
-    if stream.size < 348:
-        return None
-    head = _Header(stream)
-    dtype = head.plain_dtype()
+    head = NiftiHeader.parse(stream[:540].tobytes())
+    dtype = None if head is None else head.plain_dtype()
     if dtype is None:
         return None
     size = tuple(int(s) for s in info.GetSize())
