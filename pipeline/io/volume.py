@@ -296,8 +296,6 @@ def _volume_from_sitk(image: Any, path: Path, meta: dict[str, Any], kind: str) -
     elif dim == 2:
         raise InputError(f"is 2D ({image.GetSize()[0]}x{image.GetSize()[1]}); a 3D image is "
                          "needed", path)
-    if min(image.GetSize()) < 2:
-        _raise_single_slice(image.GetSize(), path)
     array = _reversed_axes(sitk.GetArrayFromImage(image))
     return _volume_from_array(array, Geometry.from_sitk(image), path, meta, kind)
 
@@ -306,7 +304,8 @@ def _volume_from_array(array: np.ndarray, geometry: Geometry, path: Path,
                        meta: dict[str, Any], kind: str, *, finite: bool = False) -> Volume:
     """``array`` in cartiq order; ``finite``: its values are known to be finite."""
     if min(geometry.shape) < 2:
-        _raise_single_slice(geometry.shape, path)
+        raise InputError(f"is a single slice ({'x'.join(map(str, geometry.shape))}); a 3D "
+                         "image is needed", path)
     if kind == "labels":
         array = _as_label_array(array, path)
     elif (not finite and np.issubdtype(array.dtype, np.floating)
@@ -314,11 +313,6 @@ def _volume_from_array(array: np.ndarray, geometry: Geometry, path: Path,
         n = int((~np.isfinite(array)).sum())
         raise InputError(f"contains {n} non-finite intensities (NaN or Inf)", path)
     return Volume(array=array, geometry=geometry, path=path, meta=meta)
-
-
-def _raise_single_slice(size, path: Path) -> None:
-    raise InputError(f"is a single slice ({'x'.join(map(str, size))}); a 3D image is "
-                     "needed", path)
 
 
 def _reversed_axes(array: np.ndarray) -> np.ndarray:
