@@ -54,13 +54,18 @@ def _frame(points_idx: np.ndarray, shape, spacing, perm, flips) -> np.ndarray:
     return out
 
 
-def align(mask: np.ndarray, spacing, ref_points: np.ndarray) -> dict:
-    """The axis permutation and flips under which ``ref_points`` fit ``mask``'s boundary."""
-    edge = np.argwhere(mask & ~ndimage.binary_erosion(mask))
+def boundary(mask: np.ndarray) -> np.ndarray:
+    """Voxel indices of ``mask``'s boundary (its voxels with a neighbour outside)."""
+    return np.argwhere(mask & ~ndimage.binary_erosion(mask))
+
+
+def align(edge: np.ndarray, shape, spacing, ref_points: np.ndarray) -> dict:
+    """The axis permutation and flips under which ``ref_points`` fit the boundary voxels
+    ``edge`` (:func:`boundary`) of a mask of ``shape``."""
     scores = []
     for perm in itertools.permutations(range(3)):
         for flips in itertools.product((False, True), repeat=3):
-            d, _ = cKDTree(_frame(edge, mask.shape, spacing, perm, flips)).query(ref_points)
+            d, _ = cKDTree(_frame(edge, shape, spacing, perm, flips)).query(ref_points)
             scores.append((float(np.median(d)), perm, flips))
     scores.sort()
     (best, perm, flips), runner_up = scores[0], scores[1][0]
@@ -117,9 +122,9 @@ def compare(segmentation: Path, reference_dir: Path, label: int = 4) -> dict:
     ours = seg.array == label
     ref = load_reference(reference_dir)
     points = np.vstack([ref["bone"], ref["articular"]])
-    frame = align(ours, spacing, points)
+    edge = boundary(ours)
+    frame = align(edge, ours.shape, spacing, points)
     band = band_mask(ref, ours.shape, spacing, frame)
-    edge = np.argwhere(ours & ~ndimage.binary_erosion(ours))
     d, _ = cKDTree(_frame(edge, ours.shape, spacing, frame["perm"], frame["flips"])).query(points)
     vox = float(np.prod(spacing))
     axis = int(np.argmax(spacing))
