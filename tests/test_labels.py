@@ -106,6 +106,23 @@ def test_spl_left_knee_soft_tissue_becomes_background(spl):
     assert infer_side(no_ml, aff, fibula=src == SPL["fibula"]) == ("left", "anatomy:fibula")
 
 
+def test_spl_rendered_tissues_match_the_atlas_colour_table(spl, data_mirror, tmp_path):
+    """The tissues the training renderer draws for the SPL atlas are what its own colour
+    table calls them, every one is present in the map, and none is a measured structure."""
+    tissues = load_mapping("spl_knee_atlas").tissues
+    ctbl = fetch_sample("spl_knee_atlas_colors", mirror=data_mirror, cache_dir=tmp_path)
+    names = {int(line.split()[0]): line.split()[1] for line in ctbl.read_text().splitlines()
+             if line.strip() and not line.startswith("#")}
+    words = {"fat": ("fat",), "muscle": ("muscle",), "ligament": ("ligament", "tendon", "tract"),
+             "vessel": ("artery", "vein")}
+    for value, tissue in tissues.items():
+        assert any(w in names[value] for w in words[tissue]), (value, names[value], tissue)
+    assert {31, 32} <= {v for v, t in tissues.items() if t == "ligament"}  # the cruciates
+    assert tissues[9] == "fat" and "infrapatellar" in names[9]
+    assert set(tissues) <= set(np.unique(spl.array).tolist())
+    assert not set(tissues) & set(SPL.values())
+
+
 def _as_oai_zib(src: np.ndarray) -> np.ndarray:
     oai = np.zeros(src.shape, np.uint8)
     for name, value in (("femur", 1), ("femoral_cartilage", 2), ("tibia", 3)):
@@ -239,4 +256,13 @@ def test_bad_mapping_files(tmp_path):
         load_mapping(str(bad))
     bad.write_text("map: [1, 2]\n")
     with pytest.raises(ConfigError, match="needs a 'map'"):
+        load_mapping(str(bad))
+    bad.write_text("map:\n  1: femur\ntissues:\n  bone_of_contention: [2]\n")
+    with pytest.raises(ConfigError, match="unknown tissue 'bone_of_contention'.*ligament"):
+        load_mapping(str(bad))
+    bad.write_text("map:\n  1: femur\ntissues:\n  fat: [1]\n")
+    with pytest.raises(ConfigError, match="label 1 is listed twice"):
+        load_mapping(str(bad))
+    bad.write_text("map:\n  1: femur\ntissues:\n  fat: 2\n")
+    with pytest.raises(ConfigError, match="'fat' needs a list"):
         load_mapping(str(bad))

@@ -15,7 +15,8 @@ from cartiq.errors import ConfigError, InputError
 from cartiq.io.volume import Geometry, write_volume
 from cartiq.io.labels import default_scheme
 from cartiq.segmentation.models import load_model
-from cartiq.segmentation.synth import MODEL_CLASSES, Renderer, SynthConfig, to_model_classes
+from cartiq.segmentation.synth import (MODEL_CLASSES, TISSUE0, Renderer, SynthConfig,
+                                       load_label_map_canonical, to_model_classes)
 from cartiq.segmentation.train import dice_per_class, train
 
 S = default_scheme()
@@ -113,6 +114,60 @@ def test_contrast_family_can_be_chosen(family, brighter, darker):
         assert float(img[hi].mean()) > float(img[lo].mean()), (family, seed)
         # the meniscus is dark in every family
         assert float(img[lab == C["meniscus"]].mean()) < float(img[hi].mean())
+
+
+def _with_tissues() -> torch.Tensor:
+    """The toy knee with a "ligament" block in the gap beside the femur and a "fat" block
+    in front of it, coded the way load_label_map_canonical stores named tissues."""
+    lab = to_model_classes(toy_knee())
+    lab[16:24, 4:10, 26:36] = TISSUE0 + 2   # ligament
+    lab[16:24, 54:60, 26:36] = TISSUE0 + 0  # fat
+    return torch.from_numpy(lab)
+
+
+@pytest.mark.parametrize("family, fat_brighter", [("dess", False), ("t1", True)])
+def test_named_tissues_render_as_themselves_and_train_as_background(family, fat_brighter):
+    labels = _with_tissues()
+    cfg = _fixed(random_contrast_probability=0.0, contrast_families=(family,),
+                 noise_std=(0.0, 0.0), bias_std=0.0, gamma_std=0.0, fluid_probability=0.0,
+                 intensity_std=(0.0, 0.0), slice_thickness_mm=(0.5, 0.5),
+                 inplane_resolution_mm=(0.5, 0.5))
+    center = torch.tensor([19.5, 31.5, 31.5])
+    for seed in range(3):
+        img, lab = Renderer(cfg, seed=seed).sample(labels, (40, 64, 64), center=center)
+        assert set(torch.unique(lab).tolist()) <= set(range(len(MODEL_CLASSES)))
+        lig = torch.zeros_like(lab, dtype=torch.bool)
+        lig[17:23, 5:9, 27:35] = True  # inside the blocks, away from blurred edges
+        fat = torch.zeros_like(lig)
+        fat[17:23, 55:59, 27:35] = True
+        assert (lab[lig] == 0).all() and (lab[fat] == 0).all()
+        cart = lab == C["femoral_cartilage"]
+        # ligaments are dark in every family, and uniform (one tissue, not random blobs)
+        assert float(img[lig].mean()) < float(img[cart].mean()) - 0.2
+        assert float(img[lig].std()) < 0.02
+        fat_mean = float(img[fat].mean())
+        assert (fat_mean > 0.5) == fat_brighter, (family, seed, fat_mean)
+
+
+def test_label_map_tissues_are_stored_for_the_renderer(tmp_path):
+    """An SPL-coded map: mapped structures become training classes, the tissues the mapping
+    names become TISSUE0 + i, and unnamed labels (a nerve) background."""
+    src = np.zeros((40, 40, 40), np.uint8)
+    src[5:20, 5:35, 5:35] = 95      # femur
+    src[20:23, 5:35, 5:35] = 83     # femoral cartilage
+    src[25:35, 5:35, 5:35] = 96     # tibia
+    src[23:25, 10:20, 10:20] = 31   # anterior cruciate ligament
+    src[23:25, 22:30, 22:30] = 9    # infrapatellar fat
+    src[36:38, 5:10, 5:10] = 61     # peroneus nerve: not named
+    geom = Geometry(src.shape, (0.5, 0.5, 0.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    path = write_volume(tmp_path / "spl_like.nii.gz", src, geom)
+    out = load_label_map_canonical(path, "spl_knee_atlas", 0.5)
+    values, counts = np.unique(out, return_counts=True)
+    got = dict(zip(values.tolist(), counts.tolist()))
+    assert got[TISSUE0 + 2] == 2 * 10 * 10 and got[TISSUE0 + 0] == 2 * 8 * 8
+    assert got[C["femoral_cartilage"]] == 3 * 30 * 30
+    assert set(got) == {0, C["femur"], C["tibia"], C["femoral_cartilage"], TISSUE0,
+                        TISSUE0 + 2}
 
 
 def test_unknown_contrast_family_is_refused():

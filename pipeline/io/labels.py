@@ -40,6 +40,7 @@ __all__ = [
     "CONFIG_DIR",
     "LabelScheme",
     "LabelMapping",
+    "RENDER_TISSUES",
     "default_scheme",
     "load_mapping",
     "available_mappings",
@@ -56,6 +57,10 @@ CONFIG_DIR = resource_dir(CONFIGS)
 
 # names that a mapping may use besides the scheme's own
 _EXTRA_TARGETS = {"tibial_cartilage", "fibula", "background", "ignore"}
+#: Unmeasured tissues a label map may name (``tissues:`` in a mapping) so that the training
+#: renderer (:mod:`cartiq.segmentation.synth`) draws them as themselves rather than as random
+#: background; for measurement they are background like every unmapped label.
+RENDER_TISSUES = ("fat", "muscle", "ligament", "vessel")
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,7 @@ class LabelMapping:
     map: dict[int, str] = field(default_factory=dict)
     unmapped: str = "error"  # or "background"
     source: Path | None = None
+    tissues: dict[int, str] = field(default_factory=dict)  # value -> one of RENDER_TISSUES
 
 
 def available_mappings() -> list[str]:
@@ -155,7 +161,30 @@ def load_mapping(name_or_path: str | Path | None) -> LabelMapping:
         raise ConfigError("'unmapped' must be 'error' or 'background'", path)
     return LabelMapping(name=str(data.get("name", path.stem)),
                         description=str(data.get("description", "")), map=mapping,
-                        unmapped=unmapped, source=path)
+                        unmapped=unmapped, source=path,
+                        tissues=_read_tissues(data.get("tissues"), mapping, path))
+
+
+def _read_tissues(data: Any, mapping: dict[int, str], path: Path) -> dict[int, str]:
+    """``tissues: {fat: [9], muscle: [12, 13]}`` -> {9: "fat", 12: "muscle", 13: "muscle"}."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("'tissues' must map a tissue name to a list of label values", path)
+    out: dict[int, str] = {}
+    for tissue, values in data.items():
+        if tissue not in RENDER_TISSUES:
+            raise ConfigError(f"unknown tissue {tissue!r} under 'tissues'; valid: "
+                              + ", ".join(RENDER_TISSUES), path)
+        if not isinstance(values, list):
+            raise ConfigError(f"tissue {tissue!r} needs a list of label values", path)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"tissue {tissue!r}: label value {v!r} is not an integer", path)
+            if v in mapping or v in out:
+                raise ConfigError(f"label {v} is listed twice (under 'map' or 'tissues')", path)
+            out[v] = str(tissue)
+    return out
 
 
 # ------------------------------------------------------------------- side and frame

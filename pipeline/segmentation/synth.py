@@ -10,8 +10,11 @@ training sample is a random image rendered from a real label map.  One sample is
    optional cartilage defects (random spheres on a plate; full-thickness, or partial:
    only the cartilage not touching bone is removed) and plate thinning (the articular
    surface layer of every plate removed); removed cartilage is rendered as joint fluid;
-3. rendering-only sub-labels: random smooth "soft tissue" regions splitting the background,
-   a cortical-bone rim and a joint-fluid shell around cartilage and menisci;
+3. rendering-only sub-labels: the unmeasured tissues a map names (a label mapping's
+   ``tissues:``: fat, muscle, ligament, vessel; the SPL atlas has the cruciate ligaments in
+   the intercondylar notch, Hoffa's fat pad and the thigh and calf muscles), random smooth
+   "soft tissue" regions splitting the rest of the background, a cortical-bone rim and a
+   joint-fluid shell around cartilage and menisci;
 4. per-label Gaussian intensities (fully random, or MR-like contrast families: DESS-,
    PD-fat-sat-, T1- and T2-FSE-like, jittered; :data:`CONTRAST_FAMILIES`);
 5. per-axis Gaussian blur for a random acquisition resolution (slice thickness across the
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from cartiq.config import Strict
+from cartiq.io.labels import RENDER_TISSUES
 from cartiq.segmentation.grid import normalize_array
 
 __all__ = ["MODEL_CLASSES", "CONTRAST_FAMILIES", "SynthConfig", "Renderer", "to_model_classes",
@@ -53,23 +57,38 @@ _PLATES = (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartila
 _SOFT = _PLATES + (_C["meniscus"],)
 N_BG, CORTEX, FLUID = 4, len(MODEL_CLASSES) + 4, len(MODEL_CLASSES) + 5
 N_RENDER = len(MODEL_CLASSES) + 6
+#: A canonical training map stores a named unmeasured tissue (fat, muscle, ...) as
+#: TISSUE0 + its index in RENDER_TISSUES: background for the network, its own intensity
+#: here.  Their intensities are drawn only for crops that hold one, after the others, so
+#: maps without named tissues render exactly as before.
+TISSUE0 = N_RENDER
 
-# MR-like contrast families: (low, high) mean intensity per rendering class
+# MR-like contrast families: (low, high) mean intensity per rendering class.  Tendons and
+# ligaments are dark in every sequence; fat is dark with fat suppression (the qDESS is
+# water-excited: muscle there is mid-grey, subcutaneous fat dark) and bright without.
 _FAMILIES = {
     "dess": {"bone": (0.2, 0.45), "femoral_cartilage": (0.5, 0.8), "cart": (0.5, 0.8),
              "meniscus": (0.0, 0.12), "bml": (0.55, 1.0), "cortex": (0.0, 0.08),
-             "fluid": (0.75, 1.0), "bg": [(0.15, 0.35), (0.05, 0.6), (0.0, 0.3), (0.2, 0.7)]},
+             "fluid": (0.75, 1.0), "bg": [(0.15, 0.35), (0.05, 0.6), (0.0, 0.3), (0.2, 0.7)],
+             "fat": (0.0, 0.2), "muscle": (0.2, 0.5), "ligament": (0.0, 0.1),
+             "vessel": (0.05, 0.8)},
     "pdfs": {"bone": (0.05, 0.2), "cart": (0.3, 0.55), "meniscus": (0.0, 0.08),
              "bml": (0.5, 0.9), "cortex": (0.0, 0.06), "fluid": (0.75, 1.0),
-             "bg": [(0.2, 0.4), (0.03, 0.15), (0.0, 0.3), (0.1, 0.5)]},
+             "bg": [(0.2, 0.4), (0.03, 0.15), (0.0, 0.3), (0.1, 0.5)],
+             "fat": (0.0, 0.12), "muscle": (0.1, 0.3), "ligament": (0.0, 0.08),
+             "vessel": (0.05, 0.8)},
     "t1": {"bone": (0.65, 0.95), "cart": (0.25, 0.45), "meniscus": (0.0, 0.08),
            "bml": (0.1, 0.3), "cortex": (0.0, 0.06), "fluid": (0.08, 0.2),
-           "bg": [(0.2, 0.35), (0.75, 1.0), (0.0, 0.3), (0.3, 0.6)]},
+           "bg": [(0.2, 0.35), (0.75, 1.0), (0.0, 0.3), (0.3, 0.6)],
+           "fat": (0.75, 1.0), "muscle": (0.2, 0.4), "ligament": (0.0, 0.08),
+           "vessel": (0.0, 0.5)},
     # T2-weighted fast spin echo without fat suppression (and the early echoes of a
     # multi-echo spin echo): bright fluid, darker cartilage, fatty marrow and fat fairly bright
     "t2": {"bone": (0.35, 0.65), "cart": (0.1, 0.3), "meniscus": (0.0, 0.08),
            "bml": (0.55, 0.85), "cortex": (0.0, 0.06), "fluid": (0.8, 1.0),
-           "bg": [(0.08, 0.25), (0.4, 0.75), (0.0, 0.3), (0.1, 0.5)]},
+           "bg": [(0.08, 0.25), (0.4, 0.75), (0.0, 0.3), (0.1, 0.5)],
+           "fat": (0.4, 0.75), "muscle": (0.08, 0.25), "ligament": (0.0, 0.08),
+           "vessel": (0.1, 0.9)},
 }
 CONTRAST_FAMILIES = tuple(_FAMILIES)
 
@@ -126,7 +145,9 @@ def to_model_classes(cartiq: np.ndarray, fibula: np.ndarray | None = None) -> np
 
 
 def load_label_map_canonical(path: Path, mapping: str, spacing_mm: float) -> np.ndarray:
-    """Read a real label map, convert to training classes, resample onto an LPS grid."""
+    """Read a real label map, convert to training classes, resample onto an LPS grid.  The
+    unmeasured tissues the mapping names (``tissues:``) are stored as ``TISSUE0 + i``
+    (:class:`Renderer` draws them and hands the network background)."""
     from cartiq.io.volume import read_volume
     from cartiq.io.labels import load_mapping, to_default_scheme
     from cartiq.segmentation.segmenter import canonical_geometry, resample_array
@@ -137,6 +158,10 @@ def load_label_map_canonical(path: Path, mapping: str, spacing_mm: float) -> np.
     fib_values = [v for v, t in mp.map.items() if t == "fibula"]
     fib = np.isin(vol.array, fib_values) if fib_values else None
     classes = to_model_classes(cart, fib)
+    for i, tissue in enumerate(RENDER_TISSUES):
+        values = [v for v, t in mp.tissues.items() if t == tissue]
+        if values:
+            classes[np.isin(vol.array, values) & (classes == 0)] = TISSUE0 + i
     dst = canonical_geometry(vol.geometry, (spacing_mm,) * 3)
     return resample_array(classes, vol.geometry, dst, nearest=True)
 
@@ -208,8 +233,8 @@ class Renderer:
 
     def _center(self, labels: torch.Tensor) -> torch.Tensor:
         key = id(labels)
-        if key not in self._fg:
-            idx = torch.nonzero(labels > 0)
+        if key not in self._fg:  # crops centre on the knee's structures, not on muscle
+            idx = torch.nonzero((labels > 0) & (labels < len(MODEL_CLASSES)))
             self._fg[key] = idx[torch.randperm(len(idx), generator=self.gen)[:20000]].float()
         pts = self._fg[key]
         return pts[int(torch.randint(len(pts), (1,), generator=self.gen))]
@@ -286,10 +311,11 @@ class Renderer:
         lab[surface] = 0
         return surface
 
-    def _means(self) -> torch.Tensor:
+    def _means(self) -> tuple[torch.Tensor, dict | None]:
+        """Mean intensity per rendering class, and the contrast family (None: random)."""
         cfg = self.cfg
         if float(torch.rand(1, generator=self.gen)) < cfg.random_contrast_probability:
-            return torch.rand(N_RENDER, generator=self.gen)
+            return torch.rand(N_RENDER, generator=self.gen), None
         fams = cfg.contrast_families
         fam = _FAMILIES[fams[int(torch.randint(len(fams), (1,), generator=self.gen))]]
         mu = torch.zeros(N_RENDER)
@@ -310,17 +336,28 @@ class Renderer:
         mu[_C["background"]] = pick(fam["bg"][0])
         mu[CORTEX] = pick(fam["cortex"])
         mu[FLUID] = pick(fam["fluid"])
-        return mu
+        return mu, fam
 
-    def render(self, lab: torch.Tensor, fluid: torch.Tensor | None = None) -> torch.Tensor:
+    def _tissue_means(self, fam: dict | None) -> torch.Tensor:
+        if fam is None:
+            return torch.rand(len(RENDER_TISSUES), generator=self.gen)
+        return torch.stack([self._u(*fam[t]) for t in RENDER_TISSUES])
+
+    def render(self, lab: torch.Tensor, fluid: torch.Tensor | None = None,
+               tissue: torch.Tensor | None = None) -> torch.Tensor:
         """Random MR-like image (float32, normalised to [0, 1]) for a (D, H, W) label crop;
-        ``fluid`` (optional mask) is rendered as joint fluid (removed cartilage)."""
+        ``fluid`` (optional mask) is rendered as joint fluid (removed cartilage), ``tissue``
+        (optional, 0 or a ``TISSUE0 + i`` code per voxel) as the named unmeasured tissues."""
         cfg = self.cfg
         shape = tuple(lab.shape)
         rl = lab.clone().long()
         bgsub = _smooth_field(shape, 32, self.gen, n=N_BG).argmax(0) + len(MODEL_CLASSES)
         bg = lab == 0
         rl[bg] = bgsub[bg]
+        if tissue is not None:
+            named = tissue > 0
+            rl[named] = tissue[named].long()
+            bg = bg & ~named  # the fluid shell below only replaces unnamed background
         if float(torch.rand(1, generator=self.gen)) < cfg.cortex_probability:
             bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],))
             eroded = -_dilate(-bone.float(), 1)
@@ -332,8 +369,11 @@ class Renderer:
             rl[bg & (near > 0)] = FLUID
         if fluid is not None:
             rl[fluid] = FLUID
-        mu = self._means()
+        mu, fam = self._means()
         sd = self._u(*cfg.intensity_std, N_RENDER)
+        if tissue is not None:
+            mu = torch.cat([mu, self._tissue_means(fam)])
+            sd = torch.cat([sd, self._u(*cfg.intensity_std, len(RENDER_TISSUES))])
         img = mu[rl] + sd[rl] * torch.randn(shape, generator=self.gen)
         thick = float(self._u(*cfg.slice_thickness_mm))
         inpl = float(self._u(*cfg.inplane_resolution_mm))
@@ -361,6 +401,11 @@ class Renderer:
             self._float, self._float_key = labels[None, None].float(), key
         lab = F.grid_sample(self._float, grid, mode="nearest",
                             padding_mode="zeros", align_corners=True)[0, 0].round().to(torch.uint8)
+        tissue = None
+        if int(lab.max()) >= TISSUE0:
+            named = lab >= TISSUE0
+            tissue = torch.where(named, lab, torch.zeros_like(lab))
+            lab[named] = 0
         if float(torch.rand(1, generator=self.gen)) < self.cfg.bml_probability:
             self._plant_bml(lab)
         fluid = None
@@ -371,4 +416,4 @@ class Renderer:
                 float(torch.rand(1, generator=self.gen)) < self.cfg.thinning_probability:
             thin = self._thin(lab)
             fluid = thin if fluid is None else fluid | thin
-        return self.render(lab, fluid), lab.long()
+        return self.render(lab, fluid, tissue), lab.long()
