@@ -4,8 +4,10 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from cartiq.io.volume import Geometry, write_volume
+from cartiq.measurement.qc import load_qc_config
 
 from _shapes import mini_knee
 from _cli import run_cartiq as _cartiq, assert_one_line_error as _one_line_error
@@ -31,10 +33,14 @@ def test_measure_writes_the_contract_and_warns_about_missing_plate(scan, tmp_pat
     res = _cartiq("measure", scan / "image.nii.gz", "--seg", scan / "seg.nii.gz", "-o", out)
     assert res.returncode == 0, res.stderr
     for name in ("measurements.csv", "defects.csv", "lesions.csv", "thickness.nii.gz",
-                 "segmentation.nii.gz", "config.yaml", "manifest.json",
+                 "segmentation.nii.gz", "config.yaml", "qc_config.yaml", "manifest.json",
                  "meshes/femoral_cartilage.vtk"):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "manifest.json").read_text())
+    # the QC limits the status was decided by are in the folder, hashed like every output
+    assert yaml.safe_load((out / "qc_config.yaml").read_text()) == \
+        load_qc_config().model_dump(mode="json")
+    assert {"config.yaml", "qc_config.yaml"} <= set(manifest["outputs"])
     assert manifest["side"] == "right" and manifest["side_source"] == "anatomy:plates"
     assert any("patellar_cartilage" in w for w in manifest["warnings"])
     assert "patellar_cartilage" in res.stderr  # the warning is logged too

@@ -10,6 +10,8 @@ Output folder of ``cartiq measure`` (and ``cartiq run``):
 ``segmentation.nii.gz`` the label map in the cartiq scheme, input geometry
 ``meshes/<plate>.vtk`` subchondral surface patch with point data thickness_mm, region_id, defect_id
 ``config.yaml``       the resolved measurement config
+``qc_config.yaml``    the resolved QC limits the status was decided by (``cartiq qc``
+                      rewrites it when it rechecks with other limits)
 ``manifest.json``     provenance; written last - the folder is complete when it exists
 """
 
@@ -33,7 +35,7 @@ from cartiq.io.labels import (PLATES, default_scheme, label_counts, load_mapping
                                to_default_scheme)
 from cartiq.io.outputs import (BackgroundWrites, begin_folder, check_writable, write_csv,
                                write_manifest, write_vtk_polydata)
-from cartiq.measurement.qc import QCFlag, QCResult, write_qc
+from cartiq.measurement.qc import QCConfig, QCFlag, QCResult, load_qc_config, write_qc
 from cartiq.measurement.regions import REGION_CODES
 
 __all__ = ["MeasureInputs", "load_inputs", "write_results", "defect_rows", "lesion_rows",
@@ -180,8 +182,9 @@ def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureC
     from cartiq.config import config_hash
     from cartiq.measurement.store import RESULT_FILE, save_result
 
+    qc_config = load_qc_config()
     if qc_flags is None:
-        qc_flags = _qc_flags(out_dir, result, inputs)
+        qc_flags = _qc_flags(out_dir, result, inputs, qc_config)
     status = "not run" if qc_flags is None else QCResult(flags=qc_flags).status
     # one thread writes the files in this order (compressing and reading back the volumes
     # outside the GIL) while this one draws qc.png, which goes last
@@ -204,11 +207,13 @@ def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureC
                  "defect_id": p.defect_id.astype(float)}, title=f"cartiq {name}"))
         written.append(bg.submit(save_result, result, out_dir / RESULT_FILE,
                                  config_hash=config_hash(config)))
-        config_path = out_dir / "config.yaml"
+        config_path, qc_config_path = out_dir / "config.yaml", out_dir / "qc_config.yaml"
         bg.submit(atomic_write_text, config_path, yaml.safe_dump(resolved(config), sort_keys=False))
-        qc = _run_qc(out_dir, result, inputs, qc_flags,
+        bg.submit(atomic_write_text, qc_config_path,
+                  yaml.safe_dump(resolved(qc_config), sort_keys=False))
+        qc = _run_qc(out_dir, result, inputs, qc_flags, qc_config,
                      save_figure=lambda path, png: bg.submit(atomic_write_bytes, path, png))
-    outputs = [f.result() for f in written] + [config_path]
+    outputs = [f.result() for f in written] + [config_path, qc_config_path]
     manifest = dict(manifest)
     manifest["warnings"] = list(result.warnings) + list(manifest.get("warnings", []))
     manifest["qc"] = qc
@@ -223,26 +228,27 @@ def write_results(out_dir: Path, result, inputs: MeasureInputs, config: MeasureC
     return manifest
 
 
-def _qc_flags(out_dir: Path, result, inputs: MeasureInputs) -> list[QCFlag] | None:
+def _qc_flags(out_dir: Path, result, inputs: MeasureInputs,
+              config: QCConfig | None = None) -> list[QCFlag] | None:
     """QC flags (cartiq.measurement.qc) before anything is written: the CSV carries the
     status.  None when they cannot be computed (status ``not run``, logged)."""
     try:
         return write_qc(out_dir, result=result, image=inputs.image, labels=inputs.labels,
-                        figure=False).flags
+                        config=config, figure=False).flags
     except Exception as exc:  # QC never costs the numbers; "not run" is never "pass"
         log.warning("QC flags failed: %s", exc)
         return None
 
 
-def _run_qc(out_dir: Path, result, inputs: MeasureInputs,
-            flags: list[QCFlag] | None = None, save_figure=None) -> dict[str, Any]:
+def _run_qc(out_dir: Path, result, inputs: MeasureInputs, flags: list[QCFlag] | None = None,
+            config: QCConfig | None = None, save_figure=None) -> dict[str, Any]:
     """QC picture and flags (cartiq.measurement.qc); a plotting failure never fails the
     measurement.  ``save_figure(path, png)`` stores the picture (default: written now)."""
     if flags is None:
         return {"status": "not run"}
     try:
         qc = write_qc(out_dir, result=result, image=inputs.image, labels=inputs.labels,
-                      flags=flags, save_figure=save_figure)
+                      flags=flags, config=config, save_figure=save_figure)
         return qc if isinstance(qc, dict) else getattr(qc, "to_json", lambda: {"status": "ok"})()
     except OutputError:  # a full disk is not a plotting failure: the folder is not complete
         raise
