@@ -201,6 +201,10 @@ def test_default_model_on_phantom(phantom):
     # so the given side is refused unless overridden - a false fibula never passes silently
     with pytest.raises(InputError, match="--side says left but the anatomy says right"):
         seg.run(phantom.image, side="left")
+    # a batch row's side (no seg: segmented first) is the manifest's: the message names
+    # the manifest's column, not the command-line flag
+    with pytest.raises(InputError, match="side column says left.*the side_override column"):
+        seg.run(phantom.image, side="left", side_source="manifest")
     res = seg.run(phantom.image, side="left", side_override=True)
     assert res.info["side_check"]["overridden"] is True
     lab = res.labels

@@ -203,7 +203,7 @@ def process_scan(task: ScanTask) -> Outcome:
             stage, t = "measure", time.perf_counter()
             run = run_measure(r.image, seg, out, labels=labels, side=r.side,
                               config_path=task.measure_config, fresh=False,
-                              side_source="manifest" if r.seg is not None else "flag",
+                              side_source="manifest",
                               side_override=r.side_override)
             timings["measure"] = round(time.perf_counter() - t, 3)
             if not any(p.present for p in run.result.plates.values()):
@@ -234,7 +234,7 @@ def _run_segment(r: ScanRow, out: Path, model: str | None, device: str) -> tuple
     from cartiq.segmentation.segmenter import segment_file
 
     path, manifest = segment_file(r.image, out / "segment", side=r.side,
-                                  side_override=r.side_override,
+                                  side_override=r.side_override, side_source="manifest",
                                   segmenter=_segmenter(model, device))
     return path, str(manifest.get("device", device))
 

@@ -173,8 +173,8 @@ def shell_outside_fraction(mask: np.ndarray, context: np.ndarray,
 
 
 def to_cartiq_scheme(raw: np.ndarray, volume: Volume, labels: dict[int, str], model_name: str,
-                     side: str | None, *,
-                     side_override: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+                     side: str | None, *, side_override: bool = False,
+                     side_source: str = "flag") -> tuple[np.ndarray, dict[str, Any]]:
     """Map a cleaned prediction (model output values) into the cartiq scheme (uint8).
 
     Returns the label map on ``volume``'s grid and ``side``, ``side_source`` and the
@@ -190,7 +190,7 @@ def to_cartiq_scheme(raw: np.ndarray, volume: Volume, labels: dict[int, str], mo
     try:
         out, info = to_default_scheme(raw, mapping, volume.geometry.affine, side=side,
                                       header_side=header_side, path=volume.path,
-                                      side_override=side_override)
+                                      side_source=side_source, side_override=side_override)
     except InputError as exc:
         if not exc.problem.startswith("cannot tell the knee side"):
             raise  # a given side that the predicted anatomy contradicts

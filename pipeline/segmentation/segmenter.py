@@ -200,16 +200,18 @@ class Segmenter:
 
     # -- public API
     def segment(self, volume: Volume, *, side: str | None = None,
-                side_override: bool = False) -> np.ndarray:
+                side_override: bool = False, side_source: str = "flag") -> np.ndarray:
         """Cartiq label map (uint8) on ``volume``'s grid."""
-        return self.run(volume, side=side, side_override=side_override).labels
+        return self.run(volume, side=side, side_override=side_override,
+                        side_source=side_source).labels
 
     def run(self, volume: Volume, *, side: str | None = None,
-            side_override: bool = False) -> SegmentResult:
+            side_override: bool = False, side_source: str = "flag") -> SegmentResult:
         """Segment and return labels plus provenance, warnings and timings.
 
-        A given ``side`` (or the header's) that the predicted anatomy contradicts is an
-        :class:`InputError` unless ``side_override`` (see :mod:`cartiq.io.side`)."""
+        A given ``side`` (from ``side_source``: flag, manifest; or the header's) that the
+        predicted anatomy contradicts is an :class:`InputError` unless ``side_override``
+        (see :mod:`cartiq.io.side`; the message names the flag or the manifest column)."""
         check_knee_like(volume)
         meta = self.model.metadata
         # nnU-Net models resample to their own plans; the card's ranges are cartiq's
@@ -222,7 +224,7 @@ class Segmenter:
         else:
             raw = self._predict(volume)
         t1 = time.monotonic()
-        labels, side_info = self._to_scheme(raw, volume, side, side_override)
+        labels, side_info = self._to_scheme(raw, volume, side, side_override, side_source)
         info = {"model": self.model.provenance(), "device": self.device, "amp": self.amp,
                 "warnings": warnings, **side_info,
                 "timings_s": {"load_model": round(self.load_seconds, 3),
@@ -313,10 +315,12 @@ class Segmenter:
         return clean_prediction(raw, geom, self.model.metadata.labels, self.min_component_mm3)
 
     def _to_scheme(self, raw: np.ndarray, volume: Volume, side: str | None,
-                   side_override: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+                   side_override: bool = False,
+                   side_source: str = "flag") -> tuple[np.ndarray, dict[str, Any]]:
         raw = self._clean(raw, volume.geometry)
         return to_cartiq_scheme(raw, volume, self.model.metadata.labels,
-                                self.model.metadata.name, side, side_override=side_override)
+                                self.model.metadata.name, side, side_override=side_override,
+                                side_source=side_source)
 
 
 # ----------------------------------------------------------------------------- files
@@ -334,9 +338,10 @@ def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
                  device: str = "auto", amp: bool | None = None, side: str | None = None,
                  series: str | None = None, echo: int | None = None,
                  segmenter: Segmenter | None = None,
-                 write_manifest_file: bool = True,
-                 side_override: bool = False) -> tuple[Path, dict[str, Any]]:
+                 write_manifest_file: bool = True, side_override: bool = False,
+                 side_source: str = "flag") -> tuple[Path, dict[str, Any]]:
     """Segment one scan into ``out_dir/segmentation.nii.gz`` (+ ``manifest.json`` last).
+    ``side_source``: where a given ``side`` came from (flag, manifest).
 
     Everything is checked (input readable and knee-like, model loadable, device present)
     before anything is written.  Returns the segmentation path and the manifest dict.
@@ -351,7 +356,7 @@ def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
     check_knee_like(vol)
     t_read = time.monotonic() - t0
     seg = segmenter or Segmenter(model, device=device, amp=amp)
-    result = seg.run(vol, side=side, side_override=side_override)
+    result = seg.run(vol, side=side, side_override=side_override, side_source=side_source)
     t1 = time.monotonic()
     check_knee_found(result.labels, vol.geometry, image)
     begin_folder(out_dir, inputs=(image,))
