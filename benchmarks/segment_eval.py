@@ -10,7 +10,10 @@
    sagittal acquisition grid (0.35 x 0.35 mm in-plane); it is segmented end to end by
    :class:`cartiq.segmentation.segmenter.Segmenter` without a side (the side is found from the
    anatomy; when that fails the true side is given and the failure recorded) and each cartiq
-   structure's Dice against the label map on that grid is recorded.
+   structure's Dice against the label map on that grid is recorded, with its volume ratio
+   (segmented / true voxels: above 1 is over-segmentation).  ``--tissues`` renders the
+   unmeasured tissues the map names (the SPL atlas: ligaments, fat pad, muscles, vessels;
+   ``tissues:`` in its label mapping) as themselves instead of random background.
 2. The real scans (`cartiq run` in a fresh process, as a user runs it, peak RSS from
    ``os.wait4``): the qDESS (echo 1, a right knee) and the multi-echo spin echo (echo 1):
    side found, plate volumes and mean thicknesses next to the plausible ranges of
@@ -78,7 +81,7 @@ def sagittal_grid(src, spacing):
 
 
 def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: list[float],
-         n: int, seed0: int = 100) -> dict:
+         n: int, seed0: int = 100, tissues: bool = False) -> dict:
     """Dice per structure on renderings of the fold's held-out map (see module docstring)."""
     import torch
 
@@ -87,7 +90,7 @@ def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: l
     from cartiq.io.labels import default_scheme, load_mapping, to_default_scheme
     from cartiq.io.volume import Volume, read_volume
     from cartiq.segmentation.segmenter import Segmenter, canonical_geometry, resample_array
-    from cartiq.segmentation.synth import Renderer, SynthConfig, to_model_classes
+    from cartiq.segmentation.synth import Renderer, SynthConfig, add_tissues, to_model_classes
 
     sample, mapping, side = FOLDS[fold]
     s = default_scheme()
@@ -97,7 +100,10 @@ def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: l
     cart, _ = to_default_scheme(vol.array, mp, vol.geometry.affine, side=side, path=path)
     fib = np.isin(vol.array, [v for v, t in mp.map.items() if t == "fibula"])
     canon = canonical_geometry(vol.geometry, (0.5, 0.5, 0.5))
-    classes = resample_array(to_model_classes(cart, fib), vol.geometry, canon, nearest=True)
+    classes = to_model_classes(cart, fib)
+    if tissues:
+        classes = add_tissues(classes, vol.array, mp.tissues)
+    classes = resample_array(classes, vol.geometry, canon, nearest=True)
     lab_t = torch.from_numpy(np.ascontiguousarray(classes))
     center = (torch.tensor(lab_t.shape, dtype=torch.float32) - 1) / 2
     in_map = {s.name_of(int(v)) for v in np.unique(cart) if v}  # no Dice for absent labels
@@ -127,13 +133,16 @@ def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: l
                     res = seg.run(image, side=side)
                 d = {k: dice(res.labels == s[k], truth == s[k]) if k in in_map else None
                      for k in NAMES}
+                ratio = {k: round(int((res.labels == s[k]).sum()) / int((truth == s[k]).sum()), 3)
+                         if k in in_map else None for k in NAMES}
                 runs.append({"contrast": contrast, "slice_mm": thick, "seed": seed, "dice": d,
+                             "volume_ratio": ratio,
                              "side_found": side_found, "side_source": res.info.get("side_source"),
                              "seconds": round(time.monotonic() - t0, 1)})
                 log.info("%s %s %.1f mm seed %d: %s (side %s)", fold, contrast, thick, seed,
                          d, side_found)
-    return {"fold": fold, "held_out": sample, "side": side, "runs": runs,
-            "summary": summarise(runs)}
+    return {"fold": fold, "held_out": sample, "side": side, "tissues_rendered": tissues,
+            "runs": runs, "summary": summarise(runs)}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -144,9 +153,11 @@ def summarise(runs: list[dict]) -> dict:
             out[k] = None
             continue
         worst = min(runs, key=lambda r: r["dice"][k] if r["dice"][k] is not None else 2)
+        ratios = [r["volume_ratio"][k] for r in runs if r.get("volume_ratio", {}).get(k)]
         out[k] = {"mean": round(float(np.mean(vals)), 3), "sd": round(float(np.std(vals)), 3),
                   "worst": round(float(min(vals)), 3),
-                  "worst_at": f"{worst['contrast']} {worst['slice_mm']} mm"}
+                  "worst_at": f"{worst['contrast']} {worst['slice_mm']} mm",
+                  "volume_ratio_mean": round(float(np.mean(ratios)), 3) if ratios else None}
     return out
 
 
@@ -211,12 +222,15 @@ def _pykneer(run_dir: Path, mirror: Path) -> dict:
 def markdown(report: dict) -> str:
     lines = []
     for fold in report.get("lomo", []):
-        lines += [f"### Leave-one-map-out fold `{fold['fold']}` (held out: {fold['held_out']})",
-                  "", "| structure | mean | SD | worst (where) |", "|---|---|---|---|"]
+        tissues = ", its tissues rendered" if fold.get("tissues_rendered") else ""
+        lines += [f"### Leave-one-map-out fold `{fold['fold']}` (held out: "
+                  f"{fold['held_out']}{tissues})", "",
+                  "| structure | Dice mean | SD | worst (where) | volume ratio |",
+                  "|---|---|---|---|---|"]
         for k, v in fold["summary"].items():
-            lines.append(f"| {k} | n/a (not in the map) | | |" if v is None else
+            lines.append(f"| {k} | n/a (not in the map) | | | |" if v is None else
                          f"| {k} | {v['mean']:.3f} | {v['sd']:.3f} | {v['worst']:.3f} "
-                         f"({v['worst_at']}) |")
+                         f"({v['worst_at']}) | {v.get('volume_ratio_mean')} |")
         cells: dict[tuple, list] = {}
         for r in fold["runs"]:
             cells.setdefault((r["contrast"], r["slice_mm"]), []).append(r)
@@ -274,6 +288,8 @@ def main() -> None:
     ap.add_argument("--slice-mm", nargs="*", type=float, default=[1.0, 3.0])
     ap.add_argument("--renderings", type=int, default=2, help="per contrast and thickness")
     ap.add_argument("--real", nargs="*", default=sorted(REAL), choices=sorted(REAL))
+    ap.add_argument("--tissues", action="store_true",
+                    help="render the held-out map's named unmeasured tissues as themselves")
     ap.add_argument("--mirror", type=Path, default=Path("../shared/data"))
     ap.add_argument("-o", "--out", type=Path, required=True)
     a = ap.parse_args()
@@ -285,7 +301,7 @@ def main() -> None:
         log.info("%s: %s", name, report["real"][name])
     for fold in a.fold:
         report["lomo"].append(lomo(a.model, fold, a.mirror, a.contrasts, a.slice_mm,
-                                   a.renderings))
+                                   a.renderings, tissues=a.tissues))
     (a.out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
     (a.out / "eval.md").write_text(markdown(report))
     log.info("wrote %s and eval.md", a.out / "eval.json")

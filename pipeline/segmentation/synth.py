@@ -44,7 +44,7 @@ from cartiq.io.labels import RENDER_TISSUES
 from cartiq.segmentation.grid import normalize_array
 
 __all__ = ["MODEL_CLASSES", "CONTRAST_FAMILIES", "SynthConfig", "Renderer", "to_model_classes",
-           "load_label_map_canonical"]
+           "add_tissues", "load_label_map_canonical"]
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,16 @@ def to_model_classes(cartiq: np.ndarray, fibula: np.ndarray | None = None) -> np
     return out
 
 
+def add_tissues(classes: np.ndarray, source: np.ndarray, tissues: dict[int, str]) -> np.ndarray:
+    """Code the background voxels of ``classes`` whose ``source`` value a mapping names as a
+    tissue (``LabelMapping.tissues``) as ``TISSUE0 + i`` for the renderer (in place)."""
+    for i, tissue in enumerate(RENDER_TISSUES):
+        values = [v for v, t in tissues.items() if t == tissue]
+        if values:
+            classes[np.isin(source, values) & (classes == 0)] = TISSUE0 + i
+    return classes
+
+
 def load_label_map_canonical(path: Path, mapping: str, spacing_mm: float) -> np.ndarray:
     """Read a real label map, convert to training classes, resample onto an LPS grid.  The
     unmeasured tissues the mapping names (``tissues:``) are stored as ``TISSUE0 + i``
@@ -157,11 +167,7 @@ def load_label_map_canonical(path: Path, mapping: str, spacing_mm: float) -> np.
     cart, _ = to_default_scheme(vol.array, mp, vol.geometry.affine, path=path)
     fib_values = [v for v, t in mp.map.items() if t == "fibula"]
     fib = np.isin(vol.array, fib_values) if fib_values else None
-    classes = to_model_classes(cart, fib)
-    for i, tissue in enumerate(RENDER_TISSUES):
-        values = [v for v, t in mp.tissues.items() if t == tissue]
-        if values:
-            classes[np.isin(vol.array, values) & (classes == 0)] = TISSUE0 + i
+    classes = add_tissues(to_model_classes(cart, fib), vol.array, mp.tissues)
     dst = canonical_geometry(vol.geometry, (spacing_mm,) * 3)
     return resample_array(classes, vol.geometry, dst, nearest=True)
 
