@@ -70,6 +70,43 @@ def test_femoral_cartilage_dilated_to_twice_its_volume_fails(phantom):
     assert ("thickness_range", "femoral_cartilage") in errors(flags), [f.message for f in flags]
 
 
+def _with_femoral_volume(phantom, target_mm3):
+    """The phantom with its femoral cartilage grown into soft tissue, one voxel layer at a
+    time, until it holds at least ``target_mm3``."""
+    lab = phantom.labels.array.copy()
+    vox = phantom.labels.geometry.voxel_volume_mm3
+    while (lab == S["femoral_cartilage"]).sum() * vox < target_mm3:
+        grown = ndimage.binary_dilation(lab == S["femoral_cartilage"]) & (lab == 0)
+        lab[grown] = S["femoral_cartilage"]
+    return lab
+
+
+def test_femoral_volume_above_the_typical_range_warns(phantom):
+    """A femoral plate that is plausible but above the typical adult 6,000-15,000 mm3 (the
+    0.3.0 model on the real qDESS: 16,441 mm3, about twice pyKNEEr's) is a warning to look at
+    the overlay, never a silent pass; below the plausible limit it stays a warning, not an
+    error."""
+    g = phantom.labels.geometry
+    vox = g.voxel_volume_mm3
+    base = (phantom.labels.array == S["femoral_cartilage"]).sum() * vox
+    assert 6000 < base < 15000  # the phantom itself is typical
+    lab = _with_femoral_volume(phantom, 15500)
+    volume = (lab == S["femoral_cartilage"]).sum() * vox
+    assert 15000 < volume < 18000
+    flags = qc_checks(lab, g, side="right")
+    mine = [f for f in flags if f.code == "plate_volume"]
+    assert [(f.severity, f.structure) for f in mine] == [("warning", "femoral_cartilage")]
+    assert "typical adult range 6000-15000 mm3" in mine[0].message
+    assert QCResult(flags=flags).status in ("warn", "fail")
+    # the typical phantom has no such flag
+    assert not [f for f in qc_checks(phantom.labels.array, g, side="right")
+                if f.code == "plate_volume"]
+    # above the plausible limit: the error alone, not the warning as well
+    lab = _with_femoral_volume(phantom, 18500)
+    mine = [f for f in qc_checks(lab, g, side="right") if f.code == "plate_volume"]
+    assert [f.severity for f in mine] == ["error"]
+
+
 def test_huge_bml_fails_and_a_small_one_does_not(phantom):
     lab = phantom.labels.array.copy()
     g = phantom.labels.geometry

@@ -4,6 +4,10 @@ Flags (each a :class:`QCFlag` with a code, a severity and a message naming the s
 
 ``plate_empty`` (error)        a cartilage plate has no voxels.
 ``plate_small`` (warning)      a plate's volume is below ``min_plate_volume_mm3``.
+``plate_volume`` (warning)     a plate's volume is plausible but outside its typical adult
+                               range (``typical_plate_volume_mm3``): look at the overlay - a
+                               network that adds cartilage where there is none (or misses
+                               some) can stay inside the plausible range.
 ``plate_volume`` (error)       a plate's volume is outside its plausible adult range
                                (``plausible.plate_volume_mm3``; sources in ``configs/qc.yaml``).
 ``thickness_range`` (error)    a plate's mean thickness is outside its plausible adult range
@@ -71,6 +75,9 @@ class QCConfig(Strict):
     max_distance_to_bone_mm: float = Field(8.0, gt=0)
     max_far_fraction: float = Field(0.05, ge=0, le=1)
     max_registration_residual_mm: float = Field(1.0, gt=0)
+    typical_plate_volume_mm3: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {"femoral_cartilage": (6000.0, 15000.0)},
+        description="warning outside [min, max] (inside the plausible range); sourced plates only")
     figure_dpi: int = Field(80, ge=30, le=300)
     map_vmax_mm: float = Field(4.0, gt=0, description="upper end of the thickness colour bar")
     plausible: PlausibleRanges = Field(default_factory=PlausibleRanges)
@@ -250,6 +257,11 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
             mean = float(mean_thickness_mm[name])
         problems = range_problems(name, volume, mean, cfg.plausible)
         flags += [QCFlag(code, "error", name, msg, v) for code, msg, v in problems]
+        lo, hi = cfg.typical_plate_volume_mm3.get(name, (0.0, np.inf))
+        if not lo <= volume <= hi and not any(c == "plate_volume" for c, _, _ in problems):
+            flags.append(QCFlag("plate_volume", "warning", name,
+                                f"{name} volume {volume:.0f} mm3 outside the typical adult range "
+                                f"{lo:g}-{hi:g} mm3: check the overlay", volume))
         if t.size and not any(code == "thickness_range" for code, _, _ in problems):
             p99 = float(np.percentile(t, 99))
             if p99 > cfg.max_thickness_mm:
