@@ -55,7 +55,6 @@ from scipy import ndimage
 from cartiq.config import Strict, load_config
 from cartiq.io.volume import Geometry, Volume, read_volume
 from cartiq.io.labels import PLATES, default_scheme, label_counts, lateral_sign, plate_boxes
-from cartiq.measurement.qc_figure import lesions_for
 from cartiq.measurement.qc_figure import qc_figure as _qc_figure
 from cartiq.measurement.qc_ranges import (PlausibleRanges, bml_problems, border_fraction,
                                           range_problems)

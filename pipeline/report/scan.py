@@ -27,16 +27,11 @@ tables are still written.  The cohort report is in :mod:`cartiq.report.cohort`.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 import re
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -133,7 +128,8 @@ def _maps_figure(scans: list[Path], vmax: float) -> str:
     """Rows = plates, columns = visits: thickness maps on one colour scale."""
     from matplotlib.figure import Figure
 
-    from cartiq.measurement.qc import markers, lesions_for, plate_maps
+    from cartiq.measurement.qc import markers, plate_maps
+    from cartiq.measurement.qc_figure import lesions_for
     from cartiq.measurement.qc_maps import draw_plate_map
 
     fig = Figure(figsize=(4.2 * len(scans) + 0.5, 3.3 * len(PLATES)), dpi=70)
