@@ -244,25 +244,22 @@ def test_unknown_label_values_are_a_clear_error(pymskt):
         to_default_scheme(small, load_mapping(None), np.eye(4), side="right")
 
 
-def test_bad_mapping_files(tmp_path):
+def test_unknown_mapping_name_lists_the_known_ones():
     with pytest.raises(ConfigError, match="unknown label mapping 'nope'.*oai_zib"):
         load_mapping("nope")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("map:\n  1: femur\n  2: cartilage_of_doom\n", "maps to unknown structure 'cartilage_of_doom'"),
+    ("map:\n  one: femur\n", "'one' is not an integer"),
+    ("map: [1, 2]\n", "needs a 'map'"),
+    ("map:\n  1: femur\ntissues:\n  bone_of_contention: [2]\n",
+     "unknown tissue 'bone_of_contention'.*ligament"),
+    ("map:\n  1: femur\ntissues:\n  fat: [1]\n", "label 1 is listed twice"),
+    ("map:\n  1: femur\ntissues:\n  fat: 2\n", "'fat' needs a list"),
+])
+def test_bad_mapping_files(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("map:\n  1: femur\n  2: cartilage_of_doom\n")
-    with pytest.raises(ConfigError, match="maps to unknown structure 'cartilage_of_doom'"):
-        load_mapping(str(bad))
-    bad.write_text("map:\n  one: femur\n")
-    with pytest.raises(ConfigError, match="'one' is not an integer"):
-        load_mapping(str(bad))
-    bad.write_text("map: [1, 2]\n")
-    with pytest.raises(ConfigError, match="needs a 'map'"):
-        load_mapping(str(bad))
-    bad.write_text("map:\n  1: femur\ntissues:\n  bone_of_contention: [2]\n")
-    with pytest.raises(ConfigError, match="unknown tissue 'bone_of_contention'.*ligament"):
-        load_mapping(str(bad))
-    bad.write_text("map:\n  1: femur\ntissues:\n  fat: [1]\n")
-    with pytest.raises(ConfigError, match="label 1 is listed twice"):
-        load_mapping(str(bad))
-    bad.write_text("map:\n  1: femur\ntissues:\n  fat: 2\n")
-    with pytest.raises(ConfigError, match="'fat' needs a list"):
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=message):
         load_mapping(str(bad))
