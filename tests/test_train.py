@@ -149,6 +149,41 @@ def test_named_tissues_render_as_themselves_and_train_as_background(family, fat_
         assert (fat_mean > 0.5) == fat_brighter, (family, seed, fat_mean)
 
 
+def test_effusion_brightens_background_along_the_bones_only():
+    """Effusion pockets (DESS: bright fluid) replace background near the bones and the joint;
+    the labels, and the image away from the bones, are those of the same seed without."""
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    center = torch.tensor([19.5, 31.5, 31.5])
+    common = dict(random_contrast_probability=0.0, contrast_families=("dess",),
+                  noise_std=(0.0, 0.0), bias_std=0.0, gamma_std=0.0, fluid_probability=0.0,
+                  intensity_std=(0.0, 0.0), slice_thickness_mm=(0.5, 0.5),
+                  inplane_resolution_mm=(0.5, 0.5), effusion_mm=(8.0, 8.0))
+    r = Renderer(_fixed(effusion_probability=1.0, **common), seed=5)
+    lab = labels.clone().to(torch.uint8)
+    pockets = r._effusion(lab)
+    bone = (lab == C["femur"]) | (lab == C["tibia"])
+    assert pockets.sum() > 20
+    assert not (pockets & (lab != 0)).any()  # background only
+    near_bone = F.max_pool3d(bone[None, None].float(), 9, 1, 4)[0, 0] > 0
+    assert (pockets <= near_bone).all()  # within 4 mm of a bone
+    for seed in range(3):
+        _, out = Renderer(_fixed(effusion_probability=1.0, **common), seed=seed).sample(
+            labels, (40, 64, 64), center=center)
+        assert torch.equal(out, labels.long())  # effusion is background for the network
+    # the pockets are drawn as joint fluid: the same intensity as fluid given explicitly
+    pocket = torch.zeros_like(bone)
+    pocket[16:24, 4:10, 26:36] = True
+    given = torch.zeros_like(bone)
+    given[16:24, 54:60, 26:36] = True
+    assert not ((pocket | given) & (lab != 0)).any()
+    r = Renderer(_fixed(effusion_probability=1.0, **common), seed=6)
+    r._effusion = lambda _lab: pocket
+    img = r.render(lab, fluid=given)
+    inner_p, inner_g = img[17:23, 5:9, 27:35], img[17:23, 55:59, 27:35]
+    assert abs(float(inner_p.median()) - float(inner_g.median())) < 1e-3
+    assert float(inner_p.median()) > float(img[lab == 0].median()) + 0.2
+
+
 def test_label_map_tissues_are_stored_for_the_renderer(tmp_path):
     """An SPL-coded map: mapped structures become training classes, the tissues the mapping
     names become TISSUE0 + i, and unnamed labels (a nerve) background."""

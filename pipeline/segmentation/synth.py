@@ -13,8 +13,10 @@ training sample is a random image rendered from a real label map.  One sample is
 3. rendering-only sub-labels: the unmeasured tissues a map names (a label mapping's
    ``tissues:``: fat, muscle, ligament, vessel; the SPL atlas has the cruciate ligaments in
    the intercondylar notch, Hoffa's fat pad and the thigh and calf muscles), random smooth
-   "soft tissue" regions splitting the rest of the background, a cortical-bone rim and a
-   joint-fluid shell around cartilage and menisci;
+   "soft tissue" regions splitting the rest of the background, a cortical-bone rim, a
+   joint-fluid shell around cartilage and menisci and, optionally, an effusion: random
+   smooth pockets of joint fluid in the background along the bones near the joint (the
+   recesses and the suprapatellar pouch of an OA knee), labelled background;
 4. per-label Gaussian intensities (fully random, or MR-like contrast families: DESS-,
    PD-fat-sat-, T1- and T2-FSE-like, jittered; :data:`CONTRAST_FAMILIES`);
 5. per-axis Gaussian blur for a random acquisition resolution (slice thickness across the
@@ -124,6 +126,10 @@ class SynthConfig(Strict):
         description="share of planted defects that keep the cartilage touching bone")
     thinning_probability: float = Field(0.0, ge=0, le=1,
         description="chance per crop of removing the articular surface layer (1 voxel)")
+    effusion_probability: float = Field(0.0, ge=0, le=1,
+        description="chance per crop of fluid pockets in the background along the bones")
+    effusion_mm: tuple[float, float] = Field((5.0, 20.0), description="range of the largest "
+        "distance of an effusion from cartilage and menisci (drawn per crop)")
 
 
 def to_model_classes(cartiq: np.ndarray, fibula: np.ndarray | None = None) -> np.ndarray:
@@ -317,6 +323,18 @@ class Renderer:
         lab[surface] = 0
         return surface
 
+    def _effusion(self, lab: torch.Tensor) -> torch.Tensor:
+        """Random smooth pockets within 1-4 mm of a bone surface and within a random
+        ``effusion_mm`` of cartilage or menisci (where a knee's fluid collects)."""
+        cfg = self.cfg
+        sp = cfg.spacing_mm
+        bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],)).float()
+        soft = _any_of(lab, _SOFT).float()
+        along = _dilate(bone, max(1, round(float(self._u(1.0, 4.0)) / sp))) > 0
+        near = _dilate(soft, max(1, round(float(self._u(*cfg.effusion_mm)) / sp))) > 0
+        blobs = _smooth_field(tuple(lab.shape), 8, self.gen)[0] > float(self._u(-0.5, 0.8))
+        return along & near & blobs & (lab == 0)
+
     def _means(self) -> tuple[torch.Tensor, dict | None]:
         """Mean intensity per rendering class, and the contrast family (None: random)."""
         cfg = self.cfg
@@ -373,6 +391,9 @@ class Renderer:
             k = 3 if float(torch.rand(1, generator=self.gen)) < 0.5 else 5
             near = _dilate(soft.float(), k // 2)
             rl[bg & (near > 0)] = FLUID
+        if cfg.effusion_probability > 0 and \
+                float(torch.rand(1, generator=self.gen)) < cfg.effusion_probability:
+            rl[bg & self._effusion(lab)] = FLUID
         if fluid is not None:
             rl[fluid] = FLUID
         mu, fam = self._means()
