@@ -197,23 +197,29 @@ def phantom():
 @pytest.mark.slow
 def test_default_model_on_phantom(phantom):
     seg = Segmenter(None, device="cpu")
-    # the phantom has no fibula; models 0.2.0 and 0.3.0 predict one on its medial side (card),
-    # so the given side is refused unless overridden - a false fibula never passes silently
-    with pytest.raises(InputError, match="--side says left but the anatomy says right"):
-        seg.run(phantom.image, side="left")
-    # a batch row's side (no seg: segmented first) is the manifest's: the message names
-    # the manifest's column, not the command-line flag
-    with pytest.raises(InputError, match="side column says left.*the side_override column"):
-        seg.run(phantom.image, side="left", side_source="manifest")
-    res = seg.run(phantom.image, side="left", side_override=True)
-    assert res.info["side_check"]["overridden"] is True
+    # the phantom has no fibula; 0.2.0 and 0.3.0 predicted one on its medial side (card), 0.4.0
+    # does not: the side comes from the femur's shape and agrees with the given one
+    res = seg.run(phantom.image, side="left")
+    check = res.info["side_check"]
+    assert check["anatomy"] == "left" and check["anatomy_source"] == "anatomy:bone shape"
+    assert check["overridden"] is False
+    # the wrong side is refused (never silently flipped) unless overridden: by the femur's
+    # shape when the header says nothing...
+    bare = Volume(phantom.image.array, phantom.image.geometry)
+    with pytest.raises(InputError, match="--side says right but the anatomy says left"):
+        seg.run(bare, side="right")
+    # ...and a batch row's side (no seg: segmented first) is the manifest's: the message
+    # names the manifest's column, not the command-line flag
+    with pytest.raises(InputError, match="side column says right.*the side_override column"):
+        seg.run(bare, side="right", side_source="manifest")
     lab = res.labels
     truth = phantom.labels.array
     assert lab.shape == truth.shape
     assert set(np.unique(lab)) <= S.values
     assert res.info["model"]["weights_sha256"]
-    # measured with the shipped weights (0.3.0): femur 0.90, tibia 0.81, femoral cartilage
-    # 0.71, patellar cartilage 0.87 (0.2.0: 0.96, 0.82, 0.74, 0.84; 0.1.0: 0.81, 0.76, 0.78, -)
+    # measured with the shipped weights (0.4.0): femur 0.89, tibia 0.87, femoral cartilage
+    # 0.72, patellar cartilage 0.79 (0.3.0: 0.90, 0.81, 0.71, 0.87; 0.2.0: 0.96, 0.82, 0.74,
+    # 0.84; 0.1.0: 0.81, 0.76, 0.78, -)
     for name, floor in (("femur", 0.7), ("tibia", 0.65), ("femoral_cartilage", 0.6),
                         ("patellar_cartilage", 0.6)):
         assert _dice(lab == S[name], truth == S[name]) > floor, name
@@ -255,8 +261,7 @@ def test_run_segments_then_measures(phantom, tmp_path):
     from cartiq.measurement.run import run_file
 
     out = tmp_path / "run"
-    res = run_file(img, out, device="cpu", side="left", bml="both",
-                   side_override=True)  # the model's false fibula: see the test above
+    res = run_file(img, out, device="cpu", side="left", bml="both")
     m = json.loads((out / "manifest.json").read_text())
     assert m["stage"] == "run" and m["side"] == "left"
     assert m["segmentation"]["model"]["weights_sha256"]
