@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import socket
 import tarfile
@@ -160,7 +161,8 @@ def test_offline_error_names_the_url(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "local" / "a.bin").exists()
 
 
-def test_mirror_first_then_download_for_missing_files(fake_registry, tmp_path, monkeypatch):
+def test_mirror_first_then_download_for_missing_files(fake_registry, tmp_path, monkeypatch,
+                                                     caplog):
     reg, remote, blobs = fake_registry
     mirror = tmp_path / "mirror"
     (mirror / "local" / "ser").mkdir(parents=True)
@@ -177,6 +179,11 @@ def test_mirror_first_then_download_for_missing_files(fake_registry, tmp_path, m
     assert downloaded == [reg["series"].files[1].url]  # only the file the mirror lacks
     assert (p / "s1.dcm").read_bytes() == b"slice-1"
     assert (p / "s2.dcm").read_bytes() == b"slice-2"
+    # again: the missing file is cached and verified now, so nothing is (said to be) downloaded
+    downloaded.clear()
+    with caplog.at_level(logging.INFO, logger="cartiq.data.fetch"):
+        assert F.fetch_sample("series", mirror=mirror, cache_dir=tmp_path / "cache") == p
+    assert downloaded == [] and "downloading" not in caplog.text
 
 
 def test_archive_member_is_extracted_and_verified(tmp_path, monkeypatch):

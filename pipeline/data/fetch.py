@@ -276,6 +276,8 @@ def fetch_sample(name: str, *, mirror: Path | None = None, cache_dir: Path | Non
                 continue
             _fetch_member(f, target, progress)
         else:
+            if f.sha256 is not None and target.is_file() and _sha256(target) == f.sha256:
+                continue  # cached and verified: nothing to download
             if src is not None:
                 log.info("%s not in mirror %s; downloading", f.path, mirror)
             _retrieve(f.url, f.sha256, target, _downloader(f.url, progress), f.url)
