@@ -181,6 +181,7 @@ def test_mirror_first_then_download_for_missing_files(fake_registry, tmp_path, m
     assert (p / "s2.dcm").read_bytes() == b"slice-2"
     # again: the missing file is cached and verified now, so nothing is (said to be) downloaded
     downloaded.clear()
+    caplog.clear()  # (the first call's records, captured when another test set DEBUG)
     with caplog.at_level(logging.INFO, logger="cartiq.data.fetch"):
         assert F.fetch_sample("series", mirror=mirror, cache_dir=tmp_path / "cache") == p
     assert downloaded == [] and "downloading" not in caplog.text
