@@ -268,16 +268,14 @@ def fetch_sample(name: str, *, mirror: Path | None = None, cache_dir: Path | Non
         raise InputError(f"cannot create the sample cache ({exc.strerror})", cache) from None
     for f in sample.files:
         target = cache / f.path
+        if f.sha256 is not None and target.is_file() and _sha256(target) == f.sha256:
+            continue  # cached and verified: nothing to copy, extract or download
         src = None if mirror is None else mirror / f.path
         if src is not None and src.is_file():
             _retrieve(f.url, f.sha256, target, _copier(src), str(src))
         elif f.member is not None:
-            if target.is_file() and _sha256(target) == f.sha256:
-                continue
             _fetch_member(f, target, progress)
         else:
-            if f.sha256 is not None and target.is_file() and _sha256(target) == f.sha256:
-                continue  # cached and verified: nothing to download
             if src is not None:
                 log.info("%s not in mirror %s; downloading", f.path, mirror)
             _retrieve(f.url, f.sha256, target, _downloader(f.url, progress), f.url)
