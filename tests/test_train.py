@@ -160,8 +160,9 @@ def test_effusion_brightens_background_along_the_bones_only():
                   inplane_resolution_mm=(0.5, 0.5), effusion_mm=(8.0, 8.0))
     r = Renderer(_fixed(effusion_probability=1.0, **common), seed=5)
     lab = labels.clone().to(torch.uint8)
-    pockets = r._effusion(lab)
     bone = (lab == C["femur"]) | (lab == C["tibia"])
+    soft = _cart(lab) | (lab == C["meniscus"])
+    pockets = r._effusion(lab, bone, soft)
     assert pockets.sum() > 20
     assert not (pockets & (lab != 0)).any()  # background only
     near_bone = F.max_pool3d(bone[None, None].float(), 9, 1, 4)[0, 0] > 0
@@ -177,7 +178,7 @@ def test_effusion_brightens_background_along_the_bones_only():
     given[16:24, 54:60, 26:36] = True
     assert not ((pocket | given) & (lab != 0)).any()
     r = Renderer(_fixed(effusion_probability=1.0, **common), seed=6)
-    r._effusion = lambda _lab: pocket
+    r._effusion = lambda *_masks: pocket
     img = r.render(lab, fluid=given)
     inner_p, inner_g = img[17:23, 5:9, 27:35], img[17:23, 55:59, 27:35]
     assert abs(float(inner_p.median()) - float(inner_g.median())) < 1e-3

@@ -323,15 +323,15 @@ class Renderer:
         lab[surface] = 0
         return surface
 
-    def _effusion(self, lab: torch.Tensor) -> torch.Tensor:
+    def _effusion(self, lab: torch.Tensor, bone: torch.Tensor,
+                  soft: torch.Tensor) -> torch.Tensor:
         """Random smooth pockets within 1-4 mm of a bone surface and within a random
-        ``effusion_mm`` of cartilage or menisci (where a knee's fluid collects)."""
+        ``effusion_mm`` of cartilage or menisci (where a knee's fluid collects); ``bone`` and
+        ``soft``: the crop's bone (+ BML) and cartilage + menisci masks."""
         cfg = self.cfg
         sp = cfg.spacing_mm
-        bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],)).float()
-        soft = _any_of(lab, _SOFT).float()
-        along = _dilate(bone, max(1, round(float(self._u(1.0, 4.0)) / sp))) > 0
-        near = _dilate(soft, max(1, round(float(self._u(*cfg.effusion_mm)) / sp))) > 0
+        along = _dilate(bone.float(), max(1, round(float(self._u(1.0, 4.0)) / sp))) > 0
+        near = _dilate(soft.float(), max(1, round(float(self._u(*cfg.effusion_mm)) / sp))) > 0
         blobs = _smooth_field(tuple(lab.shape), 8, self.gen)[0] > float(self._u(-0.5, 0.8))
         return along & near & blobs & (lab == 0)
 
@@ -382,18 +382,18 @@ class Renderer:
             named = tissue > 0
             rl[named] = tissue[named].long()
             bg = bg & ~named  # the fluid shell below only replaces unnamed background
+        bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],))
+        soft = _any_of(lab, _SOFT)
         if float(torch.rand(1, generator=self.gen)) < cfg.cortex_probability:
-            bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],))
             eroded = -_dilate(-bone.float(), 1)
             rl[bone & (eroded < 0.5) & (lab != _C["bone_marrow_lesion"])] = CORTEX
         if float(torch.rand(1, generator=self.gen)) < cfg.fluid_probability:
-            soft = _any_of(lab, _SOFT)
             k = 3 if float(torch.rand(1, generator=self.gen)) < 0.5 else 5
             near = _dilate(soft.float(), k // 2)
             rl[bg & (near > 0)] = FLUID
         if cfg.effusion_probability > 0 and \
                 float(torch.rand(1, generator=self.gen)) < cfg.effusion_probability:
-            rl[bg & self._effusion(lab)] = FLUID
+            rl[bg & self._effusion(lab, bone, soft)] = FLUID
         if fluid is not None:
             rl[fluid] = FLUID
         mu, fam = self._means()
