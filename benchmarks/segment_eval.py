@@ -66,6 +66,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float | None:
     return None if s == 0 else round(2 * int((a & b).sum()) / s, 4)
 
 
+def volume_ratio(seg: np.ndarray, truth: np.ndarray) -> float | None:
+    """Segmented / true voxels (None when the truth is empty on this grid)."""
+    n = int(truth.sum())
+    return None if n == 0 else round(int(seg.sum()) / n, 3)
+
+
 def sagittal_grid(src, spacing):
     """Sagittal acquisition grid like the qDESS (i = A->P, j = S->I, k = R->L) over ``src``."""
     from cartiq.io.volume import Geometry
@@ -133,8 +139,8 @@ def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: l
                     res = seg.run(image, side=side)
                 d = {k: dice(res.labels == s[k], truth == s[k]) if k in in_map else None
                      for k in NAMES}
-                ratio = {k: round(int((res.labels == s[k]).sum()) / int((truth == s[k]).sum()), 3)
-                         if k in in_map else None for k in NAMES}
+                ratio = {k: volume_ratio(res.labels == s[k], truth == s[k]) if k in in_map
+                         else None for k in NAMES}
                 runs.append({"contrast": contrast, "slice_mm": thick, "seed": seed, "dice": d,
                              "volume_ratio": ratio,
                              "side_found": side_found, "side_source": res.info.get("side_source"),
