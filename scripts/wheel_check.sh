@@ -31,9 +31,8 @@ PY
 cartiq -q phantom ph > /dev/null
 cartiq -q measure ph/image.nii.gz --seg ph/seg.nii.gz -o measured > /dev/null
 test -f measured/manifest.json
-# the phantom has no fibula and no femoral shaft, so the model's anatomical side cue on it
-# is unreliable (0.4.0's femur "leans" left on both sides; model card): keep the true side
-cartiq -q run ph/image.nii.gz -o segmented --side right --side-override --device cpu > /dev/null
+# the phantom has no fibula and no femoral shaft: its anatomy gives no side, so it is given
+cartiq -q run ph/image.nii.gz -o segmented --side right --device cpu > /dev/null
 test -f segmented/manifest.json -a -f segmented/measurements.csv
 python -m cartiq version > /dev/null
 echo "wheel check passed: $(basename "$wheel") installed outside the checkout runs phantom, measure and run"

@@ -157,6 +157,34 @@ def test_oai_zib_single_tibial_label_split_recovers_medial_lateral(pymskt):
     assert str(pymskt.path) in str(info.value)
 
 
+def test_false_femur_piece_is_no_side_evidence(pymskt):
+    """A model can add a narrow piece of "femur" below the condyles (0.4.0 on the phantom):
+    measured naively the shaft then "leans" 40 mm and the piece's lower half looks like a
+    medial condyle, i.e. a confident wrong side.  It has no femur's shape, so it is no
+    evidence: without a side the map is refused, and a given side stands."""
+    src, aff = pymskt.array, pymskt.geometry.affine
+    oai = _as_oai_zib(src)
+    _, info = to_default_scheme(oai, load_mapping("oai_zib"), aff)
+    assert (info["side"], info["side_source"]) == ("right", "anatomy:bone shape")
+    fem = np.argwhere(oai == 1) @ aff[:3, :3].T + aff[:3, 3]
+    z_lo = np.percentile(fem[:, 2], 0.5)
+    low = fem[fem[:, 2] < z_lo + 25]
+    cx, cy = low[:, 0].mean(), low[:, 1].mean()
+    # a 10 mm wide block 40 mm to the -x side, 30-35 mm below the condyles, its -x half lower
+    x, y, z = np.meshgrid(np.arange(cx - 45, cx - 35, 0.3), np.arange(cy - 5, cy + 5, 0.3),
+                          np.arange(z_lo - 35, z_lo, 0.3), indexing="ij")
+    keep = (z >= z_lo - 30) | (x < cx - 40)
+    world = np.stack([x[keep], y[keep], z[keep]], axis=1)
+    idx = np.round((world - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T).astype(int)
+    inside = np.all((idx >= 0) & (idx < oai.shape), axis=1)
+    assert inside.mean() > 0.9
+    oai[tuple(idx[inside].T)] = 1
+    with pytest.raises(InputError, match="cannot tell the knee side"):
+        to_default_scheme(oai, load_mapping("oai_zib"), aff)
+    _, info = to_default_scheme(oai, load_mapping("oai_zib"), aff, side="right")
+    assert info["side"] == "right" and info["side_check"]["anatomy"] is None
+
+
 def test_tibial_split_with_touching_plates_and_side_from_fibula(pymskt, tmp_path):
     """One connected tibial label (plates bridged) falls back to the sparsest-plane split;
     the side comes from a fibula label of a user mapping file."""

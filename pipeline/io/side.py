@@ -14,8 +14,13 @@ right knee and +x for a left knee):
 ``anatomy:bone shape``  two features of the distal femur that must agree: the femoral
                         shaft leans laterally above the condyles (the femur's valgus), and
                         the medial condyle reaches further distally than the lateral one.
-                        Used only when both are clear (see the margins below) and the
-                        femoral shaft is in the field of view.
+                        Used only when both are clear (see the margins below), the
+                        femoral shaft is in the field of view, and what is measured has a
+                        femur's shape: the condyles' band at least ``MIN_CONDYLE_WIDTH_MM``
+                        wide and the shaft's lean at most ``MAX_LEAN_DEG`` from the
+                        long axis.  A model's segmentation can add a false piece of "femur"
+                        (on cartiq's phantom, a 10 mm wide piece beside the tibia made the
+                        shaft "lean" 31 degrees); that is no evidence, not a side.
 
 Each test needs a clear margin; a weak or contradictory feature is no evidence.
 """
@@ -39,6 +44,10 @@ PLATES_MARGIN_MM = 5.0     # lateral plate centroid this far lateral of the medi
 SHAFT_MARGIN_MM = 2.0      # femoral shaft this far lateral of the condyles
 CONDYLE_MARGIN_MM = 1.5    # medial condyle this far below the lateral one
 MIN_FEMUR_EXTENT_MM = 50.0  # femur height in view needed for the shaft test
+# What a distal femur looks like (the four real label maps here: condyles' band 74-86 mm
+# wide, shaft lean 4.4-9.2 degrees; the femoral anatomical axis is about 5-9 degrees valgus)
+MIN_CONDYLE_WIDTH_MM = 50.0  # medial-lateral extent of the lowest 25 mm of the femur
+MAX_LEAN_DEG = 15.0          # the shaft's lean from the image's long axis
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,10 @@ def _bone_shape(masks: _Masks, femur: int) -> SideEvidence | None:
         return None
     cx = float(condyles[:, 0].mean())
     shaft_dx = float(shaft[:, 0].mean()) - cx  # sign = lateral direction
+    rise = float(shaft[:, 2].mean() - condyles[:, 2].mean())
+    width = float(np.ptp(np.percentile(condyles[:, 0], [1, 99])))
+    if width < MIN_CONDYLE_WIDTH_MM or np.degrees(np.arctan2(abs(shaft_dx), rise)) > MAX_LEAN_DEG:
+        return None  # not a femur's shape (a false piece, a cut-off bone)
     plus = condyles[condyles[:, 0] > cx, 2]
     minus = condyles[condyles[:, 0] < cx, 2]
     if len(plus) < 50 or len(minus) < 50:
