@@ -86,20 +86,21 @@ def sagittal_grid(src, spacing):
     return Geometry(shape, spacing, origin, tuple(m.ravel()))
 
 
-def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: list[float],
-         n: int, seed0: int = 100, tissues: bool = False) -> dict:
-    """Dice per structure on renderings of the fold's held-out map (see module docstring)."""
+def renderings(fold: str, mirror: Path, contrasts: list[str], slices_mm: list[float], n: int,
+               seed0: int = 100, tissues: bool = False):
+    """Renderings of the fold's real label map (see the module docstring): yields
+    ``(info, image, truth)`` with ``info`` = contrast, slice_mm, seed; ``image`` a
+    :class:`~cartiq.io.volume.Volume` on a sagittal acquisition grid and ``truth`` the map in
+    the cartiq scheme on that grid."""
     import torch
 
     from cartiq.data.fetch import fetch_sample
-    from cartiq.errors import InputError
-    from cartiq.io.labels import default_scheme, load_mapping, to_default_scheme
+    from cartiq.io.labels import load_mapping, to_default_scheme
     from cartiq.io.volume import Volume, read_volume
-    from cartiq.segmentation.segmenter import Segmenter, canonical_geometry, resample_array
+    from cartiq.segmentation.segmenter import canonical_geometry, resample_array
     from cartiq.segmentation.synth import Renderer, SynthConfig, add_tissues, to_model_classes
 
     sample, mapping, side = FOLDS[fold]
-    s = default_scheme()
     path = fetch_sample(sample, mirror=mirror)
     vol = read_volume(path, kind="labels")
     mp = load_mapping(mapping)
@@ -112,9 +113,6 @@ def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: l
     classes = resample_array(classes, vol.geometry, canon, nearest=True)
     lab_t = torch.from_numpy(np.ascontiguousarray(classes))
     center = (torch.tensor(lab_t.shape, dtype=torch.float32) - 1) / 2
-    in_map = {s.name_of(int(v)) for v in np.unique(cart) if v}  # no Dice for absent labels
-    seg = Segmenter(model, device="cpu")
-    runs = []
     for thick in slices_mm:
         target = sagittal_grid(canon, (0.35, 0.35, thick))
         truth = resample_array(cart, vol.geometry, target, nearest=True)
@@ -125,28 +123,44 @@ def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: l
                               slice_thickness_mm=(thick, thick),
                               inplane_resolution_mm=(0.35, 0.35))
             for i in range(n):
-                seed = seed0 + i
-                img, _ = Renderer(cfg, seed=seed).sample(lab_t, tuple(lab_t.shape),
-                                                         center=center)
+                img, _ = Renderer(cfg, seed=seed0 + i).sample(lab_t, tuple(lab_t.shape),
+                                                              center=center)
                 image = Volume(np.ascontiguousarray(resample_array(img.numpy(), canon, target)),
                                target)
-                t0 = time.monotonic()
-                try:
-                    res = seg.run(image)
-                    side_found = res.info.get("side")
-                except InputError as exc:
-                    side_found = f"error: {exc}"[:160]
-                    res = seg.run(image, side=side)
-                d = {k: dice(res.labels == s[k], truth == s[k]) if k in in_map else None
-                     for k in NAMES}
-                ratio = {k: volume_ratio(res.labels == s[k], truth == s[k]) if k in in_map
-                         else None for k in NAMES}
-                runs.append({"contrast": contrast, "slice_mm": thick, "seed": seed, "dice": d,
-                             "volume_ratio": ratio,
-                             "side_found": side_found, "side_source": res.info.get("side_source"),
-                             "seconds": round(time.monotonic() - t0, 1)})
-                log.info("%s %s %.1f mm seed %d: %s (side %s)", fold, contrast, thick, seed,
-                         d, side_found)
+                yield {"contrast": contrast, "slice_mm": thick, "seed": seed0 + i}, image, truth
+
+
+def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: list[float],
+         n: int, seed0: int = 100, tissues: bool = False) -> dict:
+    """Dice per structure on renderings of the fold's held-out map (see module docstring)."""
+    from cartiq.errors import InputError
+    from cartiq.io.labels import default_scheme
+    from cartiq.segmentation.segmenter import Segmenter
+
+    sample, _, side = FOLDS[fold]
+    s = default_scheme()
+    seg = Segmenter(model, device="cpu")
+    runs = []
+    in_map = None
+    for info, image, truth in renderings(fold, mirror, contrasts, slices_mm, n, seed0, tissues):
+        if in_map is None:  # no Dice for labels absent from the map
+            in_map = {s.name_of(int(v)) for v in np.unique(truth) if v}
+        t0 = time.monotonic()
+        try:
+            res = seg.run(image)
+            side_found = res.info.get("side")
+        except InputError as exc:
+            side_found = f"error: {exc}"[:160]
+            res = seg.run(image, side=side)
+        d = {k: dice(res.labels == s[k], truth == s[k]) if k in in_map else None
+             for k in NAMES}
+        ratio = {k: volume_ratio(res.labels == s[k], truth == s[k]) if k in in_map
+                 else None for k in NAMES}
+        runs.append({**info, "dice": d, "volume_ratio": ratio,
+                     "side_found": side_found, "side_source": res.info.get("side_source"),
+                     "seconds": round(time.monotonic() - t0, 1)})
+        log.info("%s %s %.1f mm seed %d: %s (side %s)", fold, info["contrast"],
+                 info["slice_mm"], info["seed"], d, side_found)
     return {"fold": fold, "held_out": sample, "side": side, "tissues_rendered": tissues,
             "runs": runs, "summary": summarise(runs)}
 

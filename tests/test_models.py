@@ -98,6 +98,52 @@ def test_invalid_metadata_is_rejected(tmp_path):
         read_metadata(pkg / "metadata.json")
 
 
+def _set_meta(pkg: Path, **changes) -> None:
+    meta = json.loads((pkg / "metadata.json").read_text())
+    meta.update(changes)
+    (pkg / "metadata.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("weights,fmt,message", [
+    ({"kneecap_cartilage": 0.5}, None, "class_weights names 'kneecap_cartilage'"),
+    ({"femoral_cartilage": 0.0}, None, "must be a positive number"),
+    ({"femoral_cartilage": -1.0}, None, "must be a positive number"),
+    ({"femoral_cartilage": float("inf")}, None, "must be a positive number"),
+    ({"femoral_cartilage": 0.5}, "nnunetv2", "not to nnU-Net"),
+])
+def test_bad_class_weights_are_rejected(tmp_path, weights, fmt, message):
+    pkg = make_package(tmp_path / "tiny")
+    _set_meta(pkg, class_weights=weights, **({"format": fmt} if fmt else {}))
+    with pytest.raises(ModelError, match=message):
+        read_metadata(pkg / "metadata.json")
+
+
+def test_class_weights_scale_probabilities_before_the_argmax(tmp_path):
+    from cartiq.io.volume import Geometry, Volume
+    from cartiq.segmentation.segmenter import Segmenter
+
+    # the arithmetic: 0.6 femoral cartilage vs 0.4 background, halved, loses
+    g = Geometry((4, 4, 4), (1.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    probs = np.zeros((len(MODEL_CLASSES), 4, 4, 4), np.float16)
+    probs[0], probs[4] = 0.4, 0.6
+    w = np.ones(len(MODEL_CLASSES), np.float32)
+    assert (Segmenter._probs_back(probs, g, g, w) == 4).all()
+    w[4] = 0.5
+    assert (Segmenter._probs_back(probs, g, g, w) == 0).all()
+    # through a package: the metadata's weights reach the arg-max, and the provenance
+    image = Volume(np.random.default_rng(0).random((40, 40, 40), np.float32),
+                   Geometry((40, 40, 40), (1.0, 1.0, 1.0), (0, 0, 0),
+                            (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    pkg = make_package(tmp_path / "tiny")
+    counts = {}
+    for factor in (1.0, 1e-6, 1e6):
+        _set_meta(pkg, class_weights={"femoral_cartilage": factor})
+        seg = Segmenter(pkg, device="cpu")
+        counts[factor] = int((seg._predict(image) == 4).sum())
+        assert seg.model.provenance()["class_weights"] == {"femoral_cartilage": factor}
+    assert counts[1e-6] == 0 and counts[1e6] > max(counts[1.0], 0.9 * image.array.size)
+
+
 def test_torchscript_model_with_metadata_file(tmp_path):
     from cartiq.segmentation.models import NetworkSpec
 

@@ -134,6 +134,14 @@ class ModelMetadata(Strict):
     authors: str = ""
     references: list[str] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict, description="how it was trained")
+    class_weights: dict[str, float] = Field(default_factory=dict, description="structure "
+                                            "name (one of labels) -> factor on its "
+                                            "probability before the arg-max (a prior "
+                                            "correction fitted on training renderings; "
+                                            "1 for names not listed)")
+    class_weights_fit: dict[str, Any] = Field(default_factory=dict, description="how "
+                                              "class_weights were fitted (renderings, "
+                                              "grid, the numbers behind each factor)")
     source: str = ""
     nnunet: NnunetSpec | None = None
 
@@ -153,7 +161,9 @@ class LoadedModel:
         return {"name": self.metadata.name, "version": self.metadata.version,
                 "format": self.metadata.format, "folder": str(self.folder),
                 "weights": None if self.weights_path is None else str(self.weights_path),
-                "weights_sha256": self.weights_sha256, **self.extra}
+                "weights_sha256": self.weights_sha256,
+                **({"class_weights": dict(self.metadata.class_weights)}
+                   if self.metadata.class_weights else {}), **self.extra}
 
 
 # ------------------------------------------------------------------------- registry
@@ -280,6 +290,17 @@ def _check_labels(meta: ModelMetadata, path: Path) -> None:
                          + ", ".join(sorted(valid)), path)
     if meta.network is not None and max(meta.labels) >= meta.network.out_channels:
         raise ModelError("labels name an output channel beyond network.out_channels", path)
+    named = set(meta.labels.values())
+    for name, w in meta.class_weights.items():
+        if name not in named:
+            raise ModelError(f"class_weights names {name!r}, which is not one of the model's "
+                             "labels", path)
+        if not (0.0 < w < float("inf")):
+            raise ModelError(f"class_weights[{name!r}] must be a positive number, not {w}",
+                             path)
+    if meta.class_weights and meta.format == "nnunetv2":
+        raise ModelError("class_weights apply to cartiq's own inference, not to nnU-Net "
+                         "models (nnU-Net's predictor takes the arg-max itself)", path)
 
 
 # ------------------------------------------------------------------------- loading

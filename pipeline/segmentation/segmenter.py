@@ -290,16 +290,31 @@ class Segmenter:
                                              device="cpu")
                 probs[:] = torch.softmax(y[0].float(), 0).numpy()
         del canon
-        return self._probs_back(probs, cgeom, volume.geometry)
+        return self._probs_back(probs, cgeom, volume.geometry, self.class_weights)
+
+    @property
+    def class_weights(self) -> np.ndarray:
+        """Factor per output channel on its probability before the arg-max (the package's
+        ``class_weights``; 1 elsewhere)."""
+        meta = self.model.metadata
+        w = np.ones(meta.network.out_channels, np.float32)
+        for value, name in meta.labels.items():
+            w[value] = meta.class_weights.get(name, 1.0)
+        return w
 
     @staticmethod
-    def _probs_back(probs: np.ndarray, src: Geometry, dst: Geometry) -> np.ndarray:
-        """Resample each class probability onto the input grid (linear) and arg-max."""
+    def _probs_back(probs: np.ndarray, src: Geometry, dst: Geometry,
+                    weights: np.ndarray | None = None) -> np.ndarray:
+        """Resample each class probability onto the input grid (linear), scale it by its
+        class weight and arg-max (scaling after the linear resampling is the same as
+        before it)."""
         best = np.full(dst.shape, -1.0, np.float32)
         arg = np.zeros(dst.shape, np.uint8)
         for c in range(probs.shape[0]):
             p = resample_array(probs[c].astype(np.float32), src, dst,
                                default=1.0 if c == 0 else 0.0)
+            if weights is not None and weights[c] != 1.0:
+                p *= weights[c]
             better = p > best
             arg[better] = c
             best[better] = p[better]
