@@ -15,8 +15,11 @@ seeds from 300, so not the evaluation's renderings) and run through the model on
 class probabilities are resampled onto the rendering's grid as the segmenter does.  For each
 cartilage class and each ``w`` of the grid, the class's voxels are those where ``w * p``
 beats every other class (the others at 1), and Dice and the volume ratio against the map are
-recorded.  The chosen ``w`` maximises the mean Dice over all renderings (ties: the volume
-ratio nearest 1); then all chosen weights together are checked once.  ``--write`` stores
+recorded.  The chosen ``w`` is the one whose *median* volume ratio over all renderings is
+nearest 1: an unbiased typical volume (and so thickness) is what a measurement needs, the
+median keeps one map's odd labelling from pulling it (the pymskt map's patellar cartilage
+is drawn 1.8x at w = 1 where the other maps give about 1), and the Dice curve is flat there
+(for 0.4.0 the chosen factors lose at most 0.003 of the best mean Dice).  ``--write`` stores
 them with their numbers in the package's ``metadata.json`` (``class_weights``,
 ``class_weights_fit``).  Check the result on the held-out fold with ``segment_eval.py``.
 """
@@ -106,10 +109,9 @@ def fit(model: str | None, maps: list[str], mirror: Path, contrasts: list[str],
             d = [r["by_weight"][c][w][0] for r in runs if r["by_weight"][c][w][0] is not None]
             v = [r["by_weight"][c][w][1] for r in runs if r["by_weight"][c][w][1] is not None]
             table[c][w] = {"dice_mean": round(float(np.mean(d)), 4),
-                           "volume_ratio_mean": round(float(np.mean(v)), 3), "n": len(d)}
-        best = max(GRID, key=lambda w: (round(table[c][w]["dice_mean"], 3),
-                                        -abs(table[c][w]["volume_ratio_mean"] - 1)))
-        chosen[c] = best
+                           "volume_ratio_mean": round(float(np.mean(v)), 3),
+                           "volume_ratio_median": round(float(np.median(v)), 3), "n": len(d)}
+        chosen[c] = min(GRID, key=lambda w: abs(table[c][w]["volume_ratio_median"] - 1))
     return {"model": {"name": meta.name, "version": meta.version,
                       "weights_sha256": seg.model.weights_sha256},
             "maps": maps, "contrasts": contrasts, "slices_mm": slices_mm, "seed0": seed0,
@@ -129,8 +131,9 @@ def write(package: Path, result: dict) -> None:
         raise SystemExit(f"{path}: weights differ from the fitted model's")
     meta["class_weights"] = {c: w for c, w in result["class_weights"].items() if w != 1.0}
     meta["class_weights_fit"] = {
-        "method": "benchmarks/fit_class_weights.py: per class, the factor of the grid with "
-                  "the best mean Dice on renderings of the training maps",
+        "method": "benchmarks/fit_class_weights.py: per class, the factor of the grid whose "
+                  "median volume ratio (segmented / true) over renderings of the training "
+                  "maps is nearest 1",
         **{k: result[k] for k in ("maps", "contrasts", "slices_mm", "seed0", "renderings",
                                   "grid")},
         "table": {c: {w: result["table"][c][str(w)] for w in ("1.0", str(float(
@@ -159,8 +162,8 @@ def main() -> None:
     result = fit(a.model, a.maps, a.mirror, a.contrasts, a.slice_mm)
     (a.out / "fit.json").write_text(json.dumps(result, indent=1))
     for c, t in result["table"].items():
-        log.info("%s: %s", c, " ".join(f"{w}:{v['dice_mean']:.3f}/{v['volume_ratio_mean']:.2f}"
-                                        for w, v in t.items()))
+        log.info("%s (w:Dice/median volume ratio): %s", c, " ".join(
+            f"{w}:{v['dice_mean']:.3f}/{v['volume_ratio_median']:.2f}" for w, v in t.items()))
     log.info("chosen: %s", result["class_weights"])
     if a.write:
         write(resolve_model(a.model), result)
