@@ -185,6 +185,27 @@ def test_false_femur_piece_is_no_side_evidence(pymskt):
     assert info["side"] == "right" and info["side_check"]["anatomy"] is None
 
 
+@pytest.mark.parametrize("edge", [5, 95])
+def test_condyle_step_no_condyle_has_is_no_side_evidence(pymskt, edge):
+    """What a trimmed false piece leaves: a 10 mm stub hanging 15 mm below one condyle's
+    edge.  A medial condyle reaches at most a few mm lower (the real maps: 2.9-8.0 mm), so a
+    15 mm step is no evidence, on either side (before the bound, the stub under the medial
+    condyle gave this right knee's side by luck)."""
+    src, aff = pymskt.array, pymskt.geometry.affine
+    oai = _as_oai_zib(src)
+    fem = np.argwhere(oai == 1) @ aff[:3, :3].T + aff[:3, 3]
+    z_lo = np.percentile(fem[:, 2], 0.5)
+    low = fem[fem[:, 2] < z_lo + 25]
+    x0, cy = np.percentile(low[:, 0], edge), low[:, 1].mean()
+    x, y, z = np.meshgrid(np.arange(x0 - 5, x0 + 5, 0.3), np.arange(cy - 5, cy + 5, 0.3),
+                          np.arange(z_lo - 15, z_lo + 3, 0.3), indexing="ij")
+    world = np.stack([x.ravel(), y.ravel(), z.ravel()], axis=1)
+    idx = np.round((world - aff[:3, 3]) @ np.linalg.inv(aff[:3, :3]).T).astype(int)
+    oai[tuple(idx.T)] = 1
+    with pytest.raises(InputError, match="cannot tell the knee side"):
+        to_default_scheme(oai, load_mapping("oai_zib"), aff)
+
+
 def test_tibial_split_with_touching_plates_and_side_from_fibula(pymskt, tmp_path):
     """One connected tibial label (plates bridged) falls back to the sparsest-plane split;
     the side comes from a fibula label of a user mapping file."""

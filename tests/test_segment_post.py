@@ -11,7 +11,8 @@ import pytest
 from scipy import ndimage
 
 from cartiq.io.labels import default_scheme
-from cartiq.segmentation.post import (CARTILAGE_BAND_MM, check_medial_lateral, clean_prediction,
+from cartiq.segmentation.post import (CARTILAGE_BAND_MM, FEMUR_BELOW_PLATEAU_MM,
+                                     check_medial_lateral, clean_prediction,
                                       shell_outside_fraction)
 from cartiq.segmentation.synth import MODEL_CLASSES
 
@@ -112,6 +113,47 @@ def test_bml_only_inside_bone(raw, phantom):
     assert not (out[patch] == M["bone_marrow_lesion"]).any()
     assert ((out == M["bone_marrow_lesion"]) & (raw == M["bone_marrow_lesion"])).sum() == \
         (raw == M["bone_marrow_lesion"]).sum()  # the phantom's own lesion stays
+
+
+def test_femur_only_above_the_tibial_plateau():
+    """A false piece of "femur" hanging from the condyles down beside the tibia (what the
+    default model draws at the field of view's edge) is cut at 10 mm below the plateau's
+    lowest cartilage; the real femur is untouched."""
+    from cartiq.io.volume import Geometry
+
+    g = Geometry((70, 60, 80), (1.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    raw = np.zeros(g.shape, np.uint8)  # index k is patient z (superior): LPS
+    raw[10:50, 10:50, 0:30] = M["tibia"]
+    raw[10:50, 10:50, 30:32] = M["tibial_cartilage"]
+    raw[10:50, 10:50, 34:80] = M["femur"]
+    raw[50:58, 25:35, 5:40] = M["femur"]  # touches the femur at z 34-39, beside the tibia
+    out = clean_prediction(raw, g, LABELS, 20.0)
+    limit = 30 - FEMUR_BELOW_PLATEAU_MM  # the lowest tibial cartilage is at z = 30
+    assert (out[10:50, 10:50, 34:80] == M["femur"]).all()
+    piece = out[50:58, 25:35, 5:40] == M["femur"]
+    assert not piece[:, :, : int(limit) - 5].any() and piece[:, :, int(limit) - 5:].all()
+    assert (out == M["tibia"]).sum() == (raw == M["tibia"]).sum()
+
+
+@pytest.mark.parametrize("sample,mapping,side", [
+    ("pymskt_dess_labels", "pymskt_dess", "right"),
+    ("mskt_right_knee_labels", "pymskt_dess", "right"),
+    ("mskt_t2_left_knee_labels", "pymskt_dess", "left"),
+    ("spl_knee_atlas_labels", "spl_knee_atlas", "left"),
+])
+def test_real_maps_keep_their_whole_femur(sample, mapping, side, data_mirror, tmp_path):
+    from cartiq.data.fetch import fetch_sample
+    from cartiq.io.labels import load_mapping, to_default_scheme
+    from cartiq.io.volume import read_volume
+    from cartiq.segmentation.synth import to_model_classes
+
+    path = fetch_sample(sample, mirror=data_mirror, cache_dir=tmp_path)
+    vol = read_volume(path, kind="labels")
+    cart, _ = to_default_scheme(vol.array, load_mapping(mapping), vol.geometry.affine,
+                                side=side, path=path)
+    model = to_model_classes(cart, None)
+    out = clean_prediction(model, vol.geometry, LABELS, 20.0)
+    assert (out == M["femur"]).sum() == (model == M["femur"]).sum()
 
 
 def test_small_detached_islands_are_removed(raw, phantom):

@@ -17,8 +17,8 @@ right knee and +x for a left knee):
                         Used only when both are clear (see the margins below), the
                         femoral shaft is in the field of view, and what is measured has a
                         femur's shape: the condyles' band at least ``MIN_CONDYLE_WIDTH_MM``
-                        wide and the shaft's lean at most ``MAX_LEAN_DEG`` from the
-                        long axis.  A model's segmentation can add a false piece of "femur"
+                        wide, the shaft's lean at most ``MAX_LEAN_DEG`` from the
+                        long axis and the condyles' step at most ``MAX_CONDYLE_DROP_MM``.  A model's segmentation can add a false piece of "femur"
                         (on cartiq's phantom, a 10 mm wide piece beside the tibia made the
                         shaft "lean" 31 degrees); that is no evidence, not a side.
 
@@ -48,6 +48,7 @@ MIN_FEMUR_EXTENT_MM = 50.0  # femur height in view needed for the shaft test
 # wide, shaft lean 4.4-9.2 degrees; the femoral anatomical axis is about 5-9 degrees valgus)
 MIN_CONDYLE_WIDTH_MM = 50.0  # medial-lateral extent of the lowest 25 mm of the femur
 MAX_LEAN_DEG = 15.0          # the shaft's lean from the image's long axis
+MAX_CONDYLE_DROP_MM = 12.0   # medial condyle below the lateral one (real maps: 2.9-8.0 mm)
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,9 @@ def _bone_shape(masks: _Masks, femur: int) -> SideEvidence | None:
     if len(plus) < 50 or len(minus) < 50:
         return None
     dz = float(np.percentile(plus, 1) - np.percentile(minus, 1))  # >0: -x condyle lower
-    if abs(shaft_dx) < SHAFT_MARGIN_MM or abs(dz) < CONDYLE_MARGIN_MM:
-        return None
+    if abs(shaft_dx) < SHAFT_MARGIN_MM or \
+            not CONDYLE_MARGIN_MM <= abs(dz) <= MAX_CONDYLE_DROP_MM:
+        return None  # unclear, or a step no condyle has (a stub of a false piece)
     if np.sign(shaft_dx) != np.sign(dz):  # the lower (medial) condyle must be opposite
         return None
     side = _side_of_lateral_x(shaft_dx)

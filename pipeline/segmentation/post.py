@@ -17,7 +17,8 @@ from cartiq.errors import InputError
 from cartiq.io.volume import Geometry, Volume
 
 __all__ = ["clean_prediction", "to_cartiq_scheme", "check_medial_lateral",
-           "shell_outside_fraction", "CARTILAGE_BAND_MM", "MENISCUS_BAND_MM", "BML_MAX_OUTSIDE"]
+           "shell_outside_fraction", "CARTILAGE_BAND_MM", "MENISCUS_BAND_MM", "BML_MAX_OUTSIDE",
+           "FEMUR_BELOW_PLATEAU_MM"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,13 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
     * BMLs only inside bone: a lesion whose boundary faces mostly soft tissue (more than
       ``BML_MAX_OUTSIDE`` of its 6-neighbour shell is neither bone, cartilage nor lesion)
       is removed;
-    * islands that this trimming detaches (below ``min_component_mm3``) are removed.
+    * islands that this trimming detaches (below ``min_component_mm3``) are removed;
+    * the femur only above the tibial plateau: femur voxels more than
+      ``FEMUR_BELOW_PLATEAU_MM`` below the lowest tibial cartilage (its 1st percentile in
+      patient S-I) are removed, before the cartilage is checked against its bone.  The
+      default model draws pieces of "femur" in random tissue at the field of view's edge
+      slices, from the condyles down beside the tibia; on the four real maps the femur's
+      lowest voxel lies 3.9-7.0 mm *above* that level.
 
     The bands hold every voxel of the four real label maps (farthest cartilage voxel
     6.9 mm from its bone; meniscus voxels up to 11.5 mm from the tibia, 14.1 mm from the
@@ -71,6 +78,8 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
                 if score.max() > 0:
                     keep = int(np.argmax(score))
             out[box][mask & (comps != keep)] = 0
+    if "femur" in by_name:
+        _femur_above_plateau(out, by_name, geom)
     if "fibula" in by_name and "tibia" in by_name:
         _check_fibula(out, by_name["fibula"], by_name["tibia"], geom)
     for name, (bones, max_mm) in _NEAR.items():
@@ -107,6 +116,30 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
 
 
 CARTILAGE_BAND_MM = 8.0
+FEMUR_BELOW_PLATEAU_MM = 10.0
+
+
+def _femur_above_plateau(out: np.ndarray, by_name: dict[str, int], geom: Geometry) -> None:
+    """Remove femur voxels more than FEMUR_BELOW_PLATEAU_MM below the tibial plateau's
+    lowest cartilage (1st percentile of patient S-I; needs 100 tibial-cartilage voxels)."""
+    tib = [by_name[n] for n in _BONE_CART["tibia"] if n in by_name]
+    z_row = np.asarray(geom.affine)[2]  # LPS z (superior) of a voxel index: z_row @ (i,j,k,1)
+    cart = np.argwhere(np.isin(out, tib)) if tib else np.zeros((0, 3))
+    if len(cart) < 100:
+        return
+    limit = float(np.percentile(cart @ z_row[:3] + z_row[3], 1)) - FEMUR_BELOW_PLATEAU_MM
+    box = bbox(out == by_name["femur"])
+    if box is None:
+        return
+    i, j, k = (np.arange(b.start, b.stop, dtype=np.float32) for b in box)
+    z = (z_row[0] * i[:, None, None] + z_row[1] * j[None, :, None] + z_row[2] * k[None, None, :]
+         + z_row[3])
+    sub = out[box]
+    drop = (sub == by_name["femur"]) & (z < limit)
+    if drop.any():
+        log.info("removed %.0f mm3 of femur more than %g mm below the tibial plateau",
+                 drop.sum() * geom.voxel_volume_mm3, FEMUR_BELOW_PLATEAU_MM)
+        sub[drop] = 0
 MENISCUS_BAND_MM = {"tibia": 14.0, "femur": 17.0}
 BML_MAX_OUTSIDE = 0.35
 
