@@ -116,32 +116,26 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
 
 
 CARTILAGE_BAND_MM = 8.0
+MENISCUS_BAND_MM = {"tibia": 14.0, "femur": 17.0}
+BML_MAX_OUTSIDE = 0.35
 FEMUR_BELOW_PLATEAU_MM = 10.0
 
 
 def _femur_above_plateau(out: np.ndarray, by_name: dict[str, int], geom: Geometry) -> None:
     """Remove femur voxels more than FEMUR_BELOW_PLATEAU_MM below the tibial plateau's
-    lowest cartilage (1st percentile of patient S-I; needs 100 tibial-cartilage voxels)."""
+    lowest cartilage (1st percentile of patient S-I, LPS z; needs 100 tibial-cartilage
+    voxels)."""
     tib = [by_name[n] for n in _BONE_CART["tibia"] if n in by_name]
-    z_row = np.asarray(geom.affine)[2]  # LPS z (superior) of a voxel index: z_row @ (i,j,k,1)
     cart = np.argwhere(np.isin(out, tib)) if tib else np.zeros((0, 3))
     if len(cart) < 100:
         return
-    limit = float(np.percentile(cart @ z_row[:3] + z_row[3], 1)) - FEMUR_BELOW_PLATEAU_MM
-    box = bbox(out == by_name["femur"])
-    if box is None:
-        return
-    i, j, k = (np.arange(b.start, b.stop, dtype=np.float32) for b in box)
-    z = (z_row[0] * i[:, None, None] + z_row[1] * j[None, :, None] + z_row[2] * k[None, None, :]
-         + z_row[3])
-    sub = out[box]
-    drop = (sub == by_name["femur"]) & (z < limit)
-    if drop.any():
+    limit = float(np.percentile(geom.index_to_world(cart)[:, 2], 1)) - FEMUR_BELOW_PLATEAU_MM
+    femur = np.argwhere(out == by_name["femur"])
+    drop = femur[geom.index_to_world(femur)[:, 2] < limit]
+    if len(drop):
         log.info("removed %.0f mm3 of femur more than %g mm below the tibial plateau",
-                 drop.sum() * geom.voxel_volume_mm3, FEMUR_BELOW_PLATEAU_MM)
-        sub[drop] = 0
-MENISCUS_BAND_MM = {"tibia": 14.0, "femur": 17.0}
-BML_MAX_OUTSIDE = 0.35
+                 len(drop) * geom.voxel_volume_mm3, FEMUR_BELOW_PLATEAU_MM)
+        out[tuple(drop.T)] = 0
 
 
 def _trim(sub: np.ndarray, value: int, name: str, by_name: dict[str, int],
