@@ -45,25 +45,14 @@ FIT_CLASSES = {"femoral_cartilage": ("femoral_cartilage",),
 
 
 def _probabilities(seg, image) -> np.ndarray:
-    """Class probabilities of ``seg``'s model on ``image``'s grid (C, *shape), float16."""
+    """Class probabilities of ``seg``'s model on ``image``'s grid (C, *shape), float16,
+    resampled as the segmenter does before its arg-max."""
     from cartiq.segmentation.segmenter import resample_array
 
-    captured = {}
-    back = seg._probs_back
-
-    def capture(probs, src, dst, weights=None):
-        captured.update(probs=probs, src=src, dst=dst)
-        return back(probs, src, dst, weights)
-
-    seg._probs_back = capture
-    try:
-        seg._predict(image)
-    finally:
-        seg._probs_back = back
-    probs, src, dst = captured["probs"], captured["src"], captured["dst"]
-    out = np.empty((probs.shape[0],) + tuple(dst.shape), np.float16)
+    probs, src = seg._canonical_probs(image)
+    out = np.empty((probs.shape[0],) + tuple(image.geometry.shape), np.float16)
     for c in range(probs.shape[0]):
-        out[c] = resample_array(probs[c].astype(np.float32), src, dst,
+        out[c] = resample_array(probs[c].astype(np.float32), src, image.geometry,
                                 default=1.0 if c == 0 else 0.0)
     return out
 

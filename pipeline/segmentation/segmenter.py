@@ -258,6 +258,11 @@ class Segmenter:
 
     def _predict(self, volume: Volume) -> np.ndarray:
         """Class index per input voxel (model's own output values)."""
+        probs, cgeom = self._canonical_probs(volume)
+        return self._probs_back(probs, cgeom, volume.geometry, self.class_weights)
+
+    def _canonical_probs(self, volume: Volume) -> tuple[np.ndarray, Geometry]:
+        """Class probabilities (C, ...) on the network's canonical grid, and that grid."""
         import torch
 
         net = self.model.metadata.network
@@ -290,7 +295,7 @@ class Segmenter:
                                              device="cpu")
                 probs[:] = torch.softmax(y[0].float(), 0).numpy()
         del canon
-        return self._probs_back(probs, cgeom, volume.geometry, self.class_weights)
+        return probs, cgeom
 
     @property
     def class_weights(self) -> np.ndarray:
