@@ -118,6 +118,22 @@ def test_bad_class_weights_are_rejected(tmp_path, weights, fmt, message):
         read_metadata(pkg / "metadata.json")
 
 
+@pytest.mark.parametrize("in_channels,context,dims,message", [
+    (3, 1, 2, None), (5, 2, 2, None), (3, 0, 2, "in_channels is 3, but cartiq feeds 1"),
+    (1, 1, 2, "feeds 3 .one image channel and 1 neighbouring slice"),
+    (3, 1, 3, "2D networks only"),
+])
+def test_2p5d_metadata_channels_must_match(tmp_path, in_channels, context, dims, message):
+    pkg = make_package(tmp_path / "tiny", in_channels=in_channels, dims=dims)
+    meta = json.loads((pkg / "metadata.json").read_text())
+    _set_meta(pkg, input={**meta["input"], "context_slices": context})
+    if message is None:
+        assert read_metadata(pkg / "metadata.json").input.context_slices == context
+    else:
+        with pytest.raises(ModelError, match=message):
+            read_metadata(pkg / "metadata.json")
+
+
 def test_class_weights_scale_probabilities_before_the_argmax(tmp_path):
     from cartiq.io.volume import Geometry, Volume
     from cartiq.segmentation.segmenter import Segmenter

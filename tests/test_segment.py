@@ -110,8 +110,34 @@ def test_non_knee_inputs_are_rejected():
 
 def test_wrong_input_channels_is_a_clear_error(tmp_path):
     pkg = _tiny_package(tmp_path / "two", in_channels=2)
-    with pytest.raises(ModelError, match="expects 2 input channels"):
+    with pytest.raises(ModelError, match="in_channels is 2, but cartiq feeds 1"):
         Segmenter(pkg, device="cpu")
+
+
+def test_2p5d_model_sees_each_slice_with_its_neighbours_in_order(tmp_path):
+    """A 2.5D package whose first layer reads only its first channel (the previous slice)
+    segments slice i as the 1-channel package segments slice i - 1 (the first slice: itself,
+    the edge repeats), on a scan already on the model's grid."""
+    from cartiq.segmentation.train import inflate_input_channels
+
+    one = _tiny_package(tmp_path / "one")
+    three = _tiny_package(tmp_path / "three", in_channels=3)
+    state = inflate_input_channels(torch.load(one / "model.pt"),
+                                   torch.load(three / "model.pt"))
+    for name, w in state.items():
+        if w.ndim == 4 and w.shape[1] == 3:
+            state[name] = torch.roll(w, -1, dims=1)  # own-slice weights onto channel 0
+    torch.save(state, three / "model.pt")
+    meta = json.loads((three / "metadata.json").read_text())
+    meta["input"]["context_slices"] = 1
+    meta["weights_sha256"] = sha256_file(three / "model.pt")
+    (three / "metadata.json").write_text(json.dumps(meta))
+    g = Geometry((20, 24, 24), (1.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    vol = Volume(np.random.default_rng(1).random(g.shape, np.float32), g)
+    a = Segmenter(one, device="cpu", batch_size=3)._predict(vol)
+    b = Segmenter(three, device="cpu", batch_size=3)._predict(vol)
+    assert len(np.unique(a)) > 1
+    assert np.array_equal(b[1:], a[:-1]) and np.array_equal(b[0], a[0])
 
 
 def test_torchscript_with_wrong_declared_channels_fails_clearly(tmp_path):

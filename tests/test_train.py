@@ -401,3 +401,95 @@ def test_bad_config_and_inputs(tmp_path):
     with pytest.raises(InputError, match="no label maps"):
         train(tmp_path / "empty", tmp_path / "z", config_path=tiny_config(tmp_path),
               progress=False)
+
+
+# ----------------------------------------------------------------------------- 2.5D
+
+
+def test_context_stack_takes_neighbours_in_slice_order():
+    from cartiq.segmentation.train import context_stack
+
+    crop = torch.arange(10, dtype=torch.float32)[:, None, None].expand(10, 2, 2)
+    x = context_stack(crop, torch.tensor([4, 5]), context=1, step=3)
+    assert x.shape == (2, 3, 2, 2)
+    assert x[:, :, 0, 0].tolist() == [[1, 4, 7], [2, 5, 8]]
+    # past the crop the edge slice repeats (as at inference past the scan)
+    assert context_stack(crop, torch.tensor([0, 9]), 2, 1)[:, :, 0, 0].tolist() == \
+        [[0, 0, 0, 1, 2], [7, 8, 9, 9, 9]]
+
+
+@pytest.mark.parametrize("slice_mm,keep,step", [(0.5, True, 1), (1.0, True, 2), (1.6, True, 3),
+                                                 (3.0, True, 4), (0.2, True, 1), (3.0, False, 1)])
+def test_context_step_is_the_inference_grid_spacing(tmp_path, slice_mm, keep, step):
+    """Neighbours in training lie as far apart as at inference: the scan's slice spacing
+    clipped to the model's range (2 mm here), on the 0.5 mm rendering grid."""
+    from cartiq.segmentation.train import TrainConfig, _Batcher
+
+    cfg = TrainConfig.model_validate({
+        "network": {"name": "UNet", "spatial_dims": 2, "in_channels": 3, "out_channels": 10},
+        "input": {"context_slices": 1, "keep_slice_spacing": keep,
+                  "slice_spacing_range_mm": [0.5, 2.0]},
+        "synth": {"spacing_mm": 0.5, "crop_depth": 12}, "slices_per_crop": 3})
+    assert _Batcher(cfg, [], seed=0).context_step(slice_mm) == step
+
+
+def test_renderer_reports_the_slice_thickness_it_drew():
+    r = Renderer(SynthConfig(spacing_mm=1.0, slice_thickness_mm=(2.0, 2.5)), seed=3)
+    lab = torch.from_numpy(to_model_classes(toy_knee()))
+    r.sample(lab, (8, 32, 32))
+    assert 2.0 <= r.last_slice_thickness_mm <= 2.5
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"in_channels": 1, "context_slices": 1}, "in_channels is 1, but cartiq feeds 3"),
+    ({"in_channels": 3, "context_slices": 0}, "in_channels is 3, but cartiq feeds 1"),
+    ({"in_channels": 3, "context_slices": 1, "crop_depth": 5}, "crop_depth 5 is too small"),
+])
+def test_2p5d_config_must_fit(tmp_path, over, message):
+    labels = tmp_path / "labels"
+    write_toy(labels)
+    cfg = yaml.safe_load(tiny_config(tmp_path).read_text())
+    cfg["network"]["in_channels"] = over["in_channels"]
+    cfg["input"]["context_slices"] = over["context_slices"]
+    cfg["synth"]["crop_depth"] = over.get("crop_depth", 8)
+    cfg["synth"]["slice_thickness_mm"] = [1.0, 2.0]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=message):
+        train(labels, tmp_path / "m", config_path=path, progress=False)
+
+
+def test_2p5d_training_from_a_1_channel_package_starts_where_it_was(tmp_path):
+    """``--init`` with a 1-channel package: the 2.5D net's first layers get its weights on
+    the own-slice channel and zeros on the neighbours, so before any step it computes the
+    same as the package (the default model's architecture, residual units included)."""
+    from cartiq.segmentation.models import NetworkSpec, build_network
+    from cartiq.segmentation.train import inflate_input_channels
+
+    spec = {"name": "UNet", "spatial_dims": 2, "out_channels": len(MODEL_CLASSES),
+            "kwargs": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 2}}
+    torch.manual_seed(0)
+    one = build_network(NetworkSpec(**spec, in_channels=1)).eval()
+    three = build_network(NetworkSpec(**spec, in_channels=3)).eval()
+    grown = inflate_input_channels(one.state_dict(), three.state_dict())
+    assert sum(v.shape != one.state_dict()[k].shape for k, v in grown.items()) >= 2
+    three.load_state_dict(grown)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(three(x), one(x[:, 1:2]), atol=1e-5)
+    # and through `cartiq train --init`: one 2.5D epoch runs from the 1-channel package
+    labels = tmp_path / "labels"
+    write_toy(labels)
+    base = tiny_config(tmp_path)
+    train(labels, tmp_path / "one", config_path=base, progress=False)
+    cfg = yaml.safe_load(base.read_text())
+    cfg["network"]["in_channels"] = 3
+    cfg["input"]["context_slices"] = 1
+    cfg["synth"].update(crop_depth=8, slice_thickness_mm=[0.5, 1.0])
+    path = tmp_path / "c25.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    s = train(labels, tmp_path / "two5", config_path=path, progress=False,
+              init_weights=tmp_path / "one")
+    assert s["steps"] == 3
+    m = load_model(tmp_path / "two5")
+    assert m.metadata.input.context_slices == 1 and m.metadata.network.in_channels == 3

@@ -86,6 +86,10 @@ class InputSpec(Strict):
     expected_spacing_range_mm: tuple[float, float] = Field((0.2, 1.2), description="in-plane "
                                         "spacing the card was validated for")
     expected_slice_spacing_max_mm: float = 4.0
+    context_slices: int = Field(0, ge=0, le=4, description="2D nets (2.5D input): this many "
+                                "neighbouring slices on each side of a slice, at the grid's "
+                                "slice spacing, as extra input channels in slice order "
+                                "(network.in_channels = 1 + 2 x context_slices)")
 
 
 class NnunetStage(Strict):
@@ -298,9 +302,26 @@ def _check_labels(meta: ModelMetadata, path: Path) -> None:
         if not (0.0 < w < float("inf")):
             raise ModelError(f"class_weights[{name!r}] must be a positive number, not {w}",
                              path)
+    if meta.network is not None and meta.format != "nnunetv2":
+        _check_channels(meta.network, meta.input, path)
     if meta.class_weights and meta.format == "nnunetv2":
         raise ModelError("class_weights apply to cartiq's own inference, not to nnU-Net "
                          "models (nnU-Net's predictor takes the arg-max itself)", path)
+
+
+def expected_in_channels(spec: InputSpec) -> int:
+    """Input channels a cartiq 2D/2.5D network takes: the slice and its neighbours."""
+    return 1 + 2 * spec.context_slices
+
+
+def _check_channels(network: NetworkSpec, spec: InputSpec, path: Path | None) -> None:
+    if spec.context_slices and network.spatial_dims != 2:
+        raise ModelError("input.context_slices (2.5D) applies to 2D networks only", path)
+    if network.in_channels != expected_in_channels(spec):
+        raise ModelError(f"network.in_channels is {network.in_channels}, but cartiq feeds "
+                         f"{expected_in_channels(spec)} (one image channel"
+                         + (f" and {spec.context_slices} neighbouring slice(s) on each side"
+                            if spec.context_slices else "") + ")", path)
 
 
 # ------------------------------------------------------------------------- loading

@@ -187,10 +187,6 @@ class Segmenter:
             if meta.network is None:
                 raise ModelError("model metadata needs a 'network' entry (spatial_dims, "
                                  "in_channels, out_channels)", self.model.folder)
-            if meta.network.in_channels != 1:
-                raise ModelError(f"model expects {meta.network.in_channels} input channels; "
-                                 "cartiq feeds it one image channel (one scan/echo)",
-                                 self.model.folder)
         cuda = self.device.startswith("cuda")
         if amp and not cuda:
             log.warning("mixed precision (--amp) needs CUDA; running in float32 on the CPU")
@@ -252,8 +248,8 @@ class Segmenter:
                 return self.model.network(x).float()
         except RuntimeError as exc:
             msg = str(exc).splitlines()[0][:200]
-            raise ModelError(f"model forward pass failed ({msg}); does the model take one "
-                             "input channel of the declared spatial dims?",
+            raise ModelError(f"model forward pass failed ({msg}); does the model take the "
+                             "declared input channels and spatial dims?",
                              self.model.folder) from None
 
     def _predict(self, volume: Volume) -> np.ndarray:
@@ -271,14 +267,18 @@ class Segmenter:
         probs = np.zeros((n_out,) + canon.shape, np.float16)
         with torch.inference_mode():
             if net.spatial_dims == 2:
-                a = self.model.metadata.input.slice_axis
-                stack = np.moveaxis(canon, a, 0)
-                pview = np.moveaxis(probs, a + 1, 1)
-                h, w = stack.shape[1:]
+                spec = self.model.metadata.input
+                stack = np.moveaxis(canon, spec.slice_axis, 0)
+                pview = np.moveaxis(probs, spec.slice_axis + 1, 1)
+                n, h, w = stack.shape
                 ph, pw = (-h) % 16, (-w) % 16
-                for s in range(0, stack.shape[0], self.batch_size):
-                    x = torch.from_numpy(np.ascontiguousarray(stack[s:s + self.batch_size]))
-                    x = torch.nn.functional.pad(x[:, None], (0, pw, 0, ph)).to(self.device)
+                offsets = np.arange(-spec.context_slices, spec.context_slices + 1)
+                for s in range(0, n, self.batch_size):
+                    # each slice with its neighbours (the edge slice repeated beyond the grid)
+                    idx = np.clip(np.arange(s, min(s + self.batch_size, n))[:, None] + offsets,
+                                  0, n - 1)
+                    x = torch.from_numpy(np.ascontiguousarray(stack[idx]))
+                    x = torch.nn.functional.pad(x, (0, pw, 0, ph)).to(self.device)
                     y = torch.softmax(self._forward(x), 1)[:, :, :h, :w]
                     if y.shape[1] != n_out:
                         raise ModelError(f"model returned {y.shape[1]} channels, metadata "

@@ -238,6 +238,7 @@ class Renderer:
         self._fg: dict[int, torch.Tensor] = {}
         self._float: torch.Tensor | None = None
         self._float_key: int | None = None
+        self.last_slice_thickness_mm = config.spacing_mm  # of the latest render()
 
     def _u(self, lo: float, hi: float, n: int | tuple = ()) -> torch.Tensor:
         shape = (n,) if isinstance(n, int) else n
@@ -403,6 +404,7 @@ class Renderer:
             sd = torch.cat([sd, self._u(*cfg.intensity_std, len(RENDER_TISSUES))])
         img = mu[rl] + sd[rl] * torch.randn(shape, generator=self.gen)
         thick = float(self._u(*cfg.slice_thickness_mm))
+        self.last_slice_thickness_mm = thick
         inpl = float(self._u(*cfg.inplane_resolution_mm))
         base = float(self._u(0.0, 0.6))
         sig = [max(base, 0.42 * thick / cfg.spacing_mm)] + [max(base, 0.42 * inpl /

@@ -29,15 +29,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from cartiq.config import Strict, load_config, resolved
-from cartiq.errors import ConfigError, InputError
+from cartiq.errors import ConfigError, InputError, ModelError
 from cartiq.io.volume import IMAGE_SUFFIXES, atomic_path, atomic_write_text, sha256_file
 from cartiq.segmentation.models import InputSpec, ModelMetadata, NetworkSpec, build_network
 from cartiq.segmentation.synth import MODEL_CLASSES, Renderer, SynthConfig, load_label_map_canonical
 
-__all__ = ["TrainConfig", "train", "dice_per_class", "compact_checkpoint", "export_package"]
+__all__ = ["TrainConfig", "train", "dice_per_class", "compact_checkpoint", "export_package",
+           "context_stack", "inflate_input_channels"]
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,34 @@ class TrainConfig(Strict):
     license: str = ""
     training_data: str = ""
 
+    @model_validator(mode="after")
+    def _channels_fit_the_input(self) -> "TrainConfig":
+        from cartiq.segmentation.models import _check_channels
+
+        try:
+            _check_channels(self.network, self.input, None)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
+        ctx = self.input.context_slices
+        if ctx and self.network.spatial_dims == 2:
+            widest = min(self.synth.slice_thickness_mm[1],
+                         self.input.slice_spacing_range_mm[1]) if self.input.keep_slice_spacing \
+                else self.input.spacing_mm[self.input.slice_axis]
+            reach = ctx * max(1, round(widest / self.synth.spacing_mm))
+            first = self.synth.crop_depth // 2 - self.slices_per_crop // 2
+            if first - reach < 0 or first + self.slices_per_crop - 1 + reach >= self.synth.crop_depth:
+                raise ValueError(f"synth.crop_depth {self.synth.crop_depth} is too small for "
+                                 f"{self.slices_per_crop} slices with {ctx} neighbour(s) "
+                                 f"{reach // ctx} voxels apart on each side")
+        return self
+
 
 @dataclass
 class _Sample:
     name: str
     labels: torch.Tensor  # canonical grid, training classes
     image: torch.Tensor | None  # canonical grid, normalised (supervised mode)
+    slice_spacing_mm: float | None = None  # the image's own spacing across the model's slices
 
 
 def _files(folder: Path) -> list[Path]:
@@ -98,14 +121,15 @@ def _stem(p: Path) -> str:
 
 def _load_samples(labels_dir: Path, images_dir: Path | None, cfg: TrainConfig) -> list[_Sample]:
     from cartiq.io.volume import read_volume
-    from cartiq.segmentation.grid import canonical_geometry, normalize_array, resample_array
+    from cartiq.segmentation.grid import (axis_spacing_along, canonical_geometry,
+                                          normalize_array, resample_array)
 
     sp = cfg.synth.spacing_mm
     images = {_stem(p): p for p in _files(images_dir)} if images_dir else {}
     out = []
     for path in _files(labels_dir):
         lab = load_label_map_canonical(path, _mapping_for(path, cfg), sp)
-        img = None
+        img, slice_sp = None, None
         if images_dir is not None:
             ip = images.get(_stem(path))
             if ip is None:
@@ -116,8 +140,9 @@ def _load_samples(labels_dir: Path, images_dir: Path | None, cfg: TrainConfig) -
             if arr.shape != lab.shape:
                 raise InputError("image and label map cover different fields of view", ip)
             img = torch.from_numpy(normalize_array(arr, cfg.input.percentiles))
+            slice_sp = axis_spacing_along(vol.geometry, cfg.input.slice_axis)
         log.info("training map %s: %s voxels at %.2f mm", path.name, lab.shape, sp)
-        out.append(_Sample(path.name, torch.from_numpy(lab.astype(np.uint8)), img))
+        out.append(_Sample(path.name, torch.from_numpy(lab.astype(np.uint8)), img, slice_sp))
     return out
 
 
@@ -152,33 +177,72 @@ class _Batcher:
             return (self.cfg.synth.crop_depth, int(ps[0]), int(ps[1]))
         return tuple(int(s) for s in ps)  # type: ignore[return-value]
 
-    def _one(self, s: _Sample) -> tuple[torch.Tensor, torch.Tensor]:
+    def context_step(self, slice_spacing_mm: float) -> int:
+        """Voxels of the training crop between a slice and its neighbour: the slice spacing
+        of the inference grid for a scan of this spacing, on the rendering grid."""
+        spec = self.cfg.input
+        if spec.keep_slice_spacing:
+            grid_mm = float(np.clip(slice_spacing_mm, *spec.slice_spacing_range_mm))
+        else:
+            grid_mm = spec.spacing_mm[spec.slice_axis]
+        return max(1, round(grid_mm / self.cfg.synth.spacing_mm))
+
+    def _one(self, s: _Sample) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """An (image, labels) crop and the neighbour step for 2.5D input."""
         r = self.renderer
         if s.image is None:
-            return r.sample(s.labels, self.crop_shape())
+            img, lab = r.sample(s.labels, self.crop_shape())
+            return img, lab, self.context_step(r.last_slice_thickness_mm)
         both = torch.stack([s.labels.float(), s.image])
         grid = r._grid(s.labels, self.crop_shape(), None)
         lab = F.grid_sample(both[:1, None], grid, mode="nearest", align_corners=True)[0, 0]
         img = F.grid_sample(both[1:, None], grid, mode="bilinear", align_corners=True)[0, 0]
         gamma = math.exp(float(torch.randn(1, generator=r.gen)) * self.cfg.synth.gamma_std)
-        return img.clamp(0, 1) ** gamma, lab.round().long()
+        return (img.clamp(0, 1) ** gamma, lab.round().long(),
+                self.context_step(s.slice_spacing_mm or self.cfg.synth.spacing_mm))
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         imgs, labs = [], []
         for _ in range(self.cfg.crops_per_batch):
             s = self.samples[int(torch.multinomial(self.weights, 1,
                                                    generator=self.renderer.gen))]
-            img, lab = self._one(s)
+            img, lab, step = self._one(s)
             if self.dims == 2:
                 k = self.cfg.slices_per_crop
                 mid = img.shape[0] // 2
-                idx = list(range(mid - k // 2, mid - k // 2 + k))
-                imgs.append(img[idx, None])
+                idx = torch.arange(mid - k // 2, mid - k // 2 + k)
+                imgs.append(context_stack(img, idx, self.cfg.input.context_slices, step))
                 labs.append(lab[idx, None])
             else:
                 imgs.append(img[None, None])
                 labs.append(lab[None, None])
         return torch.cat(imgs).float(), torch.cat(labs)
+
+
+def context_stack(img: torch.Tensor, idx: torch.Tensor, context: int,
+                  step: int) -> torch.Tensor:
+    """Slices ``idx`` of a (D, H, W) crop as (len(idx), 1 + 2 context, H, W) network input:
+    each slice with ``context`` neighbours on either side, ``step`` voxels apart, in slice
+    order (the same layout as at inference; the edge slice repeats past the crop)."""
+    offsets = torch.arange(-context, context + 1) * step
+    return img[(idx[:, None] + offsets).clamp(0, img.shape[0] - 1)]
+
+
+def inflate_input_channels(state: dict[str, torch.Tensor],
+                           target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Initial weights of a 1-channel network for its 2.5D (1 + 2c channel) twin: a weight
+    whose input-channel dimension grew from 1 goes to the middle (own-slice) channel, the
+    neighbours' channels start at zero - so the new network starts out computing exactly
+    what the old one did.  Other shapes must match (``load_state_dict`` says so if not)."""
+    out = dict(state)
+    for name, w in state.items():
+        t = target.get(name)
+        if (t is not None and w.ndim >= 3 and w.shape[1] == 1 and t.shape[1] > 1
+                and t.shape[1] % 2 == 1 and w.shape[:1] + w.shape[2:] == t.shape[:1] + t.shape[2:]):
+            grown = torch.zeros_like(t)
+            grown[:, t.shape[1] // 2] = w[:, 0]
+            out[name] = grown
+    return out
 
 
 def _package_metadata(cfg: TrainConfig, sha: str, extra: dict[str, Any]) -> dict[str, Any]:
@@ -302,7 +366,8 @@ def _train(cfg: TrainConfig, labels_dir: Path, out_dir: Path, ckpt_dir: Path,
         step, epoch0, best, history = ck["step"], ck["epoch"], ck["best"], ck["history"]
         log.info("resumed from %s at epoch %d (step %d)", last, epoch0, step)
     elif init_weights is not None:
-        net.load_state_dict(_load_init(Path(init_weights), device))
+        net.load_state_dict(inflate_input_channels(_load_init(Path(init_weights), device),
+                                                   net.state_dict()))
         log.info("initialised from %s", init_weights)
     use_amp = device.startswith("cuda")
     t_start = time.monotonic()
