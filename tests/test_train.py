@@ -493,3 +493,23 @@ def test_2p5d_training_from_a_1_channel_package_starts_where_it_was(tmp_path):
     assert s["steps"] == 3
     m = load_model(tmp_path / "two5")
     assert m.metadata.input.context_slices == 1 and m.metadata.network.in_channels == 3
+
+
+def test_edge_crops_show_slices_beyond_the_knee():
+    """Crops centre on the knee's structures; edge crops move the centre across the slices
+    so that some show no bone at all (as at the edge of a scan's field of view).  Off by
+    default, without drawing a random number: existing recipes render exactly as before."""
+    lab = torch.from_numpy(to_model_classes(toy_knee()))
+    bones = [C["femur"], C["tibia"]]
+
+    def bony_share(**over):
+        r = Renderer(SynthConfig(spacing_mm=1.0, elastic_mm=0.0, **over), seed=4)
+        crops = [r.sample(lab, (6, 24, 24)) for _ in range(40)]
+        share = np.mean([bool(np.isin(c[1].numpy(), bones).any()) for c in crops])
+        return share, crops
+
+    plain, a = bony_share()
+    unused, b = bony_share(edge_crop_mm=30.0)
+    edged, _ = bony_share(edge_crop_probability=1.0, edge_crop_mm=30.0)
+    assert plain == 1.0 and edged < 0.8
+    assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))

@@ -130,6 +130,10 @@ class SynthConfig(Strict):
         description="chance per crop of fluid pockets in the background along the bones")
     effusion_mm: tuple[float, float] = Field((5.0, 20.0), description="range of the largest "
         "distance of an effusion from cartilage and menisci (drawn per crop)")
+    edge_crop_probability: float = Field(0.0, ge=0, le=1, description="chance per crop of "
+        "moving its centre across the slices by up to edge_crop_mm, so that slices beyond "
+        "the knee's structures (no bone in them, as at a scan's field-of-view edge) are seen")
+    edge_crop_mm: float = Field(25.0, ge=0, description="largest such move")
 
 
 def to_model_classes(cartiq: np.ndarray, fibula: np.ndarray | None = None) -> np.ndarray:
@@ -263,7 +267,13 @@ class Renderer:
         ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
         rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
         scale = self._u(1 - cfg.scale_fraction, 1 + cfg.scale_fraction, 3)
-        m = rz @ ry @ rx @ torch.diag(scale)
+        rot = rz @ ry @ rx
+        m = rot @ torch.diag(scale)
+        if cfg.edge_crop_probability > 0 and \
+                float(torch.rand(1, generator=self.gen)) < cfg.edge_crop_probability:
+            # centres are on the knee's structures, so a crop sees at most half its depth
+            # beyond them; this move shows the slices past the condyles too
+            c = c + rot[:, 0] * float(self._u(-cfg.edge_crop_mm, cfg.edge_crop_mm)) / cfg.spacing_mm
         if float(torch.rand(1, generator=self.gen)) < cfg.mirror_probability:
             m = m @ torch.diag(torch.tensor([-1.0, 1.0, 1.0]))
         axes = [torch.arange(s, dtype=torch.float32) - (s - 1) / 2 for s in shape]
