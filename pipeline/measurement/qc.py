@@ -57,7 +57,7 @@ from cartiq.io.volume import Geometry, Volume, read_volume
 from cartiq.io.labels import PLATES, default_scheme, label_counts, lateral_sign, plate_boxes
 from cartiq.measurement.qc_figure import qc_figure as _qc_figure
 from cartiq.measurement.qc_ranges import (PlausibleRanges, bml_problems, border_fraction,
-                                          range_problems)
+                                          range_problems, typical_volume_problem)
 from cartiq.measurement.qc_maps import PlateMap, plate_map_from_points, projector_for
 
 __all__ = ["QCConfig", "QCFlag", "QCResult", "qc_checks", "load_qc_config", "registration_flag", "write_qc",
@@ -256,11 +256,9 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
             mean = float(mean_thickness_mm[name])
         problems = range_problems(name, volume, mean, cfg.plausible)
         flags += [QCFlag(code, "error", name, msg, v) for code, msg, v in problems]
-        lo, hi = cfg.typical_plate_volume_mm3.get(name, (0.0, np.inf))
-        if not lo <= volume <= hi and not any(c == "plate_volume" for c, _, _ in problems):
-            flags.append(QCFlag("plate_volume", "warning", name,
-                                f"{name} volume {volume:.0f} mm3 outside the typical adult range "
-                                f"{lo:g}-{hi:g} mm3: check the overlay", volume))
+        typical = typical_volume_problem(name, volume, cfg.typical_plate_volume_mm3)
+        if typical and not any(code == "plate_volume" for code, _, _ in problems):
+            flags.append(QCFlag(typical[0], "warning", name, typical[1], typical[2]))
         if t.size and not any(code == "thickness_range" for code, _, _ in problems):
             p99 = float(np.percentile(t, 99))
             if p99 > cfg.max_thickness_mm:

@@ -33,7 +33,8 @@ from pydantic import Field
 from cartiq.config import Strict
 from cartiq.io.volume import Geometry
 
-__all__ = ["PlausibleRanges", "range_problems", "bml_problems", "border_fraction"]
+__all__ = ["PlausibleRanges", "range_problems", "typical_volume_problem", "bml_problems",
+           "border_fraction"]
 
 
 def _volumes() -> dict[str, tuple[float, float]]:
@@ -74,6 +75,17 @@ def range_problems(name: str, volume_mm3: float, mean_thickness_mm: float | None
         out.append(("thickness_range", f"{name} mean thickness {mean_thickness_mm:.2f} mm "
                     f"outside the plausible adult range {lo:g}-{hi:g} mm", mean_thickness_mm))
     return out
+
+
+def typical_volume_problem(name: str, volume_mm3: float,
+                           typical: dict[str, tuple[float, float]]) -> tuple[str, str, float] | None:
+    """(code, message, value) for a plausible plate volume outside its *typical* adult range
+    (a warning: look at the overlay), else None; plates without a sourced range pass."""
+    lo, hi = typical.get(name, (0.0, np.inf))
+    if lo <= volume_mm3 <= hi:
+        return None
+    return ("plate_volume", f"{name} volume {volume_mm3:.0f} mm3 outside the typical adult "
+            f"range {lo:g}-{hi:g} mm3: check the overlay", volume_mm3)
 
 
 def bml_problems(labels: np.ndarray, bml_value: int, bone_values: dict[str, int],
