@@ -302,12 +302,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="model name or package folder")
     ap.add_argument("--fold", nargs="*", default=["mskt_right"], choices=sorted(FOLDS),
-                    help="held-out maps to render (the model must not have seen them)")
+                    help="held-out maps to render (the model must not have seen them; "
+                    "none: real scans only)")
     ap.add_argument("--contrasts", nargs="*", default=list(CONTRAST_FAMILIES),
                     choices=list(CONTRAST_FAMILIES))
     ap.add_argument("--slice-mm", nargs="*", type=float, default=[1.0, 3.0])
     ap.add_argument("--renderings", type=int, default=2, help="per contrast and thickness")
-    ap.add_argument("--real", nargs="*", default=sorted(REAL), choices=sorted(REAL))
+    real = ap.add_mutually_exclusive_group()
+    real.add_argument("--real", nargs="+", default=sorted(REAL), choices=sorted(REAL),
+                      help="the real scans to run (default: all)")
+    real.add_argument("--no-real", dest="real", action="store_const", const=[],
+                      help="renderings only")
     ap.add_argument("--tissues", action="store_true",
                     help="render the held-out map's named unmeasured tissues as themselves")
     ap.add_argument("--mirror", type=Path, default=Path("../shared/data"))
