@@ -47,6 +47,7 @@ from cartiq.errors import ModelError
 from cartiq.io.volume import sha256_file
 
 __all__ = ["MODELS_DIR", "DEFAULT_MODEL", "NetworkSpec", "InputSpec", "ModelMetadata",
+           "check_input_channels", "expected_in_channels",
            "NnunetStage", "NnunetSpec", "LoadedModel", "list_models", "resolve_model",
            "read_metadata", "load_model", "build_network", "EXTRA_TARGETS", "user_models_dir"]
 
@@ -303,7 +304,7 @@ def _check_labels(meta: ModelMetadata, path: Path) -> None:
             raise ModelError(f"class_weights[{name!r}] must be a positive number, not {w}",
                              path)
     if meta.network is not None and meta.format != "nnunetv2":
-        _check_channels(meta.network, meta.input, path)
+        check_input_channels(meta.network, meta.input, path)
     if meta.class_weights and meta.format == "nnunetv2":
         raise ModelError("class_weights apply to cartiq's own inference, not to nnU-Net "
                          "models (nnU-Net's predictor takes the arg-max itself)", path)
@@ -314,7 +315,8 @@ def expected_in_channels(spec: InputSpec) -> int:
     return 1 + 2 * spec.context_slices
 
 
-def _check_channels(network: NetworkSpec, spec: InputSpec, path: Path | None) -> None:
+def check_input_channels(network: NetworkSpec, spec: InputSpec, path: Path | None) -> None:
+    """A :class:`ModelError` unless the network takes the channels cartiq feeds it."""
     if spec.context_slices and network.spatial_dims != 2:
         raise ModelError("input.context_slices (2.5D) applies to 2D networks only", path)
     if network.in_channels != expected_in_channels(spec):

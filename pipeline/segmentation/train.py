@@ -68,10 +68,10 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _channels_fit_the_input(self) -> "TrainConfig":
-        from cartiq.segmentation.models import _check_channels
+        from cartiq.segmentation.models import check_input_channels
 
         try:
-            _check_channels(self.network, self.input, None)
+            check_input_channels(self.network, self.input, None)
         except ModelError as exc:
             raise ValueError(str(exc)) from None
         ctx = self.input.context_slices
