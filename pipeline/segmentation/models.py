@@ -92,6 +92,14 @@ class InputSpec(Strict):
                                 "slice spacing, as extra input channels in slice order "
                                 "(network.in_channels = 1 + 2 x context_slices)")
 
+    def grid_slice_spacing_mm(self, scan_slice_spacing_mm: float) -> float:
+        """Spacing across a 2D net's slices on the canonical grid for a scan with this slice
+        spacing: the scan's own, clipped to ``slice_spacing_range_mm`` (else ``spacing_mm``)."""
+        if not self.keep_slice_spacing:
+            return float(self.spacing_mm[self.slice_axis])
+        lo, hi = self.slice_spacing_range_mm
+        return float(min(max(scan_slice_spacing_mm, lo), hi))
+
 
 class NnunetStage(Strict):
     """One trained nnU-Net configuration folder and the checkpoints cartiq runs."""

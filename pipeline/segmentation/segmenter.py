@@ -233,9 +233,8 @@ class Segmenter:
         spec = self.model.metadata.input
         sp = list(spec.spacing_mm)
         if self.model.metadata.network.spatial_dims == 2 and spec.keep_slice_spacing:
-            a = spec.slice_axis
-            lo, hi = spec.slice_spacing_range_mm
-            sp[a] = float(np.clip(axis_spacing_along(volume.geometry, a), lo, hi))
+            sp[spec.slice_axis] = spec.grid_slice_spacing_mm(
+                axis_spacing_along(volume.geometry, spec.slice_axis))
         dst = canonical_geometry(volume.geometry, tuple(sp))
         norm = normalize_array(volume.array, spec.percentiles)  # the same as in training
         return resample_array(norm, volume.geometry, dst, default=0.0), dst

@@ -76,9 +76,7 @@ class TrainConfig(Strict):
             raise ValueError(str(exc)) from None
         ctx = self.input.context_slices
         if ctx and self.network.spatial_dims == 2:
-            widest = min(self.synth.slice_thickness_mm[1],
-                         self.input.slice_spacing_range_mm[1]) if self.input.keep_slice_spacing \
-                else self.input.spacing_mm[self.input.slice_axis]
+            widest = self.input.grid_slice_spacing_mm(self.synth.slice_thickness_mm[1])
             reach = ctx * max(1, round(widest / self.synth.spacing_mm))
             first = self.synth.crop_depth // 2 - self.slices_per_crop // 2
             if first - reach < 0 or first + self.slices_per_crop - 1 + reach >= self.synth.crop_depth:
@@ -180,11 +178,7 @@ class _Batcher:
     def context_step(self, slice_spacing_mm: float) -> int:
         """Voxels of the training crop between a slice and its neighbour: the slice spacing
         of the inference grid for a scan of this spacing, on the rendering grid."""
-        spec = self.cfg.input
-        if spec.keep_slice_spacing:
-            grid_mm = float(np.clip(slice_spacing_mm, *spec.slice_spacing_range_mm))
-        else:
-            grid_mm = spec.spacing_mm[spec.slice_axis]
+        grid_mm = self.cfg.input.grid_slice_spacing_mm(slice_spacing_mm)
         return max(1, round(grid_mm / self.cfg.synth.spacing_mm))
 
     def _one(self, s: _Sample) -> tuple[torch.Tensor, torch.Tensor, int]:
