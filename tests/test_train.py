@@ -279,6 +279,53 @@ def test_plate_thinning_removes_the_articular_layer_only():
     assert torch.equal(_cart(lab) & near_bone, _cart(plain) & near_bone)
 
 
+def test_plate_thickening_adds_an_articular_layer_of_the_plates_own_class():
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    center = torch.tensor([19.5, 31.5, 31.5])
+    shape = (40, 64, 64)
+    _, plain = Renderer(_fixed(), seed=4).sample(labels, shape, center=center)
+    _, lab = Renderer(_fixed(thickening_probability=1.0), seed=4).sample(labels, shape,
+                                                                         center=center)
+    before, after = int(_cart(plain).sum()), int(_cart(lab).sum())
+    assert 1.1 * before < after < 1.8 * before  # one voxel on a 3-voxel-thick cap
+    changed = lab != plain
+    assert bool((plain[changed] == 0).all())  # only background became cartilage
+    assert bool(_cart(lab)[changed].all())
+    bone = (plain == C["femur"]) | (plain == C["tibia"])
+    near_bone = F.max_pool3d(bone[None, None].float(), 3, 1, 1)[0, 0] > 0
+    assert not bool((changed & near_bone).any())  # the bone side is untouched
+    for c in ("femoral_cartilage", "tibial_cartilage"):  # each plate grows with its own class
+        grown = changed & (lab == C[c])
+        own = F.max_pool3d((plain == C[c])[None, None].float(), 3, 1, 1)[0, 0] > 0
+        assert grown.sum() > 0 and bool(own[grown].all())
+
+
+def test_thickening_never_fills_the_cartilage_a_defect_removed():
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    center = torch.tensor([19.5, 31.5, 31.5])
+    r = Renderer(_fixed(thinning_probability=1.0, thickening_probability=1.0), seed=4)
+    lab = F.grid_sample(labels[None, None].float(), r._grid(labels, (40, 64, 64), center),
+                        mode="nearest", align_corners=True)[0, 0].round().to(torch.uint8)
+    removed = r._thin(lab)
+    added = r._thicken(lab, removed)
+    assert removed.sum() > 0 and added.sum() > 0
+    assert not bool((added & removed).any())
+
+
+def test_effusion_reach_from_bone_is_configurable():
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    bone = (labels == C["femur"]) | (labels == C["tibia"])
+    soft = _cart(labels.long())
+    shares = []
+    for reach in ((1.0, 1.0), (8.0, 8.0)):
+        r = Renderer(_fixed(effusion_probability=1.0, effusion_mm=(30.0, 30.0),
+                            effusion_bone_mm=reach), seed=3)
+        pockets = r._effusion(labels.clone(), bone, soft)
+        far = ~(F.max_pool3d(bone[None, None].float(), 5, 1, 2)[0, 0] > 0)  # > 2 mm away
+        shares.append(int((pockets & far).sum()))
+    assert shares[0] == 0 and shares[1] > 0
+
+
 def test_mirroring_flips_left_right():
     labels = torch.from_numpy(to_model_classes(toy_knee()))
     base = dict(spacing_mm=1.0, rotation_deg=0, elastic_mm=0, scale_fraction=0,

@@ -8,8 +8,10 @@ training sample is a random image rendered from a real label map.  One sample is
    left/right mirroring of the label map, sampled on a crop of the canonical LPS grid;
 2. optional bone-marrow lesions planted as random ellipsoids in subchondral femur/tibia;
    optional cartilage defects (random spheres on a plate; full-thickness, or partial:
-   only the cartilage not touching bone is removed) and plate thinning (the articular
-   surface layer of every plate removed); removed cartilage is rendered as joint fluid;
+   only the cartilage not touching bone is removed), plate thinning (the articular
+   surface layer of every plate removed; removed cartilage is rendered as joint fluid) and
+   plate thickening (a layer added on the articular side of every plate), so that a plate's
+   thickness is read from the image rather than from the maps' labelling convention;
 3. rendering-only sub-labels: the unmeasured tissues a map names (a label mapping's
    ``tissues:``: fat, muscle, ligament, vessel; the SPL atlas has the cruciate ligaments in
    the intercondylar notch, Hoffa's fat pad and the thigh and calf muscles), random smooth
@@ -126,10 +128,15 @@ class SynthConfig(Strict):
         description="share of planted defects that keep the cartilage touching bone")
     thinning_probability: float = Field(0.0, ge=0, le=1,
         description="chance per crop of removing the articular surface layer (1 voxel)")
+    thickening_probability: float = Field(0.0, ge=0, le=1, description="chance per crop of "
+        "adding a layer (1 voxel) to the articular surface of every plate")
     effusion_probability: float = Field(0.0, ge=0, le=1,
         description="chance per crop of fluid pockets in the background along the bones")
     effusion_mm: tuple[float, float] = Field((5.0, 20.0), description="range of the largest "
         "distance of an effusion from cartilage and menisci (drawn per crop)")
+    effusion_bone_mm: tuple[float, float] = Field((1.0, 4.0), description="range of the "
+        "largest distance of an effusion from a bone surface (drawn per crop; large values "
+        "give the wide collections of the recesses and gutters beside the condyles)")
     edge_crop_probability: float = Field(0.0, ge=0, le=1, description="chance per crop of "
         "moving its centre across the slices by up to edge_crop_mm, so that slices beyond "
         "the knee's structures (no bone in them, as at a scan's field-of-view edge) are seen")
@@ -334,14 +341,31 @@ class Renderer:
         lab[surface] = 0
         return surface
 
+    def _thicken(self, lab: torch.Tensor, fluid: torch.Tensor | None) -> torch.Tensor:
+        """Add one voxel layer of the plate's own class on the articular side of every plate
+        (background voxels touching the plate, not touching bone and not ``fluid``, the
+        cartilage a defect or thinning removed; in place); returns the layer."""
+        bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],))
+        free = (lab == 0) & ~(_dilate(bone.float(), 1) > 0)
+        if fluid is not None:
+            free &= ~fluid
+        added = torch.zeros_like(free)
+        for c in _PLATES:
+            grow = free & ~added & (_dilate((lab == c).float(), 1) > 0)
+            lab[grow] = c
+            added |= grow
+        return added
+
     def _effusion(self, lab: torch.Tensor, bone: torch.Tensor,
                   soft: torch.Tensor) -> torch.Tensor:
-        """Random smooth pockets within 1-4 mm of a bone surface and within a random
-        ``effusion_mm`` of cartilage or menisci (where a knee's fluid collects); ``bone`` and
-        ``soft``: the crop's bone (+ BML) and cartilage + menisci masks."""
+        """Random smooth pockets within a random ``effusion_bone_mm`` of a bone surface and
+        within a random ``effusion_mm`` of cartilage or menisci (where a knee's fluid
+        collects); ``bone`` and ``soft``: the crop's bone (+ BML) and cartilage + menisci
+        masks."""
         cfg = self.cfg
         sp = cfg.spacing_mm
-        along = _dilate(bone.float(), max(1, round(float(self._u(1.0, 4.0)) / sp))) > 0
+        reach = float(self._u(*cfg.effusion_bone_mm))
+        along = _dilate(bone.float(), max(1, round(reach / sp))) > 0
         near = _dilate(soft.float(), max(1, round(float(self._u(*cfg.effusion_mm)) / sp))) > 0
         blobs = _smooth_field(tuple(lab.shape), 8, self.gen)[0] > float(self._u(-0.5, 0.8))
         return along & near & blobs & (lab == 0)
@@ -455,4 +479,7 @@ class Renderer:
                 float(torch.rand(1, generator=self.gen)) < self.cfg.thinning_probability:
             thin = self._thin(lab)
             fluid = thin if fluid is None else fluid | thin
+        if self.cfg.thickening_probability > 0 and \
+                float(torch.rand(1, generator=self.gen)) < self.cfg.thickening_probability:
+            self._thicken(lab, fluid)
         return self.render(lab, fluid, tissue), lab.long()
