@@ -450,6 +450,29 @@ def test_bad_config_and_inputs(tmp_path):
               progress=False)
 
 
+def test_loss_terms_are_configurable(tmp_path):
+    labels = tmp_path / "labels"
+    write_toy(labels)
+    weights, losses = {}, {}
+    for name, over in {"default": {}, "ce_only": {"dice_weight": 0.0},
+                       "dice_only": {"ce_weight": 0.0}, "batch": {"batch_dice": True}}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        s = train(labels, folder / "m", config_path=tiny_config(folder, **over), progress=False)
+        weights[name] = torch.load(folder / "m" / "model.pt")
+        losses[name] = s["history"][0]["loss"]
+    # untrained: cross-entropy about ln(10 classes), soft Dice loss below 1, the sum of both
+    assert abs(losses["ce_only"] - np.log(len(MODEL_CLASSES))) < 0.3
+    assert 0.5 < losses["dice_only"] < 1.0
+    assert losses["default"] > losses["ce_only"] + 0.5
+    for name in ("ce_only", "dice_only", "batch"):
+        assert any(not torch.equal(weights["default"][k], weights[name][k])
+                   for k in weights["default"]), name
+    with pytest.raises(ConfigError, match="both 0"):
+        train(labels, tmp_path / "none", config_path=tiny_config(
+            tmp_path, dice_weight=0.0, ce_weight=0.0), progress=False)
+
+
 # ----------------------------------------------------------------------------- 2.5D
 
 

@@ -59,12 +59,21 @@ class TrainConfig(Strict):
     slices_per_crop: int = Field(4, ge=1, description="2D nets: slices taken from each crop")
     learning_rate: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
+    dice_weight: float = Field(1.0, ge=0, description="weight of the soft Dice term of the loss")
+    ce_weight: float = Field(1.0, ge=0, description="weight of the cross-entropy term")
+    batch_dice: bool = Field(False, description="Dice over the whole batch, not per slice")
     val_crops: int = Field(8, ge=1)
     seed: int = 0
     num_threads: int = Field(1, ge=1, description="CPU threads for torch")
     max_minutes: float | None = Field(None, gt=0, description="stop (and save) after this")
     license: str = ""
     training_data: str = ""
+
+    @model_validator(mode="after")
+    def _loss_has_a_term(self) -> "TrainConfig":
+        if self.dice_weight == 0 and self.ce_weight == 0:
+            raise ValueError("dice_weight and ce_weight are both 0: the loss would be 0")
+        return self
 
     @model_validator(mode="after")
     def _channels_fit_the_input(self) -> "TrainConfig":
@@ -345,7 +354,8 @@ def _train(cfg: TrainConfig, labels_dir: Path, out_dir: Path, ckpt_dir: Path,
     total = cfg.epochs * cfg.iterations_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda it: max(0.02, (1 - it / total)) ** 0.9)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.dice_weight,
+                         lambda_ce=cfg.ce_weight, batch=cfg.batch_dice)
     batcher = _Batcher(cfg, samples, seed=cfg.seed)
     step, epoch0, best, history = 0, 0, -1.0, []
     last = ckpt_dir / "last.pt"
