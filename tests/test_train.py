@@ -265,13 +265,18 @@ def test_planted_defects_remove_cartilage_and_show_fluid(partial):
         assert touching.sum() > 0
 
 
-def test_plate_thinning_removes_the_articular_layer_only():
+def _toy_crop_with_and_without(**over) -> tuple[torch.Tensor, torch.Tensor]:
+    """The toy knee's training labels for one crop, plain and with the settings ``over``."""
     labels = torch.from_numpy(to_model_classes(toy_knee()))
     center = torch.tensor([19.5, 31.5, 31.5])
     shape = (40, 64, 64)
     _, plain = Renderer(_fixed(), seed=4).sample(labels, shape, center=center)
-    _, lab = Renderer(_fixed(thinning_probability=1.0), seed=4).sample(labels, shape,
-                                                                       center=center)
+    _, lab = Renderer(_fixed(**over), seed=4).sample(labels, shape, center=center)
+    return plain, lab
+
+
+def test_plate_thinning_removes_the_articular_layer_only():
+    plain, lab = _toy_crop_with_and_without(thinning_probability=1.0)
     before, after = int(_cart(plain).sum()), int(_cart(lab).sum())
     assert 0.4 * before < after < 0.9 * before  # one voxel of a 3-voxel-thick cap
     bone = (plain == C["femur"]) | (plain == C["tibia"])
@@ -280,12 +285,7 @@ def test_plate_thinning_removes_the_articular_layer_only():
 
 
 def test_plate_thickening_adds_an_articular_layer_of_the_plates_own_class():
-    labels = torch.from_numpy(to_model_classes(toy_knee()))
-    center = torch.tensor([19.5, 31.5, 31.5])
-    shape = (40, 64, 64)
-    _, plain = Renderer(_fixed(), seed=4).sample(labels, shape, center=center)
-    _, lab = Renderer(_fixed(thickening_probability=1.0), seed=4).sample(labels, shape,
-                                                                         center=center)
+    plain, lab = _toy_crop_with_and_without(thickening_probability=1.0)
     before, after = int(_cart(plain).sum()), int(_cart(lab).sum())
     assert 1.1 * before < after < 1.8 * before  # one voxel on a 3-voxel-thick cap
     changed = lab != plain
