@@ -10,8 +10,8 @@ training sample is a random image rendered from a real label map.  One sample is
    optional cartilage defects (random spheres on a plate; full-thickness, or partial:
    only the cartilage not touching bone is removed), plate thinning (the articular
    surface layer of every plate removed; removed cartilage is rendered as joint fluid) and
-   plate thickening (a layer added on the articular side of every plate), so that a plate's
-   thickness is read from the image rather than from the maps' labelling convention;
+   plate thickening (a layer added on the articular side of every plate): plates thinner and
+   thicker than the maps draw them;
 3. rendering-only sub-labels: the unmeasured tissues a map names (a label mapping's
    ``tissues:``: fat, muscle, ligament, vessel; the SPL atlas has the cruciate ligaments in
    the intercondylar notch, Hoffa's fat pad and the thigh and calf muscles), random smooth
@@ -58,6 +58,7 @@ MODEL_CLASSES = ("background", "femur", "tibia", "patella", "femoral_cartilage",
 _C = {n: i for i, n in enumerate(MODEL_CLASSES)}
 _BONES = (_C["femur"], _C["tibia"], _C["patella"], _C["fibula"])
 _PLATES = (_C["femoral_cartilage"], _C["tibial_cartilage"], _C["patellar_cartilage"])
+_BONE_OR_BML = _BONES + (_C["bone_marrow_lesion"],)
 _SOFT = _PLATES + (_C["meniscus"],)
 N_BG, CORTEX, FLUID = 4, len(MODEL_CLASSES) + 4, len(MODEL_CLASSES) + 5
 N_RENDER = len(MODEL_CLASSES) + 6
@@ -335,7 +336,7 @@ class Renderer:
     def _thin(self, lab: torch.Tensor) -> torch.Tensor:
         """Remove the articular surface layer of every plate (in place); returns it."""
         cart = _any_of(lab, _PLATES)
-        bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],))
+        bone = _any_of(lab, _BONE_OR_BML)
         outside = ~(cart | bone)  # joint space, menisci, soft tissue
         surface = cart & (_dilate(outside.float(), 1) > 0) & ~(_dilate(bone.float(), 1) > 0)
         lab[surface] = 0
@@ -345,7 +346,7 @@ class Renderer:
         """Add one voxel layer of the plate's own class on the articular side of every plate
         (background voxels touching the plate, not touching bone and not ``fluid``, the
         cartilage a defect or thinning removed; in place); returns the layer."""
-        bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],))
+        bone = _any_of(lab, _BONE_OR_BML)
         free = (lab == 0) & ~(_dilate(bone.float(), 1) > 0)
         if fluid is not None:
             free &= ~fluid
@@ -417,7 +418,7 @@ class Renderer:
             named = tissue > 0
             rl[named] = tissue[named].long()
             bg = bg & ~named  # the fluid shell below only replaces unnamed background
-        bone = _any_of(lab, _BONES + (_C["bone_marrow_lesion"],))
+        bone = _any_of(lab, _BONE_OR_BML)
         soft = _any_of(lab, _SOFT)
         if float(torch.rand(1, generator=self.gen)) < cfg.cortex_probability:
             eroded = -_dilate(-bone.float(), 1)
