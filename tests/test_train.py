@@ -583,3 +583,61 @@ def test_edge_crops_show_slices_beyond_the_knee():
     edged, _ = bony_share(edge_crop_probability=1.0, edge_crop_mm=30.0)
     assert plain == 1.0 and edged < 0.8
     assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+def test_plate_thickness_variety_changes_each_plate_by_its_own_drawn_layers():
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    center = torch.tensor([19.5, 31.5, 31.5])
+    shape = (40, 64, 64)
+    draws = []
+    for seed in range(6):
+        _, plain = Renderer(_fixed(), seed=seed).sample(labels, shape, center=center)
+        r = Renderer(_fixed(plate_thickness_probability=1.0, plate_thickness_layers=2), seed=seed)
+        _, lab = r.sample(labels, shape, center=center)
+        layers = r.last_plate_layers
+        assert sorted(layers) == sorted(C[c] for c in ("femoral_cartilage", "tibial_cartilage",
+                                                        "patellar_cartilage"))
+        assert all(-2 <= k <= 2 for k in layers.values())
+        draws.append(tuple(layers.values()))
+        changed = lab != plain
+        # only plate voxels and background traded places
+        assert bool(((plain[changed] == 0) | _cart(plain)[changed]).all())
+        assert bool(((lab[changed] == 0) | _cart(lab)[changed]).all())
+        bone = (plain == C["femur"]) | (plain == C["tibia"]) | (plain == C["patella"])
+        near_bone = F.max_pool3d(bone[None, None].float(), 3, 1, 1)[0, 0] > 0
+        assert not bool((changed & near_bone).any())  # the bone side is never touched
+        for c, k in layers.items():
+            before, after = plain == c, lab == c
+            if int(before.sum()) == 0:
+                continue
+            if k == 0:
+                assert torch.equal(before, after)
+            elif k > 0:
+                assert bool(after[before].all()) and int(after.sum()) > int(before.sum())
+            else:
+                assert bool(before[after].all()) and int(after.sum()) < int(before.sum())
+    # the plates are varied independently: some crop has plates changed by different amounts
+    assert any(len(set(d)) > 1 for d in draws)
+
+
+def test_plate_thickness_variety_removes_more_with_more_layers():
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    center = torch.tensor([19.5, 31.5, 31.5])
+    r = Renderer(_fixed(), seed=4)
+    lab = F.grid_sample(labels[None, None].float(), r._grid(labels, (40, 64, 64), center),
+                        mode="nearest", align_corners=True)[0, 0].round().to(torch.uint8)
+    fc = C["femoral_cartilage"]
+    n0 = int((lab == fc).sum())
+    tc_before = lab == C["tibial_cartilage"]
+    one = int(r._thin(lab, (fc,)).sum())
+    two = int(r._thin(lab, (fc,)).sum())
+    assert one > 0 and two > 0 and int((lab == fc).sum()) == n0 - one - two
+    assert torch.equal(lab == C["tibial_cartilage"], tc_before)  # other plates untouched
+    grown = r._thicken(lab, None, (C["tibial_cartilage"],))
+    assert grown.sum() > 0 and bool((lab[grown] == C["tibial_cartilage"]).all())
+
+
+def test_plate_thickness_variety_is_off_by_default():
+    assert SynthConfig().plate_thickness_probability == 0.0
+    with pytest.raises(ValueError):
+        SynthConfig(plate_thickness_layers=0)

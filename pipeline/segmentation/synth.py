@@ -11,7 +11,9 @@ training sample is a random image rendered from a real label map.  One sample is
    only the cartilage not touching bone is removed), plate thinning (the articular
    surface layer of every plate removed; removed cartilage is rendered as joint fluid) and
    plate thickening (a layer added on the articular side of every plate): plates thinner and
-   thicker than the maps draw them;
+   thicker than the maps draw them; and per-plate thickness variety (each plate class on its
+   own gains or loses a random number of articular layers), so that no plate's thickness is
+   tied to the training maps' own, or to another plate's;
 3. rendering-only sub-labels: the unmeasured tissues a map names (a label mapping's
    ``tissues:``: fat, muscle, ligament, vessel; the SPL atlas has the cruciate ligaments in
    the intercondylar notch, Hoffa's fat pad and the thigh and calf muscles), random smooth
@@ -131,6 +133,12 @@ class SynthConfig(Strict):
         description="chance per crop of removing the articular surface layer (1 voxel)")
     thickening_probability: float = Field(0.0, ge=0, le=1, description="chance per crop of "
         "adding a layer (1 voxel) to the articular surface of every plate")
+    plate_thickness_probability: float = Field(0.0, ge=0, le=1, description="chance per crop "
+        "of changing each plate class's thickness on its own: a whole number of articular "
+        "layers drawn from -plate_thickness_layers..plate_thickness_layers per class, removed "
+        "(rendered as joint fluid) or added")
+    plate_thickness_layers: int = Field(2, ge=1, le=4, description="largest number of voxel "
+        "layers one plate gains or loses (at spacing_mm each)")
     effusion_probability: float = Field(0.0, ge=0, le=1,
         description="chance per crop of fluid pockets in the background along the bones")
     effusion_mm: tuple[float, float] = Field((5.0, 20.0), description="range of the largest "
@@ -251,6 +259,7 @@ class Renderer:
         self._float: torch.Tensor | None = None
         self._float_key: int | None = None
         self.last_slice_thickness_mm = config.spacing_mm  # of the latest render()
+        self.last_plate_layers: dict[int, int] = {}  # plate class -> layers (+added/-removed)
 
     def _u(self, lo: float, hi: float, n: int | tuple = ()) -> torch.Tensor:
         shape = (n,) if isinstance(n, int) else n
@@ -333,29 +342,47 @@ class Renderer:
         lab[removed] = 0
         return removed
 
-    def _thin(self, lab: torch.Tensor) -> torch.Tensor:
-        """Remove the articular surface layer of every plate (in place); returns it."""
+    def _thin(self, lab: torch.Tensor, plates: tuple[int, ...] = _PLATES) -> torch.Tensor:
+        """Remove the articular surface layer of the ``plates`` (in place); returns it."""
         cart = _any_of(lab, _PLATES)
         bone = _any_of(lab, _BONE_OR_BML)
         outside = ~(cart | bone)  # joint space, menisci, soft tissue
-        surface = cart & (_dilate(outside.float(), 1) > 0) & ~(_dilate(bone.float(), 1) > 0)
+        mine = cart if plates == _PLATES else _any_of(lab, plates)
+        surface = mine & (_dilate(outside.float(), 1) > 0) & ~(_dilate(bone.float(), 1) > 0)
         lab[surface] = 0
         return surface
 
-    def _thicken(self, lab: torch.Tensor, fluid: torch.Tensor | None) -> torch.Tensor:
-        """Add one voxel layer of the plate's own class on the articular side of every plate
-        (background voxels touching the plate, not touching bone and not ``fluid``, the
-        cartilage a defect or thinning removed; in place); returns the layer."""
+    def _thicken(self, lab: torch.Tensor, fluid: torch.Tensor | None,
+                 plates: tuple[int, ...] = _PLATES) -> torch.Tensor:
+        """Add one voxel layer of the plate's own class on the articular side of each of the
+        ``plates`` (background voxels touching the plate, not touching bone and not ``fluid``,
+        the cartilage a defect or thinning removed; in place); returns the layer."""
         bone = _any_of(lab, _BONE_OR_BML)
         free = (lab == 0) & ~(_dilate(bone.float(), 1) > 0)
         if fluid is not None:
             free &= ~fluid
         added = torch.zeros_like(free)
-        for c in _PLATES:
+        for c in plates:
             grow = free & ~added & (_dilate((lab == c).float(), 1) > 0)
             lab[grow] = c
             added |= grow
         return added
+
+    def _vary_plates(self, lab: torch.Tensor, fluid: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-plate thickness variety (in place): each plate class gains or loses its own
+        random number of articular layers; returns ``fluid`` with the removed layers added."""
+        most = self.cfg.plate_thickness_layers
+        self.last_plate_layers = {}
+        for c in _PLATES:
+            k = int(torch.randint(-most, most + 1, (1,), generator=self.gen))
+            self.last_plate_layers[c] = k
+            for _ in range(abs(k)):
+                if k > 0:
+                    self._thicken(lab, fluid, (c,))
+                else:
+                    gone = self._thin(lab, (c,))
+                    fluid = gone if fluid is None else fluid | gone
+        return fluid
 
     def _effusion(self, lab: torch.Tensor, bone: torch.Tensor,
                   soft: torch.Tensor) -> torch.Tensor:
@@ -483,4 +510,8 @@ class Renderer:
         if self.cfg.thickening_probability > 0 and \
                 float(torch.rand(1, generator=self.gen)) < self.cfg.thickening_probability:
             self._thicken(lab, fluid)
+        self.last_plate_layers = {}
+        if self.cfg.plate_thickness_probability > 0 and \
+                float(torch.rand(1, generator=self.gen)) < self.cfg.plate_thickness_probability:
+            fluid = self._vary_plates(lab, fluid)
         return self.render(lab, fluid, tissue), lab.long()
