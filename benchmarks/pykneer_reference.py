@@ -18,7 +18,9 @@ is used, and the runner-up is reported to show that the choice is not a close ca
 Reported: both volumes (and the volume of the band rebuilt from pyKNEEr's contours, a check
 of the rebuild), Dice against that band, the distance from pyKNEEr's surface points to
 cartiq's boundary, the share of cartiq's cartilage farther than 2 mm from pyKNEEr's (and the
-reverse), the sagittal slices each covers, and both mean thicknesses.  Not a test.
+reverse), the sagittal slices each covers, both mean thicknesses, and where the two differ
+(cartiq-only cartilage by distance from pyKNEEr's; pyKNEEr-only cartilage, and how much of it
+cartiq calls femur).  Not a test.
 """
 
 from __future__ import annotations
@@ -113,7 +115,32 @@ def _slices(mask: np.ndarray, axis: int) -> list[int]:
     return [int(keep.min()), int(keep.max())] if len(keep) else []
 
 
-def compare(segmentation: Path, reference_dir: Path, label: int = 4) -> dict:
+def disagreement(ours: np.ndarray, band: np.ndarray, femur: np.ndarray, spacing) -> dict:
+    """Where the two femoral cartilages differ (mm3): cartiq-only cartilage by its distance
+    from pyKNEEr's band (within 1 mm and 1-2 mm: a thicker or shifted plate; beyond 2 mm:
+    cartilage where pyKNEEr has none), pyKNEEr-only cartilage and the part of it that cartiq
+    calls femur (the two disagree on where the bone ends), and each one's median distance
+    from cartiq's femur."""
+    vox = float(np.prod(spacing))
+    to_band = ndimage.distance_transform_edt(~band, sampling=spacing)
+    to_femur = ndimage.distance_transform_edt(~femur, sampling=spacing)
+    only = ours & ~band
+    missed = band & ~ours
+
+    def mm3(m: np.ndarray) -> int:
+        return round(float(m.sum()) * vox)
+
+    def median(m: np.ndarray) -> float | None:
+        return round(float(np.median(to_femur[m])), 2) if m.any() else None
+
+    return {"cartiq_only_mm3": {"within_1mm": mm3(only & (to_band <= 1)),
+                                "1_to_2mm": mm3(only & (to_band > 1) & (to_band <= 2)),
+                                "beyond_2mm": mm3(only & (to_band > 2))},
+            "pykneer_only_mm3": mm3(missed), "pykneer_only_in_cartiq_femur_mm3": mm3(missed & femur),
+            "median_distance_from_cartiq_femur_mm": {"cartiq": median(ours), "pykneer": median(band)}}
+
+
+def compare(segmentation: Path, reference_dir: Path, label: int = 4, femur_label: int = 1) -> dict:
     """Agreement of ``segmentation``'s femoral cartilage (``label``) with the reference."""
     from cartiq.io.volume import read_volume
 
@@ -142,6 +169,7 @@ def compare(segmentation: Path, reference_dir: Path, label: int = 4) -> dict:
         f"pykneer_farther_than_{FAR_MM:g}mm_from_cartiq": round(_far(band, ours, spacing), 3),
         "slices": {"axis": axis, "cartiq": _slices(ours, axis), "pykneer": _slices(band, axis)},
         "mean_thickness_mm": {"pykneer": round(float(ref["thickness_mm"].mean()), 2)},
+        "disagreement": disagreement(ours, band, seg.array == femur_label, spacing),
     }
     table = Path(segmentation).with_name("measurements.csv")
     if table.is_file():

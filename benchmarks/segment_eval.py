@@ -292,7 +292,15 @@ def markdown(report: dict) -> str:
                       f"more than 2 mm from the other; slices {ref['slices']['cartiq']} vs "
                       f"{ref['slices']['pykneer']}; mean thickness "
                       f"{ref['mean_thickness_mm'].get('cartiq')} vs "
-                      f"{ref['mean_thickness_mm']['pykneer']} mm.", ""]
+                      f"{ref['mean_thickness_mm']['pykneer']} mm."]
+            dis = ref.get("disagreement")
+            if dis:
+                o = dis["cartiq_only_mm3"]
+                lines += [f"Where they differ: cartiq-only {o['within_1mm']} / {o['1_to_2mm']} / "
+                          f"{o['beyond_2mm']} mm3 within 1 mm / 1-2 mm / beyond 2 mm of pyKNEEr's "
+                          f"cartilage; pyKNEEr-only {dis['pykneer_only_mm3']} mm3, of which "
+                          f"{dis['pykneer_only_in_cartiq_femur_mm3']} mm3 is cartiq's femur."]
+            lines += [""]
     return "\n".join(lines)
 
 
