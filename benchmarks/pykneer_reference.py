@@ -104,10 +104,13 @@ def band_mask(ref: dict, shape, spacing, frame: dict) -> np.ndarray:
     return mask
 
 
-def _far(a: np.ndarray, b: np.ndarray, spacing) -> float:
-    """Share of ``a``'s voxels farther than FAR_MM from ``b``."""
-    d = ndimage.distance_transform_edt(~b, sampling=spacing)
-    return float((d[a] > FAR_MM).mean()) if a.any() else float("nan")
+def _far(a: np.ndarray, to_b: np.ndarray) -> float:
+    """Share of ``a``'s voxels farther than FAR_MM from b (``to_b``: distance map to b)."""
+    return float((to_b[a] > FAR_MM).mean()) if a.any() else float("nan")
+
+
+def _distance_to(mask: np.ndarray, spacing) -> np.ndarray:
+    return ndimage.distance_transform_edt(~mask, sampling=spacing)
 
 
 def _slices(mask: np.ndarray, axis: int) -> list[int]:
@@ -115,15 +118,15 @@ def _slices(mask: np.ndarray, axis: int) -> list[int]:
     return [int(keep.min()), int(keep.max())] if len(keep) else []
 
 
-def disagreement(ours: np.ndarray, band: np.ndarray, femur: np.ndarray, spacing) -> dict:
+def disagreement(ours: np.ndarray, band: np.ndarray, femur: np.ndarray, spacing,
+                 to_band: np.ndarray) -> dict:
     """Where the two femoral cartilages differ (mm3): cartiq-only cartilage by its distance
     from pyKNEEr's band (within 1 mm and 1-2 mm: a thicker or shifted plate; beyond 2 mm:
     cartilage where pyKNEEr has none), pyKNEEr-only cartilage and the part of it that cartiq
     calls femur (the two disagree on where the bone ends), and each one's median distance
-    from cartiq's femur."""
+    from cartiq's femur.  ``to_band``: the distance map to the band (mm)."""
     vox = float(np.prod(spacing))
-    to_band = ndimage.distance_transform_edt(~band, sampling=spacing)
-    to_femur = ndimage.distance_transform_edt(~femur, sampling=spacing)
+    to_femur = _distance_to(femur, spacing)
     only = ours & ~band
     missed = band & ~ours
 
@@ -152,6 +155,7 @@ def compare(segmentation: Path, reference_dir: Path, label: int = 4, femur_label
     edge = boundary(ours)
     frame = align(edge, ours.shape, spacing, points)
     band = band_mask(ref, ours.shape, spacing, frame)
+    to_band = _distance_to(band, spacing)
     d, _ = cKDTree(_frame(edge, ours.shape, spacing, frame["perm"], frame["flips"])).query(points)
     vox = float(np.prod(spacing))
     axis = int(np.argmax(spacing))
@@ -165,11 +169,11 @@ def compare(segmentation: Path, reference_dir: Path, label: int = 4, femur_label
         "pykneer_surface_to_cartiq_boundary_mm": {
             "median": round(float(np.median(d)), 2), "mean": round(float(d.mean()), 2),
             "p95": round(float(np.percentile(d, 95)), 2)},
-        f"cartiq_farther_than_{FAR_MM:g}mm_from_pykneer": round(_far(ours, band, spacing), 3),
-        f"pykneer_farther_than_{FAR_MM:g}mm_from_cartiq": round(_far(band, ours, spacing), 3),
+        f"cartiq_farther_than_{FAR_MM:g}mm_from_pykneer": round(_far(ours, to_band), 3),
+        f"pykneer_farther_than_{FAR_MM:g}mm_from_cartiq": round(_far(band, _distance_to(ours, spacing)), 3),
         "slices": {"axis": axis, "cartiq": _slices(ours, axis), "pykneer": _slices(band, axis)},
         "mean_thickness_mm": {"pykneer": round(float(ref["thickness_mm"].mean()), 2)},
-        "disagreement": disagreement(ours, band, seg.array == femur_label, spacing),
+        "disagreement": disagreement(ours, band, seg.array == femur_label, spacing, to_band),
     }
     table = Path(segmentation).with_name("measurements.csv")
     if table.is_file():

@@ -300,12 +300,17 @@ def test_plate_thickening_adds_an_articular_layer_of_the_plates_own_class():
         assert grown.sum() > 0 and bool(own[grown].all())
 
 
-def test_thickening_never_fills_the_cartilage_a_defect_removed():
+def _toy_label_crop(r: Renderer) -> torch.Tensor:
+    """The toy knee's training labels on ``r``'s crop grid, before any anatomy change."""
     labels = torch.from_numpy(to_model_classes(toy_knee()))
-    center = torch.tensor([19.5, 31.5, 31.5])
+    grid = r._grid(labels, (40, 64, 64), torch.tensor([19.5, 31.5, 31.5]))
+    return F.grid_sample(labels[None, None].float(), grid, mode="nearest",
+                         align_corners=True)[0, 0].round().to(torch.uint8)
+
+
+def test_thickening_never_fills_the_cartilage_a_defect_removed():
     r = Renderer(_fixed(thinning_probability=1.0, thickening_probability=1.0), seed=4)
-    lab = F.grid_sample(labels[None, None].float(), r._grid(labels, (40, 64, 64), center),
-                        mode="nearest", align_corners=True)[0, 0].round().to(torch.uint8)
+    lab = _toy_label_crop(r)
     removed = r._thin(lab)
     added = r._thicken(lab, removed)
     assert removed.sum() > 0 and added.sum() > 0
@@ -621,11 +626,8 @@ def test_plate_thickness_variety_changes_each_plate_by_its_own_drawn_layers():
 
 
 def test_plate_thickness_variety_removes_more_with_more_layers():
-    labels = torch.from_numpy(to_model_classes(toy_knee()))
-    center = torch.tensor([19.5, 31.5, 31.5])
     r = Renderer(_fixed(), seed=4)
-    lab = F.grid_sample(labels[None, None].float(), r._grid(labels, (40, 64, 64), center),
-                        mode="nearest", align_corners=True)[0, 0].round().to(torch.uint8)
+    lab = _toy_label_crop(r)
     fc = C["femoral_cartilage"]
     n0 = int((lab == fc).sum())
     tc_before = lab == C["tibial_cartilage"]

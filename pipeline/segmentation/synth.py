@@ -347,8 +347,7 @@ class Renderer:
         cart = _any_of(lab, _PLATES)
         bone = _any_of(lab, _BONE_OR_BML)
         outside = ~(cart | bone)  # joint space, menisci, soft tissue
-        mine = cart if plates == _PLATES else _any_of(lab, plates)
-        surface = mine & (_dilate(outside.float(), 1) > 0) & ~(_dilate(bone.float(), 1) > 0)
+        surface = _any_of(lab, plates) & (_dilate(outside.float(), 1) > 0) & ~(_dilate(bone.float(), 1) > 0)
         lab[surface] = 0
         return surface
 
@@ -372,7 +371,6 @@ class Renderer:
         """Per-plate thickness variety (in place): each plate class gains or loses its own
         random number of articular layers; returns ``fluid`` with the removed layers added."""
         most = self.cfg.plate_thickness_layers
-        self.last_plate_layers = {}
         for c in _PLATES:
             k = int(torch.randint(-most, most + 1, (1,), generator=self.gen))
             self.last_plate_layers[c] = k
