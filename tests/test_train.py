@@ -643,3 +643,60 @@ def test_plate_thickness_variety_is_off_by_default():
     assert SynthConfig().plate_thickness_probability == 0.0
     with pytest.raises(ValueError):
         SynthConfig(plate_thickness_layers=0)
+
+
+def test_decoys_lie_on_bare_bone_away_from_cartilage_and_train_as_background():
+    """Decoys cover only background in a thin layer along the bones, no nearer than the
+    margin to cartilage or a meniscus, never over removed cartilage, and leave the labels
+    exactly as the same seed draws them without decoys."""
+    r = Renderer(_fixed(decoy_probability=1.0, decoy_layers=2, decoy_margin_mm=3.0), seed=2)
+    lab = _toy_label_crop(r)
+    bone = (lab == C["femur"]) | (lab == C["tibia"])
+    soft = _cart(lab) | (lab == C["meniscus"])
+    masks = [r._decoy(lab, None) for _ in range(6)]
+    assert all(int(m.sum()) > 0 for m in masks)
+    assert len({int(m.sum()) for m in masks}) > 1  # depth and patches are drawn per crop
+    within_2 = F.max_pool3d(bone[None, None].float(), 5, 1, 2)[0, 0] > 0
+    near_soft = F.max_pool3d(soft[None, None].float(), 7, 1, 3)[0, 0] > 0  # 3 mm box
+    for m in masks:
+        assert bool((lab[m] == 0).all())
+        assert bool(within_2[m].all())
+        assert not bool((m & near_soft).any())
+    removed = torch.zeros_like(bone)
+    removed[masks[0].nonzero()[0].tolist()[0]] = True  # one slice of it
+    assert not bool((r._decoy(lab, removed) & removed).any())
+    labels = torch.from_numpy(to_model_classes(toy_knee()))
+    center = torch.tensor([19.5, 31.5, 31.5])
+    for seed in range(3):
+        _, plain = Renderer(_fixed(), seed=seed).sample(labels, (40, 64, 64), center=center)
+        _, with_d = Renderer(_fixed(decoy_probability=1.0), seed=seed).sample(
+            labels, (40, 64, 64), center=center)
+        assert torch.equal(plain, with_d)
+
+
+@pytest.mark.parametrize("factor, same", [(1.0, True), (0.5, False)])
+def test_decoys_are_drawn_at_a_fraction_of_the_cartilage_intensity(factor, same):
+    common = dict(random_contrast_probability=0.0, contrast_families=("dess",),
+                  noise_std=(0.0, 0.0), bias_std=0.0, gamma_std=0.0, fluid_probability=0.0,
+                  cortex_probability=0.0, intensity_std=(0.0, 0.0),
+                  slice_thickness_mm=(0.5, 0.5), inplane_resolution_mm=(0.5, 0.5))
+    lab = torch.zeros((24, 48, 48), dtype=torch.uint8)
+    lab[4:20, 4:14, 4:44] = C["femur"]
+    lab[4:20, 30:36, 4:44] = C["femoral_cartilage"]
+    decoy = torch.zeros_like(lab, dtype=torch.bool)
+    decoy[4:20, 14:20, 4:44] = True  # on the bone, labelled background
+    r = Renderer(_fixed(decoy_intensity=(factor, factor), **common), seed=1)
+    img = r.render(lab, decoy=decoy)
+    d, c = float(img[6:18, 16:18, 8:40].median()), float(img[6:18, 32:34, 8:40].median())
+    if same:
+        assert abs(d - c) < 1e-3
+    else:
+        assert d < c - 0.1
+
+
+def test_decoys_are_off_by_default_and_checked():
+    assert SynthConfig().decoy_probability == 0.0
+    with pytest.raises(ValueError):
+        SynthConfig(decoy_layers=0)
+    with pytest.raises(ValueError):
+        SynthConfig(decoy_probability=1.5)

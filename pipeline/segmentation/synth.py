@@ -20,7 +20,12 @@ training sample is a random image rendered from a real label map.  One sample is
    "soft tissue" regions splitting the rest of the background, a cortical-bone rim, a
    joint-fluid shell around cartilage and menisci and, optionally, an effusion: random
    smooth pockets of joint fluid in the background along the bones near the joint (the
-   recesses and the suprapatellar pouch of an OA knee), labelled background;
+   recesses and the suprapatellar pouch of an OA knee), labelled background; and,
+   optionally, cartilage-like decoys: smooth patches of a thin layer along the bones' bare
+   (non-articular) surfaces, away from every plate and meniscus, drawn at a random fraction
+   of the cartilage intensity and labelled background (the periosteum, synovium and fat over
+   the anterior femur and in the notch, which an MR image can show as grey as cartilage),
+   so that the network must place cartilage by where it lies, not by its grey level alone;
 4. per-label Gaussian intensities (fully random, or MR-like contrast families: DESS-,
    PD-fat-sat-, T1- and T2-FSE-like, jittered; :data:`CONTRAST_FAMILIES`);
 5. per-axis Gaussian blur for a random acquisition resolution (slice thickness across the
@@ -150,6 +155,16 @@ class SynthConfig(Strict):
         "moving its centre across the slices by up to edge_crop_mm, so that slices beyond "
         "the knee's structures (no bone in them, as at a scan's field-of-view edge) are seen")
     edge_crop_mm: float = Field(25.0, ge=0, description="largest such move")
+    decoy_probability: float = Field(0.0, ge=0, le=1, description="chance per crop of "
+        "cartilage-like decoys: smooth patches of a layer along the bare bone surfaces "
+        "(farther than decoy_margin_mm from cartilage and menisci), rendered at "
+        "decoy_intensity times the cartilage mean and labelled background")
+    decoy_layers: int = Field(3, ge=1, le=8, description="deepest decoy layer, in voxels "
+        "of spacing_mm (each crop draws its depth from 1..decoy_layers)")
+    decoy_margin_mm: float = Field(3.0, ge=0, description="nearest a decoy comes to cartilage "
+        "or a meniscus")
+    decoy_intensity: tuple[float, float] = Field((0.5, 1.0), description="range of a decoy's "
+        "intensity as a fraction of the femoral cartilage mean (drawn per crop)")
 
 
 def to_model_classes(cartiq: np.ndarray, fibula: np.ndarray | None = None) -> np.ndarray:
@@ -396,6 +411,23 @@ class Renderer:
         blobs = _smooth_field(tuple(lab.shape), 8, self.gen)[0] > float(self._u(-0.5, 0.8))
         return along & near & blobs & (lab == 0)
 
+    def _decoy(self, lab: torch.Tensor, fluid: torch.Tensor | None) -> torch.Tensor:
+        """Mask of random smooth patches of a layer (1..``decoy_layers`` voxels deep) of the
+        background along the bone surfaces, no nearer than ``decoy_margin_mm`` to cartilage or
+        a meniscus and outside ``fluid`` (the cartilage that defects and thinning removed)."""
+        cfg = self.cfg
+        bone = _any_of(lab, _BONE_OR_BML)
+        soft = _any_of(lab, _SOFT)
+        depth = int(torch.randint(1, cfg.decoy_layers + 1, (1,), generator=self.gen))
+        margin = max(1, math.ceil(cfg.decoy_margin_mm / cfg.spacing_mm))
+        layer = (_dilate(bone.float(), depth) > 0) & (lab == 0)
+        away = ~(_dilate(soft.float(), margin) > 0)
+        patches = _smooth_field(tuple(lab.shape), 8, self.gen)[0] > float(self._u(-0.5, 0.5))
+        mask = layer & away & patches
+        if fluid is not None:
+            mask &= ~fluid
+        return mask
+
     def _means(self) -> tuple[torch.Tensor, dict | None]:
         """Mean intensity per rendering class, and the contrast family (None: random)."""
         cfg = self.cfg
@@ -429,10 +461,13 @@ class Renderer:
         return torch.stack([self._u(*fam[t]) for t in RENDER_TISSUES])
 
     def render(self, lab: torch.Tensor, fluid: torch.Tensor | None = None,
-               tissue: torch.Tensor | None = None) -> torch.Tensor:
+               tissue: torch.Tensor | None = None,
+               decoy: torch.Tensor | None = None) -> torch.Tensor:
         """Random MR-like image (float32, normalised to [0, 1]) for a (D, H, W) label crop;
         ``fluid`` (optional mask) is rendered as joint fluid (removed cartilage), ``tissue``
-        (optional, 0 or a ``TISSUE0 + i`` code per voxel) as the named unmeasured tissues."""
+        (optional, 0 or a ``TISSUE0 + i`` code per voxel) as the named unmeasured tissues,
+        ``decoy`` (optional mask of background) as cartilage dimmed by a random
+        ``decoy_intensity`` factor."""
         cfg = self.cfg
         shape = tuple(lab.shape)
         rl = lab.clone().long()
@@ -457,12 +492,16 @@ class Renderer:
             rl[bg & self._effusion(lab, bone, soft)] = FLUID
         if fluid is not None:
             rl[fluid] = FLUID
+        if decoy is not None:
+            rl[decoy] = _C["femoral_cartilage"]
         mu, fam = self._means()
         sd = self._u(*cfg.intensity_std, N_RENDER)
         if tissue is not None:
             mu = torch.cat([mu, self._tissue_means(fam)])
             sd = torch.cat([sd, self._u(*cfg.intensity_std, len(RENDER_TISSUES))])
         img = mu[rl] + sd[rl] * torch.randn(shape, generator=self.gen)
+        if decoy is not None:
+            img[decoy] *= float(self._u(*cfg.decoy_intensity))
         thick = float(self._u(*cfg.slice_thickness_mm))
         self.last_slice_thickness_mm = thick
         inpl = float(self._u(*cfg.inplane_resolution_mm))
@@ -512,4 +551,8 @@ class Renderer:
         if self.cfg.plate_thickness_probability > 0 and \
                 float(torch.rand(1, generator=self.gen)) < self.cfg.plate_thickness_probability:
             fluid = self._vary_plates(lab, fluid)
-        return self.render(lab, fluid, tissue), lab.long()
+        decoy = None
+        if self.cfg.decoy_probability > 0 and \
+                float(torch.rand(1, generator=self.gen)) < self.cfg.decoy_probability:
+            decoy = self._decoy(lab, fluid)
+        return self.render(lab, fluid, tissue, decoy), lab.long()
