@@ -449,6 +449,12 @@ def test_bad_config_and_inputs(tmp_path):
     with pytest.raises(InputError, match="nothing to resume"):
         train(labels, tmp_path / "y", config_path=tiny_config(tmp_path), resume=True,
               progress=False)
+    reversed_range = tiny_config(tmp_path, synth={"spacing_mm": 1.0, "crop_depth": 8,
+                                                  "slice_thickness_mm": [3.0, 0.5]})
+    with pytest.raises(ConfigError, match="slice_thickness_mm") as err:
+        train(labels, tmp_path / "r", config_path=reversed_range, progress=False)
+    assert "0 <= low <= high" in str(err.value) and "cfg.yaml" in str(err.value)
+    assert not (tmp_path / "r").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no label maps"):
         train(tmp_path / "empty", tmp_path / "z", config_path=tiny_config(tmp_path),
@@ -700,3 +706,6 @@ def test_decoys_are_off_by_default_and_checked():
         SynthConfig(decoy_layers=0)
     with pytest.raises(ValueError):
         SynthConfig(decoy_probability=1.5)
+    for bad in ((1.0, 0.5), (-0.2, 0.5)):  # every (low, high) range is ordered, non-negative
+        with pytest.raises(ValueError, match="0 <= low <= high"):
+            SynthConfig(decoy_intensity=bad)

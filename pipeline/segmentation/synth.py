@@ -43,12 +43,12 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from cartiq.config import Strict
 from cartiq.io.labels import RENDER_TISSUES
@@ -105,6 +105,17 @@ _FAMILIES = {
 CONTRAST_FAMILIES = tuple(_FAMILIES)
 
 
+def _ordered_range(value: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = value
+    if not 0 <= lo <= hi:
+        raise ValueError(f"a range must be (low, high) with 0 <= low <= high, got {list(value)}")
+    return value
+
+
+Range = Annotated[tuple[float, float], AfterValidator(_ordered_range)]
+"""A (low, high) range a value is drawn from uniformly, per crop: non-negative and ordered."""
+
+
 class SynthConfig(Strict):
     """Randomisation ranges of the generative model (units in the key names)."""
 
@@ -115,23 +126,23 @@ class SynthConfig(Strict):
     elastic_mm: float = Field(3.0, ge=0, description="max displacement of the elastic field")
     mirror_probability: float = Field(0.5, ge=0, le=1)
     bml_probability: float = Field(0.35, ge=0, le=1)
-    bml_radius_mm: tuple[float, float] = (2.0, 7.0)
+    bml_radius_mm: Range = (2.0, 7.0)
     random_contrast_probability: float = Field(0.5, ge=0, le=1,
         description="fully random per-label means; else an MR-like family, jittered")
     contrast_families: tuple[Literal["dess", "pdfs", "t1", "t2"], ...] = Field(
         CONTRAST_FAMILIES, min_length=1,
         description="MR-like families drawn from (uniformly) when the means are not random")
-    intensity_std: tuple[float, float] = (0.0, 0.06)
-    slice_thickness_mm: tuple[float, float] = (0.5, 3.0)
-    inplane_resolution_mm: tuple[float, float] = (0.3, 0.9)
+    intensity_std: Range = (0.0, 0.06)
+    slice_thickness_mm: Range = (0.5, 3.0)
+    inplane_resolution_mm: Range = (0.3, 0.9)
     bias_std: float = Field(0.3, ge=0)
-    noise_std: tuple[float, float] = (0.0, 0.06)
+    noise_std: Range = (0.0, 0.06)
     gamma_std: float = Field(0.25, ge=0)
     fluid_probability: float = Field(0.7, ge=0, le=1)
     cortex_probability: float = Field(0.8, ge=0, le=1)
     defect_probability: float = Field(0.0, ge=0, le=1,
         description="chance per crop of planting 1-3 cartilage defects (filled with fluid)")
-    defect_radius_mm: tuple[float, float] = (2.0, 7.0)
+    defect_radius_mm: Range = (2.0, 7.0)
     partial_defect_fraction: float = Field(0.5, ge=0, le=1,
         description="share of planted defects that keep the cartilage touching bone")
     thinning_probability: float = Field(0.0, ge=0, le=1,
@@ -146,9 +157,9 @@ class SynthConfig(Strict):
         "layers one plate gains or loses (at spacing_mm each)")
     effusion_probability: float = Field(0.0, ge=0, le=1,
         description="chance per crop of fluid pockets in the background along the bones")
-    effusion_mm: tuple[float, float] = Field((5.0, 20.0), description="range of the largest "
+    effusion_mm: Range = Field((5.0, 20.0), description="range of the largest "
         "distance of an effusion from cartilage and menisci (drawn per crop)")
-    effusion_bone_mm: tuple[float, float] = Field((1.0, 4.0), description="range of the "
+    effusion_bone_mm: Range = Field((1.0, 4.0), description="range of the "
         "largest distance of an effusion from a bone surface (drawn per crop; large values "
         "give the wide collections of the recesses and gutters beside the condyles)")
     edge_crop_probability: float = Field(0.0, ge=0, le=1, description="chance per crop of "
@@ -163,7 +174,7 @@ class SynthConfig(Strict):
         "of spacing_mm (each crop draws its depth from 1..decoy_layers)")
     decoy_margin_mm: float = Field(3.0, ge=0, description="nearest a decoy comes to cartilage "
         "or a meniscus")
-    decoy_intensity: tuple[float, float] = Field((0.5, 1.0), description="range of a decoy's "
+    decoy_intensity: Range = Field((0.5, 1.0), description="range of a decoy's "
         "intensity as a fraction of the femoral cartilage mean (drawn per crop)")
 
 
