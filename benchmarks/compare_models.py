@@ -120,6 +120,10 @@ def main() -> None:
     if len(a.evals) < 2:
         ap.error("give a baseline and at least one model to compare")
     summaries = [summarize(json.loads(p.read_text()), a.fold) for p in a.evals]
+    folds = {s["fold"] for s in summaries}
+    if len(folds) > 1:  # renderings of different knees share keys but are not comparable
+        raise SystemExit(f"the files evaluate different folds ({sorted(folds)}): give --fold "
+                         "or files of one fold")
     text = table([p.parent.name or str(p) for p in a.evals], summaries)
     print(text)
     if a.markdown:

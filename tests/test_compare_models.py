@@ -68,3 +68,16 @@ def test_command_line_prints_the_table(tmp_path):
     assert "+0.0100 (SE 0.0000, n 2)" in out
     assert "14,104 / pass" in out and "0.628 / 3018" in out and "not run" in out
     assert (tmp_path / "t.md").read_text() == out.rstrip("\n") + "\n"
+
+
+def test_files_of_different_folds_are_refused(tmp_path):
+    paths = []
+    for fold in ("mskt_right", "spl"):
+        data = _eval([_run("dess", 1.0, 100, 0.8), _run("t1", 3.0, 100, 0.7)])
+        data["lomo"][0]["fold"] = fold
+        p = tmp_path / f"{fold}.json"
+        p.write_text(json.dumps(data))
+        paths.append(str(p))
+    r = subprocess.run([sys.executable, str(BENCH / "compare_models.py"), *paths],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "different folds" in r.stderr

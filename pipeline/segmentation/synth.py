@@ -430,7 +430,7 @@ class Renderer:
         bone = _any_of(lab, _BONE_OR_BML)
         soft = _any_of(lab, _SOFT)
         depth = int(torch.randint(1, cfg.decoy_layers + 1, (1,), generator=self.gen))
-        margin = max(1, math.ceil(cfg.decoy_margin_mm / cfg.spacing_mm))
+        margin = math.ceil(cfg.decoy_margin_mm / cfg.spacing_mm)  # 0: may touch them
         layer = (_dilate(bone.float(), depth) > 0) & (lab == 0)
         away = ~(_dilate(soft.float(), margin) > 0)
         patches = _smooth_field(tuple(lab.shape), 8, self.gen)[0] > float(self._u(-0.5, 0.5))
