@@ -1,0 +1,81 @@
+"""benchmarks/pykneer_reference.py: finding the frame of pyKNEEr's contour points.
+
+The reference points are made here from a known band under a known axis permutation, flips
+and shift, so the truth does not come from the code under test."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import pykneer_reference as pr  # noqa: E402
+
+SHAPE = (64, 56, 12)
+SPACING = (0.3125, 0.3125, 1.5)
+
+
+def _band() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An arc (130 degrees, not symmetric about any axis) 4 voxels thick in-plane over slices
+    2-9, and the voxel centres of its inner (bone) and outer (articular) surfaces.  Along the
+    slices it is the same arc, so a shift across the slices is a tie, which the fit breaks
+    towards no shift (pyKNEEr's slices are the scan's)."""
+    i, j, k = np.indices(SHAPE)
+    r = np.hypot(i - 30.0, j - 30.0)
+    angle = np.degrees(np.arctan2(j - 30.0, i - 30.0)) % 360
+    mask = (r >= 12) & (r <= 16) & (angle >= 190) & (angle <= 320) & (k >= 2) & (k <= 9)
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    edge = np.argwhere(mask & ~ndimage.binary_erosion(mask, in_plane))  # each slice's outline
+    re = np.hypot(edge[:, 0] - 30.0, edge[:, 1] - 30.0)
+    return mask, edge[re < 12.5], edge[re > 15.5]
+
+
+def _to_pykneer(idx: np.ndarray, perm, flips, shift) -> np.ndarray:
+    """Voxel indices -> pyKNEEr coordinates whose frame is off by ``shift`` voxels."""
+    return pr._frame(idx - np.asarray(shift), SHAPE, SPACING, perm, flips)
+
+
+@pytest.mark.parametrize("shift", [(0.0, 0.0, 0.0), (1.0, 1.0, 0.0), (-1.25, 0.5, 0.0)])
+def test_align_recovers_permutation_flips_and_shift(shift):
+    mask, inner, outer = _band()
+    perm, flips = (1, 0, 2), (False, True, False)
+    points = _to_pykneer(np.vstack([inner, outer]).astype(float), perm, flips, shift)
+    frame = pr.align(pr.boundary(mask), SHAPE, SPACING, points)
+    assert frame["perm"] == perm and frame["flips"] == flips
+    assert frame["shift_voxels"] == pytest.approx(shift)
+    assert frame["median_mm"] == pytest.approx(0.0, abs=1e-9)
+    if any(shift):
+        assert frame["unshifted_median_mm"] > 0.1
+
+
+def test_compare_gives_full_overlap_once_the_shift_is_found(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    mask, inner, outer = _band()
+    labels = np.where(mask, 4, 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(labels, np.diag([*SPACING, 1.0])), tmp_path / "segmentation.nii.gz")
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    perm, flips, shift = (0, 1, 2), (False, True, False), (1.0, 1.0, 0.0)
+    np.savetxt(ref / f"{pr.PREFIX}boneCart.txt", _to_pykneer(inner.astype(float), perm, flips, shift))
+    np.savetxt(ref / f"{pr.PREFIX}artiCart.txt", _to_pykneer(outer.astype(float), perm, flips, shift))
+    np.savetxt(ref / f"{pr.PREFIX}thickness_1.txt", np.full(len(inner), 1.25))
+    np.savetxt(ref / f"{pr.PREFIX}volume.txt", [float(mask.sum()) * np.prod(SPACING)])
+
+    out = pr.compare(tmp_path / "segmentation.nii.gz", ref)
+    assert out["frame"]["shift_voxels"] == [1.0, 1.0, 0.0]
+    # the band rebuilt from the contours (segments between nearest surface points) misses a
+    # few voxels at the arc's ends and corners: 0.878 here
+    assert out["dice_vs_band"] > 0.85
+    assert out["pykneer_surface_to_cartiq_boundary_mm"]["median"] == pytest.approx(0.0)
+
+    # the same points read without the shift overlap far less
+    frame = {"perm": perm, "flips": flips}
+    band = pr.band_mask(pr.load_reference(ref), SHAPE, SPACING, frame)
+    unshifted = 2 * (band & mask).sum() / (band.sum() + mask.sum())
+    assert unshifted < out["dice_vs_band"] - 0.1  # 0.66 here
