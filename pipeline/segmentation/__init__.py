@@ -13,5 +13,6 @@ __getattr__, __dir__, __all__ = _lazy.attach(
         "models": ["list_models", "resolve_model", "load_model", "read_metadata", "DEFAULT_MODEL"],
         "bml": ["detect_bml", "apply_bml"],
         "train": ["train"],
+        "soup": ["average_checkpoints"],
     },
 )
