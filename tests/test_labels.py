@@ -312,3 +312,23 @@ def test_bad_mapping_files(tmp_path, text, message):
     bad.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_mapping(str(bad))
+
+
+@pytest.mark.parametrize("offset_mm, expected", [(25.0, "left"), (-25.0, "right"),
+                                                 (5.0, None), (-8.0, None)])
+def test_fibula_counts_only_where_a_fibula_sits(offset_mm, expected):
+    """A fibula is evidence only well lateral of the tibia (real knees here: 22-31 mm); one
+    under the tibia's middle (a model's false piece on a knee without one: 5 mm) is not."""
+    from cartiq.io.side import anatomy_evidence
+
+    s = default_scheme()
+    labels = np.zeros((120, 40, 40), np.uint8)  # 1 mm voxels, axis 0 = LPS x
+    labels[40:80, 10:30, 5:25] = s["tibia"]  # centroid x = 59.5 mm
+    fibula = np.zeros(labels.shape, bool)
+    c = int(round(59.5 + offset_mm))
+    fibula[c - 5:c + 5, 25:35, 2:12] = True
+    labels[fibula] = 0
+    evidence = anatomy_evidence(labels, np.eye(4), dict(s.labels), fibula=fibula,
+                                plates_labelled=False)
+    found = [e for e in evidence if e.source == "anatomy:fibula"]
+    assert (found[0].side if found else None) == expected

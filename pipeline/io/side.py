@@ -39,7 +39,11 @@ __all__ = ["SideEvidence", "anatomy_evidence", "decide_side", "SIDE_SOURCES"]
 SIDE_SOURCES = ("flag", "header", "manifest", "anatomy:fibula", "anatomy:plates",
                 "anatomy:bone shape")
 
-FIBULA_MARGIN_MM = 5.0     # fibula centroid this far lateral of the tibia's
+# fibula centroid this far lateral of the tibia's: the fibular head sits at the tibia's
+# lateral edge (two real label maps: 28 and 31 mm; the default model on the real qDESS and
+# MESE: 22 and 30 mm); a "fibula" predicted under the tibia's middle (0.6.0 on the cartiq
+# phantom, which has none: 5 mm) is no evidence
+FIBULA_MARGIN_MM = 12.0
 PLATES_MARGIN_MM = 5.0     # lateral plate centroid this far lateral of the medial one
 SHAFT_MARGIN_MM = 2.0      # femoral shaft this far lateral of the condyles
 CONDYLE_MARGIN_MM = 1.5    # medial condyle this far below the lateral one

@@ -24,7 +24,7 @@ from cartiq.config import resolved
 from cartiq.errors import InputError
 from cartiq.io.volume import atomic_path, atomic_write_text, sha256_file
 from cartiq.segmentation.models import build_network
-from cartiq.segmentation.train import TrainConfig, _package_metadata
+from cartiq.segmentation.train import TrainConfig, package_metadata
 
 __all__ = ["average_checkpoints"]
 
@@ -97,6 +97,6 @@ def average_checkpoints(checkpoints: list[Path], out_dir: Path,
     extra = {"averaged_from": ingredients, "averaging": "uniform mean of the weights",
              "config": resolved(first)}
     atomic_write_text(out_dir / "metadata.json",
-                      json.dumps(_package_metadata(first, sha256_file(weights), extra), indent=2))
+                      json.dumps(package_metadata(first, sha256_file(weights), extra), indent=2))
     log.info("averaged %d checkpoints into %s", len(runs), out_dir)
     return out_dir

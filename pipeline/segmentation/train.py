@@ -248,7 +248,9 @@ def inflate_input_channels(state: dict[str, torch.Tensor],
     return out
 
 
-def _package_metadata(cfg: TrainConfig, sha: str, extra: dict[str, Any]) -> dict[str, Any]:
+def package_metadata(cfg: TrainConfig, sha: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """A package's ``metadata.json`` content: the config's network, input and labels, the
+    weights' sha256, and ``extra`` under ``training``."""
     from cartiq.io.labels import default_scheme
 
     names = set(default_scheme().labels) | {"tibial_cartilage", "meniscus", "fibula"}
@@ -466,4 +468,4 @@ def _write_package(net, cfg: TrainConfig, out_dir: Path, history: list[dict]) ->
              "best_val": history[-1],  # the validation of the packaged epoch
              "history": history, "config": resolved(cfg)}
     atomic_write_text(out_dir / "metadata.json",
-                      json.dumps(_package_metadata(cfg, sha, extra), indent=2))
+                      json.dumps(package_metadata(cfg, sha, extra), indent=2))
