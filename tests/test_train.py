@@ -709,3 +709,16 @@ def test_decoys_are_off_by_default_and_checked():
     for bad in ((1.0, 0.5), (-0.2, 0.5)):  # every (low, high) range is ordered, non-negative
         with pytest.raises(ValueError, match="0 <= low <= high"):
             SynthConfig(decoy_intensity=bad)
+
+
+def test_the_log_names_validation_maps_as_such(tmp_path):
+    labels, held_out = tmp_path / "labels", tmp_path / "held_out"
+    write_toy(labels)
+    write_toy(held_out, name="other_knee.nii.gz")
+    out = tmp_path / "model"
+    train(labels, out, config_path=tiny_config(tmp_path), val_labels_dir=held_out,
+          progress=False)
+    log = (out / "train.log").read_text()
+    assert "training map toy.nii.gz" in log
+    assert "validation map other_knee.nii.gz" in log
+    assert "training map other_knee.nii.gz" not in log

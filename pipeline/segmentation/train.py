@@ -126,7 +126,8 @@ def _stem(p: Path) -> str:
     return p.stem
 
 
-def _load_samples(labels_dir: Path, images_dir: Path | None, cfg: TrainConfig) -> list[_Sample]:
+def _load_samples(labels_dir: Path, images_dir: Path | None, cfg: TrainConfig,
+                  role: str = "training") -> list[_Sample]:
     from cartiq.io.volume import read_volume
     from cartiq.segmentation.grid import (axis_spacing_along, canonical_geometry,
                                           normalize_array, resample_array)
@@ -148,7 +149,7 @@ def _load_samples(labels_dir: Path, images_dir: Path | None, cfg: TrainConfig) -
                 raise InputError("image and label map cover different fields of view", ip)
             img = torch.from_numpy(normalize_array(arr, cfg.input.percentiles))
             slice_sp = axis_spacing_along(vol.geometry, cfg.input.slice_axis)
-        log.info("training map %s: %s voxels at %.2f mm", path.name, lab.shape, sp)
+        log.info("%s map %s: %s voxels at %.2f mm", role, path.name, lab.shape, sp)
         out.append(_Sample(path.name, torch.from_numpy(lab.astype(np.uint8)), img, slice_sp))
     return out
 
@@ -346,7 +347,8 @@ def _train(cfg: TrainConfig, labels_dir: Path, out_dir: Path, ckpt_dir: Path,
         torch.set_num_threads(cfg.num_threads)
         torch.use_deterministic_algorithms(True, warn_only=True)
     samples = _load_samples(Path(labels_dir), images_dir, cfg)
-    val_samples = (_load_samples(Path(val_dir), None, cfg) if val_dir is not None
+    val_samples = (_load_samples(Path(val_dir), None, cfg, role="validation")
+                   if val_dir is not None
                    else samples[-1:])
     vb = _Batcher(cfg, val_samples, seed=10_000 + cfg.seed)
     val = [vb.batch() for _ in range(cfg.val_crops)]
