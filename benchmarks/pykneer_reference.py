@@ -88,7 +88,7 @@ def align(edge: np.ndarray, shape, spacing, ref_points: np.ndarray) -> dict:
     best, _, shift = min((float(np.median(tree.query((at + t) * spacing)[0])),
                           float(np.abs(t).sum()), tuple(float(x) for x in t))
                          for t in map(np.array, itertools.product(*axes)))
-    return {"perm": perm, "flips": flips, "shift_voxels": tuple(float(x) for x in shift),
+    return {"perm": perm, "flips": flips, "shift_voxels": shift,
             "median_mm": best, "unshifted_median_mm": unshifted,
             "runner_up_median_mm": runner_up}
 

@@ -12,9 +12,7 @@ recalibration pass.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +20,8 @@ import torch
 
 from cartiq.config import resolved
 from cartiq.errors import InputError
-from cartiq.io.volume import atomic_path, atomic_write_text, sha256_file
 from cartiq.segmentation.models import build_network
-from cartiq.segmentation.train import TrainConfig, package_metadata
+from cartiq.segmentation.train import read_checkpoint, write_package
 
 __all__ = ["average_checkpoints"]
 
@@ -41,13 +38,10 @@ def _state_sha256(state: dict[str, torch.Tensor]) -> str:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = TrainConfig.model_validate(ck["config"])
-        return {"cfg": cfg, "model": ck["model"], "history": ck["history"]}
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError,
-            pickle.UnpicklingError) as exc:
-        raise InputError(f"not a cartiq training checkpoint: {exc}", path) from exc
+    ck, cfg = read_checkpoint(path)
+    if "model" not in ck or "history" not in ck:
+        raise InputError("not a cartiq training checkpoint: no weights or history", path)
+    return {"cfg": cfg, "model": ck["model"], "history": ck["history"]}
 
 
 def average_checkpoints(checkpoints: list[Path], out_dir: Path,
@@ -84,9 +78,6 @@ def average_checkpoints(checkpoints: list[Path], out_dir: Path,
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "model.pt"
-    with atomic_path(weights) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, tmp)
     ingredients = [{"run": n, "seed": r["cfg"].seed,
                     "epochs": len(r["history"]),
                     "steps": r["history"][-1]["step"] if r["history"] else 0,
@@ -96,7 +87,6 @@ def average_checkpoints(checkpoints: list[Path], out_dir: Path,
                    for n, r in zip(names, runs)]
     extra = {"averaged_from": ingredients, "averaging": "uniform mean of the weights",
              "config": resolved(first)}
-    atomic_write_text(out_dir / "metadata.json",
-                      json.dumps(package_metadata(first, sha256_file(weights), extra), indent=2))
+    write_package(net, first, out_dir, extra)
     log.info("averaged %d checkpoints into %s", len(runs), out_dir)
     return out_dir

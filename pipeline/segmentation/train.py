@@ -280,18 +280,27 @@ def compact_checkpoint(src: Path, dst: Path) -> Path:
     return dst
 
 
+def read_checkpoint(checkpoint: Path) -> tuple[dict[str, Any], TrainConfig]:
+    """A training checkpoint and its validated configuration (one clear error otherwise)."""
+    try:
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        return ck, TrainConfig.model_validate(ck["config"])
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError,
+            pickle.UnpicklingError) as exc:
+        raise InputError(f"not a cartiq training checkpoint: {exc}", checkpoint) from exc
+
+
 def export_package(checkpoint: Path, out_dir: Path) -> Path:
     """Write a model package (``metadata.json`` + ``model.pt``) from the weights of a
     training checkpoint - e.g. the last, annealed epoch of a run, where ``model.pt`` of the
     run folder holds the best epoch by validation Dice.  The checkpoint's own resolved
     configuration and history go into the metadata."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    ck, cfg = read_checkpoint(checkpoint)
+    net = build_network(cfg.network)
     try:
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        cfg = TrainConfig.model_validate(ck["config"])
-        net = build_network(cfg.network)
         net.load_state_dict(ck["model"])
-    except (OSError, KeyError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+    except (KeyError, RuntimeError) as exc:
         raise InputError(f"not a cartiq training checkpoint: {exc}", checkpoint) from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_package(net, cfg, out_dir, ck["history"])
@@ -460,14 +469,19 @@ def _validate(net, val: list[tuple[torch.Tensor, torch.Tensor]], device: str) ->
 
 
 def _write_package(net, cfg: TrainConfig, out_dir: Path, history: list[dict]) -> None:
-    weights = out_dir / "model.pt"
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        torch.save(state, tmp)
-    sha = sha256_file(weights)
     extra = {"epochs": len(history), "steps": history[-1]["step"],
              "seconds": round(sum(h["seconds"] for h in history), 1),
              "best_val": history[-1],  # the validation of the packaged epoch
              "history": history, "config": resolved(cfg)}
+    write_package(net, cfg, out_dir, extra)
+
+
+def write_package(net, cfg: TrainConfig, out_dir: Path, training: dict[str, Any]) -> None:
+    """``out_dir/model.pt`` (the network's weights) and ``metadata.json`` with its sha256 and
+    ``training`` (how the weights were made)."""
+    weights = out_dir / "model.pt"
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        torch.save(state, tmp)
     atomic_write_text(out_dir / "metadata.json",
-                      json.dumps(package_metadata(cfg, sha, extra), indent=2))
+                      json.dumps(package_metadata(cfg, sha256_file(weights), training), indent=2))
