@@ -143,9 +143,9 @@ def test_class_weights_scale_probabilities_before_the_argmax(tmp_path):
     probs = np.zeros((len(MODEL_CLASSES), 4, 4, 4), np.float16)
     probs[0], probs[4] = 0.4, 0.6
     w = np.ones(len(MODEL_CLASSES), np.float32)
-    assert (Segmenter._probs_back(probs, g, g, w) == 4).all()
+    assert (Segmenter._probs_back([(probs, g)], g, w) == 4).all()
     w[4] = 0.5
-    assert (Segmenter._probs_back(probs, g, g, w) == 0).all()
+    assert (Segmenter._probs_back([(probs, g)], g, w) == 0).all()
     # through a package: the metadata's weights reach the arg-max, and the provenance
     image = Volume(np.random.default_rng(0).random((40, 40, 40), np.float32),
                    Geometry((40, 40, 40), (1.0, 1.0, 1.0), (0, 0, 0),
@@ -231,3 +231,55 @@ def test_dynunet3d_config_builds_and_runs_forward():
         y = net(torch.zeros(1, 1, 32, 32, 32))
     assert tuple(y.shape) == (1, len(MODEL_CLASSES), 32, 32, 32)
     assert np.isfinite(y.numpy()).all()
+
+
+@pytest.mark.parametrize("shifts", [[[0.0, 0.0]], [[1.0, 0.0]], [[0.5, -1.5]]])
+def test_grid_shifts_must_be_fractions_of_a_voxel(tmp_path, shifts):
+    pkg = make_package(tmp_path / "tiny")
+    meta = json.loads((pkg / "metadata.json").read_text())
+    _set_meta(pkg, input={**meta["input"], "grid_shifts": shifts})
+    with pytest.raises(ModelError, match="grid shift"):
+        read_metadata(pkg / "metadata.json")
+
+
+def test_probs_back_averages_the_passes_before_the_argmax():
+    from cartiq.io.volume import Geometry
+    from cartiq.segmentation.segmenter import Segmenter
+
+    g = Geometry((3, 3, 3), (1.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    a = np.zeros((len(MODEL_CLASSES), 3, 3, 3), np.float16)
+    b = np.zeros_like(a)
+    a[0], a[4] = 0.1, 0.9     # pass 1: femoral cartilage
+    b[0], b[4] = 0.8, 0.2     # pass 2: background; the mean is 0.55 cartilage
+    assert (Segmenter._probs_back([(a, g), (b, g)], g) == 4).all()
+    b[0], b[4] = 1.0, 0.0     # now the mean is 0.45 cartilage against 0.55 background
+    assert (Segmenter._probs_back([(a, g), (b, g)], g) == 0).all()
+
+
+def test_grid_shifts_run_one_pass_each_on_a_moved_grid(tmp_path, monkeypatch):
+    from cartiq.io.volume import Geometry, Volume
+    from cartiq.segmentation.segmenter import Segmenter
+
+    image = Volume(np.random.default_rng(1).random((30, 36, 40), np.float32),
+                   Geometry((30, 36, 40), (1.0, 0.8, 0.8), (5, -3, 2),
+                            (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    pkg = make_package(tmp_path / "tiny")
+    meta = json.loads((pkg / "metadata.json").read_text())
+    _set_meta(pkg, input={**meta["input"], "grid_shifts": [[0.5, 0.25]]})
+    seg = Segmenter(pkg, device="cpu")
+    sp = seg.model.metadata.input.spacing_mm
+    _, plain = seg._canonical(image)
+    _, moved = seg._canonical(image, (0.5, 0.25))
+    assert moved.shape == plain.shape and moved.spacing == plain.spacing
+    # slice axis 0 stays; the in-plane axes move by the fraction of their voxel
+    assert np.allclose(np.subtract(moved.origin, plain.origin), [0.0, 0.5 * sp[1], 0.25 * sp[2]])
+    grids = []
+    real = Segmenter._canonical_probs
+
+    def spy(self, volume, shift=(0.0, 0.0)):
+        grids.append(shift)
+        return real(self, volume, shift)
+
+    monkeypatch.setattr(Segmenter, "_canonical_probs", spy)
+    labels = seg._predict(image)
+    assert grids == [(0.0, 0.0), (0.5, 0.25)] and labels.shape == image.geometry.shape

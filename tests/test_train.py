@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from pydantic import ValidationError
 
 from cartiq.errors import ConfigError, InputError
 from cartiq.io.volume import Geometry, write_volume
@@ -722,3 +723,52 @@ def test_the_log_names_validation_maps_as_such(tmp_path):
     assert "training map toy.nii.gz" in log
     assert "validation map other_knee.nii.gz" in log
     assert "training map other_knee.nii.gz" not in log
+
+
+def test_resample_crop_keeps_positions_linear_and_labels_nearest():
+    from cartiq.segmentation.train import resample_crop
+
+    # a fine crop (ratio 1.5) whose image is each voxel's offset from the centre along the
+    # last axis, in coarse voxels; labels: 1 where that offset is positive
+    shape, ratio = (6, 10, 12), 1.5
+    fine = tuple(round(n * ratio) for n in shape)
+    off = (torch.arange(fine[2], dtype=torch.float32) - (fine[2] - 1) / 2) / ratio
+    img = off.expand(fine).clone()
+    lab = (img > 0).to(torch.uint8)
+    out_img, out_lab = resample_crop(img, lab, shape, ratio)
+    want = (torch.arange(shape[2], dtype=torch.float32) - (shape[2] - 1) / 2).expand(shape)
+    assert out_img.shape == shape and out_lab.shape == shape and out_lab.dtype == torch.uint8
+    assert torch.allclose(out_img, want, atol=1e-5)  # linear of a linear ramp is exact
+    assert torch.equal(out_lab, (want > 0).to(torch.uint8))
+    # ratio 1: the crop itself
+    same_img, same_lab = resample_crop(img, lab, fine, 1.0)
+    assert torch.allclose(same_img, img, atol=1e-5) and torch.equal(same_lab, lab)
+
+
+def test_render_spacing_renders_finer_and_gives_crops_on_the_model_grid(tmp_path):
+    from cartiq.segmentation.train import TrainConfig, _Batcher, _load_samples
+
+    labels = tmp_path / "labels"
+    write_toy(labels, spacing=(0.5, 0.5, 0.5))
+    base = yaml.safe_load(tiny_config(tmp_path).read_text())
+    cfg = TrainConfig(**{**base, "synth": {"spacing_mm": 1.0, "render_spacing_mm": 0.5,
+                                           "crop_depth": 8}})
+    samples = _load_samples(labels, None, cfg)
+    assert tuple(samples[0].labels.shape) == (40, 64, 64)  # loaded at 0.5 mm, not 1.0
+    b = _Batcher(cfg, samples, seed=0)
+    assert b.renderer.cfg.spacing_mm == 0.5  # the renderer converts mm on its own grid
+    img, lab, _ = b._one(samples[0])
+    assert tuple(img.shape) == (8, 32, 32) == tuple(lab.shape)
+    x, y = b.batch()
+    assert x.shape == (2, 1, 32, 32) and y.shape == (2, 1, 32, 32)
+    with pytest.raises(ValidationError, match="must be finer"):
+        TrainConfig(**{**base, "synth": {"spacing_mm": 1.0, "render_spacing_mm": 1.0}})
+
+
+def test_training_with_a_finer_render_grid_runs(tmp_path):
+    labels = tmp_path / "labels"
+    write_toy(labels, spacing=(0.5, 0.5, 0.5))
+    cfg = tiny_config(tmp_path, synth={"spacing_mm": 1.0, "render_spacing_mm": 0.5,
+                                       "crop_depth": 8})
+    s = train(labels, tmp_path / "m", config_path=cfg, progress=False)
+    assert s["steps"] == 3 and load_model(tmp_path / "m").metadata.name == "tiny_test"

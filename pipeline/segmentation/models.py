@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from cartiq._resources import MODELS, resource_dir
 from cartiq.config import Strict
@@ -91,6 +91,20 @@ class InputSpec(Strict):
                                 "neighbouring slices on each side of a slice, at the grid's "
                                 "slice spacing, as extra input channels in slice order "
                                 "(network.in_channels = 1 + 2 x context_slices)")
+    grid_shifts: list[tuple[float, float]] = Field(
+        default_factory=list, description="2D nets, test-time grid shifts: for each (a, b), "
+        "a second pass on the canonical grid moved by a and b voxels along the two in-plane "
+        "axes (in LPS order); the class probabilities of all passes are averaged on the "
+        "scan's grid. Empty: one pass")
+
+    @field_validator("grid_shifts")
+    @classmethod
+    def _shifts_inside_a_voxel(cls, v):
+        for a, b in v:
+            if not (-1 < a < 1 and -1 < b < 1) or (a == 0 and b == 0):
+                raise ValueError(f"grid shift {(a, b)} must be a non-zero fraction of a voxel "
+                                 "(each component in (-1, 1))")
+        return v
 
     def grid_slice_spacing_mm(self, scan_slice_spacing_mm: float) -> float:
         """Spacing across a 2D net's slices on the canonical grid for a scan with this slice

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -229,13 +229,21 @@ class Segmenter:
         return SegmentResult(labels=labels, info=info)
 
     # -- inference
-    def _canonical(self, volume: Volume) -> tuple[np.ndarray, Geometry]:
+    def _canonical(self, volume: Volume,
+                   shift: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, Geometry]:
+        """The normalised scan on the canonical grid, moved by ``shift`` voxels along the two
+        in-plane axes (2D nets)."""
         spec = self.model.metadata.input
         sp = list(spec.spacing_mm)
         if self.model.metadata.network.spatial_dims == 2 and spec.keep_slice_spacing:
             sp[spec.slice_axis] = spec.grid_slice_spacing_mm(
                 axis_spacing_along(volume.geometry, spec.slice_axis))
         dst = canonical_geometry(volume.geometry, tuple(sp))
+        if shift != (0.0, 0.0):
+            origin = np.asarray(dst.origin, float)
+            inplane = [a for a in range(3) if a != spec.slice_axis]
+            origin[inplane] += np.asarray(shift, float) * np.asarray(sp)[inplane]
+            dst = replace(dst, origin=tuple(float(o) for o in origin))
         norm = normalize_array(volume.array, spec.percentiles)  # the same as in training
         return resample_array(norm, volume.geometry, dst, default=0.0), dst
 
@@ -252,16 +260,22 @@ class Segmenter:
                              self.model.folder) from None
 
     def _predict(self, volume: Volume) -> np.ndarray:
-        """Class index per input voxel (model's own output values)."""
-        probs, cgeom = self._canonical_probs(volume)
-        return self._probs_back(probs, cgeom, volume.geometry, self.class_weights)
+        """Class index per input voxel (model's own output values); with the input spec's
+        ``grid_shifts``, the mean of the passes' probabilities."""
+        shifts = [(0.0, 0.0)]
+        if self.model.metadata.network.spatial_dims == 2:
+            shifts += [tuple(map(float, s)) for s in self.model.metadata.input.grid_shifts]
+        passes = [self._canonical_probs(volume, s) for s in shifts]
+        return self._probs_back(passes, volume.geometry, self.class_weights)
 
-    def _canonical_probs(self, volume: Volume) -> tuple[np.ndarray, Geometry]:
-        """Class probabilities (C, ...) on the network's canonical grid, and that grid."""
+    def _canonical_probs(self, volume: Volume, shift: tuple[float, float] = (0.0, 0.0)
+                         ) -> tuple[np.ndarray, Geometry]:
+        """Class probabilities (C, ...) on the network's canonical grid (moved by ``shift``
+        in-plane voxels), and that grid."""
         import torch
 
         net = self.model.metadata.network
-        canon, cgeom = self._canonical(volume)
+        canon, cgeom = self._canonical(volume, shift)
         n_out = net.out_channels
         probs = np.zeros((n_out,) + canon.shape, np.float16)
         with torch.inference_mode():
@@ -307,16 +321,21 @@ class Segmenter:
         return w
 
     @staticmethod
-    def _probs_back(probs: np.ndarray, src: Geometry, dst: Geometry,
+    def _probs_back(passes: list[tuple[np.ndarray, Geometry]], dst: Geometry,
                     weights: np.ndarray | None = None) -> np.ndarray:
-        """Resample each class probability onto the input grid (linear), scale it by its
-        class weight and arg-max (scaling after the linear resampling is the same as
-        before it)."""
+        """Resample each class probability of each ``(probs, grid)`` pass onto the input
+        grid (linear), average the passes, scale by the class weight and arg-max (scaling
+        after the linear resampling is the same as before it)."""
         best = np.full(dst.shape, -1.0, np.float32)
         arg = np.zeros(dst.shape, np.uint8)
-        for c in range(probs.shape[0]):
-            p = resample_array(probs[c].astype(np.float32), src, dst,
+        for c in range(passes[0][0].shape[0]):
+            p = resample_array(passes[0][0][c].astype(np.float32), passes[0][1], dst,
                                default=1.0 if c == 0 else 0.0)
+            for probs, src in passes[1:]:
+                p += resample_array(probs[c].astype(np.float32), src, dst,
+                                    default=1.0 if c == 0 else 0.0)
+            if len(passes) > 1:
+                p /= len(passes)
             if weights is not None and weights[c] != 1.0:
                 p *= weights[c]
             better = p > best

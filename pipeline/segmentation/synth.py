@@ -120,6 +120,10 @@ class SynthConfig(Strict):
     """Randomisation ranges of the generative model (units in the key names)."""
 
     spacing_mm: float = Field(0.5, gt=0, description="isotropic grid the labels are sampled on")
+    render_spacing_mm: float | None = Field(None, gt=0, description="training: load the maps "
+        "and render each crop on this finer isotropic grid, then resample the crop linearly "
+        "onto spacing_mm, as inference resamples a finer scan (the image then has the maps' "
+        "detail and a resampled scan's texture). None: render on spacing_mm")
     crop_depth: int = Field(16, ge=4, description="voxels across the slice axis per crop")
     rotation_deg: float = Field(15.0, ge=0)
     scale_fraction: float = Field(0.15, ge=0, lt=1)

@@ -38,7 +38,7 @@ from cartiq.segmentation.models import InputSpec, ModelMetadata, NetworkSpec, bu
 from cartiq.segmentation.synth import MODEL_CLASSES, Renderer, SynthConfig, load_label_map_canonical
 
 __all__ = ["TrainConfig", "train", "dice_per_class", "compact_checkpoint", "export_package",
-           "context_stack", "inflate_input_channels"]
+           "context_stack", "inflate_input_channels", "resample_crop"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,14 @@ class TrainConfig(Strict):
     def _loss_has_a_term(self) -> "TrainConfig":
         if self.dice_weight == 0 and self.ce_weight == 0:
             raise ValueError("dice_weight and ce_weight are both 0: the loss would be 0")
+        return self
+
+    @model_validator(mode="after")
+    def _render_grid_is_finer(self) -> "TrainConfig":
+        fine = self.synth.render_spacing_mm
+        if fine is not None and fine >= self.synth.spacing_mm:
+            raise ValueError(f"synth.render_spacing_mm {fine} must be finer than "
+                             f"synth.spacing_mm {self.synth.spacing_mm}")
         return self
 
     @model_validator(mode="after")
@@ -132,7 +140,10 @@ def _load_samples(labels_dir: Path, images_dir: Path | None, cfg: TrainConfig,
     from cartiq.segmentation.grid import (axis_spacing_along, canonical_geometry,
                                           normalize_array, resample_array)
 
-    sp = cfg.synth.spacing_mm
+    sp = cfg.synth.render_spacing_mm or cfg.synth.spacing_mm
+    if images_dir is not None and cfg.synth.render_spacing_mm is not None:
+        raise InputError("synth.render_spacing_mm is for rendered crops; training on images "
+                         "(--images) takes them on synth.spacing_mm", images_dir)
     images = {_stem(p): p for p in _files(images_dir)} if images_dir else {}
     out = []
     for path in _files(labels_dir):
@@ -170,7 +181,10 @@ class _Batcher:
 
     def __init__(self, cfg: TrainConfig, samples: list[_Sample], seed: int) -> None:
         self.cfg, self.samples = cfg, samples
-        self.renderer = Renderer(cfg.synth, seed=seed)
+        fine = cfg.synth.render_spacing_mm
+        # the renderer works in its own grid's voxels
+        rcfg = cfg.synth if fine is None else cfg.synth.model_copy(update={"spacing_mm": fine})
+        self.renderer = Renderer(rcfg, seed=seed)
         self.dims = cfg.network.spatial_dims
         w = []
         for smp in samples:
@@ -195,7 +209,14 @@ class _Batcher:
         """An (image, labels) crop and the neighbour step for 2.5D input."""
         r = self.renderer
         if s.image is None:
-            img, lab = r.sample(s.labels, self.crop_shape())
+            fine = self.cfg.synth.render_spacing_mm
+            if fine is None:
+                img, lab = r.sample(s.labels, self.crop_shape())
+            else:
+                shape = self.crop_shape()
+                ratio = self.cfg.synth.spacing_mm / fine
+                img, lab = r.sample(s.labels, tuple(round(n * ratio) for n in shape))
+                img, lab = resample_crop(img, lab, shape, ratio)
             return img, lab, self.context_step(r.last_slice_thickness_mm)
         both = torch.stack([s.labels.float(), s.image])
         grid = r._grid(s.labels, self.crop_shape(), None)
@@ -221,6 +242,24 @@ class _Batcher:
                 imgs.append(img[None, None])
                 labs.append(lab[None, None])
         return torch.cat(imgs).float(), torch.cat(labs)
+
+
+def resample_crop(img: torch.Tensor, lab: torch.Tensor, shape: tuple[int, int, int],
+                  ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A crop rendered on a grid ``ratio`` times finer, resampled onto ``shape`` voxels of the
+    coarser grid about the same centre: the image linearly (as inference resamples a scan),
+    the labels by nearest neighbour."""
+    axes = []
+    for n, m in zip(shape, img.shape):
+        half = (m - 1) / 2
+        # coarse voxel i lies (i - (n-1)/2) * ratio fine voxels from the centre
+        axes.append((torch.arange(n, dtype=torch.float32) - (n - 1) / 2) * ratio / max(half, 1e-6))
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flip(-1)[None]
+    out_img = F.grid_sample(img[None, None].float(), grid, mode="bilinear",
+                            padding_mode="border", align_corners=True)[0, 0]
+    out_lab = F.grid_sample(lab[None, None].float(), grid, mode="nearest",
+                            padding_mode="border", align_corners=True)[0, 0]
+    return out_img, out_lab.round().to(lab.dtype)
 
 
 def context_stack(img: torch.Tensor, idx: torch.Tensor, context: int,
