@@ -329,11 +329,8 @@ class Segmenter:
         best = np.full(dst.shape, -1.0, np.float32)
         arg = np.zeros(dst.shape, np.uint8)
         for c in range(passes[0][0].shape[0]):
-            p = resample_array(passes[0][0][c].astype(np.float32), passes[0][1], dst,
-                               default=1.0 if c == 0 else 0.0)
-            for probs, src in passes[1:]:
-                p += resample_array(probs[c].astype(np.float32), src, dst,
-                                    default=1.0 if c == 0 else 0.0)
+            p = sum(resample_array(probs[c].astype(np.float32), src, dst,
+                                   default=1.0 if c == 0 else 0.0) for probs, src in passes)
             if len(passes) > 1:
                 p /= len(passes)
             if weights is not None and weights[c] != 1.0:
