@@ -44,19 +44,6 @@ FIT_CLASSES = {"femoral_cartilage": ("femoral_cartilage",),
                "patellar_cartilage": ("patellar_cartilage",)}
 
 
-def _probabilities(seg, image) -> np.ndarray:
-    """Class probabilities of ``seg``'s model on ``image``'s grid (C, *shape), float16,
-    resampled as the segmenter does before its arg-max."""
-    from cartiq.segmentation.segmenter import resample_array
-
-    probs, src = seg._canonical_probs(image)
-    out = np.empty((probs.shape[0],) + tuple(image.geometry.shape), np.float16)
-    for c in range(probs.shape[0]):
-        out[c] = resample_array(probs[c].astype(np.float32), src, image.geometry,
-                                default=1.0 if c == 0 else 0.0)
-    return out
-
-
 def _scores(pred: np.ndarray, truth: np.ndarray) -> tuple[float | None, float | None]:
     n_t, n_p = int(truth.sum()), int(pred.sum())
     if n_t + n_p == 0:
@@ -80,7 +67,7 @@ def fit(model: str | None, maps: list[str], mirror: Path, contrasts: list[str],
         for info, image, truth in renderings(fold, mirror, contrasts, slices_mm, 1, seed0,
                                              tissues):
             t0 = time.monotonic()
-            p = _probabilities(seg, image).astype(np.float32)
+            p = seg.probabilities(image).astype(np.float32)
             rec = {"map": fold, **info, "by_weight": {}}
             for c in classes:
                 true_c = np.isin(truth, [s[n] for n in FIT_CLASSES[c]])

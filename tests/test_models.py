@@ -283,3 +283,25 @@ def test_grid_shifts_run_one_pass_each_on_a_moved_grid(tmp_path, monkeypatch):
     monkeypatch.setattr(Segmenter, "_canonical_probs", spy)
     labels = seg._predict(image)
     assert grids == [(0.0, 0.0), (0.5, 0.25)] and labels.shape == image.geometry.shape
+
+
+def test_probabilities_are_what_the_prediction_takes_the_argmax_of(tmp_path):
+    from cartiq.io.volume import Geometry, Volume
+    from cartiq.segmentation.segmenter import Segmenter
+
+    image = Volume(np.random.default_rng(2).random((30, 36, 40), np.float32),
+                   Geometry((30, 36, 40), (1.0, 0.8, 0.8), (5, -3, 2),
+                            (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    pkg = make_package(tmp_path / "tiny")
+    meta = json.loads((pkg / "metadata.json").read_text())
+    _set_meta(pkg, input={**meta["input"], "grid_shifts": [[0.5, 0.5]]})
+    seg = Segmenter(pkg, device="cpu")
+    p = seg.probabilities(image)
+    assert p.shape == (len(MODEL_CLASSES),) + image.geometry.shape and p.dtype == np.float16
+    # a distribution per voxel (float16 rounding aside) ...
+    assert np.allclose(p.astype(np.float32).sum(0), 1.0, atol=1e-2)
+    # ... whose arg-max is the prediction wherever the top two are not a float16 tie
+    top2 = np.sort(p.astype(np.float32), 0)[-2:]
+    clear = top2[1] - top2[0] > 2e-3
+    assert clear.mean() > 0.5   # an untrained net: close calls are common
+    assert (p.argmax(0)[clear] == seg._predict(image)[clear]).all()

@@ -262,11 +262,29 @@ class Segmenter:
     def _predict(self, volume: Volume) -> np.ndarray:
         """Class index per input voxel (model's own output values); with the input spec's
         ``grid_shifts``, the mean of the passes' probabilities."""
+        return self._probs_back(self._passes(volume), volume.geometry, self.class_weights)
+
+    def _passes(self, volume: Volume) -> list[tuple[np.ndarray, Geometry]]:
+        """One ``(probabilities, canonical grid)`` pass on the canonical grid, plus one per
+        in-plane ``grid_shifts`` entry (2D nets)."""
         shifts = [(0.0, 0.0)]
         if self.model.metadata.network.spatial_dims == 2:
             shifts += [tuple(map(float, s)) for s in self.model.metadata.input.grid_shifts]
-        passes = [self._canonical_probs(volume, s) for s in shifts]
-        return self._probs_back(passes, volume.geometry, self.class_weights)
+        return [self._canonical_probs(volume, s) for s in shifts]
+
+    def probabilities(self, volume: Volume) -> np.ndarray:
+        """Class probabilities (C, *scan shape), float16, on ``volume``'s own grid, as the
+        arg-max of a prediction sees them before the class weights: every pass resampled
+        linearly and averaged.  For fitting and checking ``class_weights``; the prediction
+        itself streams one class at a time instead of holding them all."""
+        if self.model.metadata.format == "nnunetv2":
+            raise ModelError("probabilities come from cartiq's own inference, not from "
+                             "nnU-Net packages", self.model.folder)
+        passes = self._passes(volume)
+        out = np.empty((passes[0][0].shape[0],) + tuple(volume.geometry.shape), np.float16)
+        for c in range(out.shape[0]):
+            out[c] = self._class_back(passes, c, volume.geometry)
+        return out
 
     def _canonical_probs(self, volume: Volume, shift: tuple[float, float] = (0.0, 0.0)
                          ) -> tuple[np.ndarray, Geometry]:
@@ -321,6 +339,17 @@ class Segmenter:
         return w
 
     @staticmethod
+    def _class_back(passes: list[tuple[np.ndarray, Geometry]], c: int,
+                    dst: Geometry) -> np.ndarray:
+        """Class ``c``'s probability on ``dst``: each pass resampled linearly (outside its
+        grid: background), then averaged over the passes (float32)."""
+        p = sum(resample_array(probs[c].astype(np.float32), src, dst,
+                               default=1.0 if c == 0 else 0.0) for probs, src in passes)
+        if len(passes) > 1:
+            p /= len(passes)
+        return p
+
+    @staticmethod
     def _probs_back(passes: list[tuple[np.ndarray, Geometry]], dst: Geometry,
                     weights: np.ndarray | None = None) -> np.ndarray:
         """Resample each class probability of each ``(probs, grid)`` pass onto the input
@@ -329,10 +358,7 @@ class Segmenter:
         best = np.full(dst.shape, -1.0, np.float32)
         arg = np.zeros(dst.shape, np.uint8)
         for c in range(passes[0][0].shape[0]):
-            p = sum(resample_array(probs[c].astype(np.float32), src, dst,
-                                   default=1.0 if c == 0 else 0.0) for probs, src in passes)
-            if len(passes) > 1:
-                p /= len(passes)
+            p = Segmenter._class_back(passes, c, dst)
             if weights is not None and weights[c] != 1.0:
                 p *= weights[c]
             better = p > best
