@@ -10,7 +10,8 @@ translation (up to ``--max-translation-mm`` along each) per visit, each visit wi
 noise seed - so the partial-volume sampling of every surface differs between the two
 "scans", as after repositioning.  Both label maps are measured: by default the phantom's
 labels (the measurement's share of scan-rescan error; noise does not enter), with
-``--segment`` the default model's segmentation of each rendered, noisy image.
+``--segment`` the default model's segmentation of each rendered, noisy image (``--model
+PACKAGE``: another package's, e.g. a candidate before it ships).
 
 Per pair and value, CV% = SD / mean of the two measurements (SD = |a - b| / sqrt 2);
 the root-mean-square CV over pairs is reported per plate and per Wirth-Eckstein subregion
@@ -33,7 +34,7 @@ PLATES = ("femoral_cartilage", "medial_tibial_cartilage", "lateral_tibial_cartil
 _SEGMENTER = []
 
 
-def _measure(spec, method: str, segment: bool) -> dict:
+def _measure(spec, method: str, segment: bool, model: str | None = None) -> dict:
     from cartiq.config import MeasureConfig, ThicknessConfig
     from cartiq.data.phantom import make_phantom
     from cartiq.measurement.measure import measure_labels
@@ -44,7 +45,7 @@ def _measure(spec, method: str, segment: bool) -> dict:
         from cartiq.segmentation.segmenter import Segmenter
 
         if not _SEGMENTER:
-            _SEGMENTER.append(Segmenter(None, device="cpu"))
+            _SEGMENTER.append(Segmenter(model, device="cpu"))
         labels = _SEGMENTER[0].run(ph.image, side=spec.side, side_override=True).labels
     cfg = MeasureConfig(thickness=ThicknessConfig(thickness_method=method))
     r = measure_labels(labels, ph.labels.geometry, side=spec.side, config=cfg)
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--segment", action="store_true",
                     help="measure the default model's segmentation of each rendered image")
+    ap.add_argument("--model", default=None,
+                    help="with --segment: this model package instead of the default model")
     a = ap.parse_args()
     logging.disable(logging.WARNING)
     from cartiq.data.phantom import PhantomSpec
@@ -76,7 +79,7 @@ def main() -> None:
                 seed=int(rng.integers(1 << 30)),
                 rotation_deg=tuple(rng.uniform(-1, 1, 3) * a.max_rotation_deg),
                 translation_mm=tuple(rng.uniform(-1, 1, 3) * a.max_translation_mm))
-            visits.append(_measure(spec, a.method, a.segment))
+            visits.append(_measure(spec, a.method, a.segment, a.model))
         for key in visits[0].keys() & visits[1].keys():
             x, y = visits[0][key], visits[1][key]
             if not (math.isfinite(x) and math.isfinite(y)):
@@ -89,7 +92,8 @@ def main() -> None:
     def rms(v):
         return float(np.sqrt(np.mean(np.square(v))))
 
-    print(f"\nmethod {a.method}, {'default-model segmentation' if a.segment else 'phantom labels'}, "
+    who = f"segmentation by {a.model or 'the default model'}"
+    print(f"\nmethod {a.method}, {who if a.segment else 'phantom labels'}, "
           f"{a.pairs} pairs, rotation <= {a.max_rotation_deg} deg, "
           f"translation <= {a.max_translation_mm} mm per axis\n")
     print("| value | RMS CV % | RMS SD mm | SDC (95%) mm |")
