@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -193,12 +194,8 @@ def test_monai_bundle_folder(tmp_path):
 
 
 def test_nnunet_without_extra_is_a_clear_error(tmp_path):
-    pytest.importorskip("numpy")
-    try:
-        import nnunetv2  # noqa: F401
+    if importlib.util.find_spec("nnunetv2") is not None:
         pytest.skip("nnunetv2 is installed")
-    except ImportError:
-        pass
     folder = tmp_path / "nnunet"
     (folder / "fold_0").mkdir(parents=True)
     meta = {"name": "nn", "format": "nnunetv2", "labels": {1: "femur"}}
