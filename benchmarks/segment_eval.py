@@ -93,12 +93,15 @@ def sagittal_grid(src, spacing):
 
 
 def renderings(fold: str, mirror: Path, contrasts: list[str], slices_mm: list[float], n: int,
-               seed0: int = 100, tissues: bool = False, render_mm: float = RENDER_MM):
+               seed0: int = 100, tissues: bool = False, render_mm: float = RENDER_MM,
+               fluid_probability: float | None = None):
     """Renderings of the fold's real label map (see the module docstring): yields
     ``(info, image, truth)`` with ``info`` = contrast, slice_mm, seed; ``image`` a
     :class:`~cartiq.io.volume.Volume` on a sagittal acquisition grid, drawn from the map
     resampled onto a ``render_mm`` grid, and ``truth`` the map in the cartiq scheme on the
-    acquisition grid (the same grid for every ``render_mm``)."""
+    acquisition grid (the same grid for every ``render_mm``).  ``fluid_probability``: the
+    chance of the joint-fluid film around cartilage and menisci per rendering (None: the
+    renderer's default; 0: no film, as in the session-16 analysis in the model card)."""
     import torch
 
     from cartiq.data.fetch import fetch_sample
@@ -121,6 +124,7 @@ def renderings(fold: str, mirror: Path, contrasts: list[str], slices_mm: list[fl
     classes = resample_array(classes, vol.geometry, canon, nearest=True)
     lab_t = torch.from_numpy(np.ascontiguousarray(classes))
     center = (torch.tensor(lab_t.shape, dtype=torch.float32) - 1) / 2
+    film = {} if fluid_probability is None else {"fluid_probability": fluid_probability}
     for thick in slices_mm:
         target = sagittal_grid(frame, (0.35, 0.35, thick))
         truth = resample_array(cart, vol.geometry, target, nearest=True)
@@ -130,7 +134,7 @@ def renderings(fold: str, mirror: Path, contrasts: list[str], slices_mm: list[fl
                               mirror_probability=0, bml_probability=0,
                               random_contrast_probability=0, contrast_families=(contrast,),
                               slice_thickness_mm=(thick, thick),
-                              inplane_resolution_mm=(0.35, 0.35))
+                              inplane_resolution_mm=(0.35, 0.35), **film)
             for i in range(n):
                 img, _ = Renderer(cfg, seed=seed0 + i).sample(lab_t, tuple(lab_t.shape),
                                                               center=center)
@@ -141,7 +145,7 @@ def renderings(fold: str, mirror: Path, contrasts: list[str], slices_mm: list[fl
 
 def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: list[float],
          n: int, seed0: int = 100, tissues: bool = False,
-         render_mm: float = RENDER_MM) -> dict:
+         render_mm: float = RENDER_MM, fluid_probability: float | None = None) -> dict:
     """Dice per structure on renderings of the fold's held-out map (see module docstring)."""
     from cartiq.errors import InputError
     from cartiq.io.labels import default_scheme
@@ -153,7 +157,7 @@ def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: l
     runs = []
     in_map = None
     for info, image, truth in renderings(fold, mirror, contrasts, slices_mm, n, seed0, tissues,
-                                         render_mm):
+                                         render_mm, fluid_probability):
         if in_map is None:  # no Dice for labels absent from the map
             in_map = {s.name_of(int(v)) for v in np.unique(truth) if v}
         t0 = time.monotonic()
@@ -173,7 +177,8 @@ def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: l
         log.info("%s %s %.1f mm seed %d: %s (side %s)", fold, info["contrast"],
                  info["slice_mm"], info["seed"], d, side_found)
     return {"fold": fold, "held_out": sample, "side": side, "tissues_rendered": tissues,
-            "render_mm": render_mm, "runs": runs, "summary": summarise(runs)}
+            "render_mm": render_mm, "fluid_probability": fluid_probability, "runs": runs,
+            "summary": summarise(runs)}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -338,6 +343,9 @@ def main() -> None:
     ap.add_argument("--render-mm", type=float, default=RENDER_MM,
                     help="grid the held-out map is rendered from (mm; 0.5: the protocol of "
                     "sessions 1-13)")
+    ap.add_argument("--fluid-probability", type=float, default=None,
+                    help="chance of the joint-fluid film on cartilage and menisci per rendering "
+                    "(default: the renderer's; 0: renderings without it)")
     ap.add_argument("--mirror", type=Path, default=Path("../shared/data"))
     ap.add_argument("-o", "--out", type=Path, required=True)
     a = ap.parse_args()
@@ -349,7 +357,8 @@ def main() -> None:
         log.info("%s: %s", name, report["real"][name])
     for fold in a.fold:
         report["lomo"].append(lomo(a.model, fold, a.mirror, a.contrasts, a.slice_mm,
-                                   a.renderings, tissues=a.tissues, render_mm=a.render_mm))
+                                   a.renderings, tissues=a.tissues, render_mm=a.render_mm,
+                                   fluid_probability=a.fluid_probability))
     (a.out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
     (a.out / "eval.md").write_text(markdown(report))
     log.info("wrote %s and eval.md", a.out / "eval.json")
