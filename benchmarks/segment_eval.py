@@ -94,14 +94,17 @@ def sagittal_grid(src, spacing):
 
 def renderings(fold: str, mirror: Path, contrasts: list[str], slices_mm: list[float], n: int,
                seed0: int = 100, tissues: bool = False, render_mm: float = RENDER_MM,
-               fluid_probability: float | None = None):
+               fluid_probability: float | None = None,
+               cartilage_fluid_ratio: dict[str, tuple[float, float]] | None = None):
     """Renderings of the fold's real label map (see the module docstring): yields
     ``(info, image, truth)`` with ``info`` = contrast, slice_mm, seed; ``image`` a
     :class:`~cartiq.io.volume.Volume` on a sagittal acquisition grid, drawn from the map
     resampled onto a ``render_mm`` grid, and ``truth`` the map in the cartiq scheme on the
     acquisition grid (the same grid for every ``render_mm``).  ``fluid_probability``: the
     chance of the joint-fluid film around cartilage and menisci per rendering (None: the
-    renderer's default; 0: no film, as in the session-16 analysis in the model card)."""
+    renderer's default; 0: no film, as in the session-16 analysis in the model card);
+    ``cartilage_fluid_ratio``: per contrast family, the range of the cartilage mean as a
+    fraction of the fluid mean (None: the families' own ranges)."""
     import torch
 
     from cartiq.data.fetch import fetch_sample
@@ -125,6 +128,8 @@ def renderings(fold: str, mirror: Path, contrasts: list[str], slices_mm: list[fl
     lab_t = torch.from_numpy(np.ascontiguousarray(classes))
     center = (torch.tensor(lab_t.shape, dtype=torch.float32) - 1) / 2
     film = {} if fluid_probability is None else {"fluid_probability": fluid_probability}
+    if cartilage_fluid_ratio:
+        film["cartilage_fluid_ratio"] = cartilage_fluid_ratio
     for thick in slices_mm:
         target = sagittal_grid(frame, (0.35, 0.35, thick))
         truth = resample_array(cart, vol.geometry, target, nearest=True)
@@ -145,7 +150,8 @@ def renderings(fold: str, mirror: Path, contrasts: list[str], slices_mm: list[fl
 
 def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: list[float],
          n: int, seed0: int = 100, tissues: bool = False,
-         render_mm: float = RENDER_MM, fluid_probability: float | None = None) -> dict:
+         render_mm: float = RENDER_MM, fluid_probability: float | None = None,
+         cartilage_fluid_ratio: dict[str, tuple[float, float]] | None = None) -> dict:
     """Dice per structure on renderings of the fold's held-out map (see module docstring)."""
     from cartiq.errors import InputError
     from cartiq.io.labels import default_scheme
@@ -157,7 +163,7 @@ def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: l
     runs = []
     in_map = None
     for info, image, truth in renderings(fold, mirror, contrasts, slices_mm, n, seed0, tissues,
-                                         render_mm, fluid_probability):
+                                         render_mm, fluid_probability, cartilage_fluid_ratio):
         if in_map is None:  # no Dice for labels absent from the map
             in_map = {s.name_of(int(v)) for v in np.unique(truth) if v}
         t0 = time.monotonic()
@@ -177,7 +183,8 @@ def lomo(model: str, fold: str, mirror: Path, contrasts: list[str], slices_mm: l
         log.info("%s %s %.1f mm seed %d: %s (side %s)", fold, info["contrast"],
                  info["slice_mm"], info["seed"], d, side_found)
     return {"fold": fold, "held_out": sample, "side": side, "tissues_rendered": tissues,
-            "render_mm": render_mm, "fluid_probability": fluid_probability, "runs": runs,
+            "render_mm": render_mm, "fluid_probability": fluid_probability,
+            "cartilage_fluid_ratio": cartilage_fluid_ratio, "runs": runs,
             "summary": summarise(runs)}
 
 
@@ -260,6 +267,10 @@ def markdown(report: dict) -> str:
     for fold in report.get("lomo", []):
         tissues = ", its tissues rendered" if fold.get("tissues_rendered") else ""
         grid = fold.get("render_mm", 0.5)  # reports before session 14: 0.5 mm
+        if fold.get("fluid_probability") is not None:
+            tissues += f", fluid film probability {fold['fluid_probability']}"
+        for fam, (lo, hi) in (fold.get("cartilage_fluid_ratio") or {}).items():
+            tissues += f", {fam} cartilage at {lo}-{hi} of fluid"
         lines += [f"### Leave-one-map-out fold `{fold['fold']}` (held out: "
                   f"{fold['held_out']}{tissues}; rendered from a {grid} mm grid)", "",
                   "| structure | Dice mean | SD | worst (where) | volume ratio |",
@@ -346,9 +357,18 @@ def main() -> None:
     ap.add_argument("--fluid-probability", type=float, default=None,
                     help="chance of the joint-fluid film on cartilage and menisci per rendering "
                     "(default: the renderer's; 0: renderings without it)")
+    ap.add_argument("--cartilage-fluid-ratio", nargs=3, action="append", default=[],
+                    metavar=("FAMILY", "LOW", "HIGH"),
+                    help="in that contrast family's renderings, draw the cartilage mean as "
+                    "LOW-HIGH times the fluid mean (repeatable; default: the family's own ranges)")
     ap.add_argument("--mirror", type=Path, default=Path("../shared/data"))
     ap.add_argument("-o", "--out", type=Path, required=True)
     a = ap.parse_args()
+    ratio = {}
+    for fam, lo, hi in a.cartilage_fluid_ratio:
+        if fam not in CONTRAST_FAMILIES:
+            ap.error(f"--cartilage-fluid-ratio: unknown contrast family {fam!r}")
+        ratio[fam] = (float(lo), float(hi))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     a.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"model": a.model, "lomo": [], "real": {}}
@@ -358,7 +378,8 @@ def main() -> None:
     for fold in a.fold:
         report["lomo"].append(lomo(a.model, fold, a.mirror, a.contrasts, a.slice_mm,
                                    a.renderings, tissues=a.tissues, render_mm=a.render_mm,
-                                   fluid_probability=a.fluid_probability))
+                                   fluid_probability=a.fluid_probability,
+                                   cartilage_fluid_ratio=ratio or None))
     (a.out / "eval.json").write_text(json.dumps(report, indent=2, default=str))
     (a.out / "eval.md").write_text(markdown(report))
     log.info("wrote %s and eval.md", a.out / "eval.json")

@@ -116,6 +116,13 @@ Range = Annotated[tuple[float, float], AfterValidator(_ordered_range)]
 """A (low, high) range a value is drawn from uniformly, per crop: non-negative and ordered."""
 
 
+def _voxel_range(value: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = value
+    if not 1 <= lo <= hi:
+        raise ValueError(f"a voxel range must be (low, high) with 1 <= low <= high, got {list(value)}")
+    return value
+
+
 class SynthConfig(Strict):
     """Randomisation ranges of the generative model (units in the key names)."""
 
@@ -142,7 +149,15 @@ class SynthConfig(Strict):
     bias_std: float = Field(0.3, ge=0)
     noise_std: Range = (0.0, 0.06)
     gamma_std: float = Field(0.25, ge=0)
-    fluid_probability: float = Field(0.7, ge=0, le=1)
+    fluid_probability: float = Field(0.7, ge=0, le=1, description="chance per crop of a "
+        "joint-fluid film on the background surface of cartilage and menisci")
+    fluid_film_voxels: Annotated[tuple[int, int], AfterValidator(_voxel_range)] = Field(
+        (1, 2), description="range of the film's "
+        "thickness in voxels of the rendering grid (whole numbers, drawn uniformly per crop)")
+    cartilage_fluid_ratio: dict[Literal["dess", "pdfs", "t1", "t2"], Range] = Field(
+        default_factory=dict, description="per contrast family, range of the cartilage mean "
+        "as a fraction of the joint-fluid mean (drawn per crop; each plate keeps its jitter); "
+        "a family not named keeps its own cartilage range")
     cortex_probability: float = Field(0.8, ge=0, le=1)
     defect_probability: float = Field(0.0, ge=0, le=1,
         description="chance per crop of planting 1-3 cartilage defects (filled with fluid)")
@@ -449,7 +464,8 @@ class Renderer:
         if float(torch.rand(1, generator=self.gen)) < cfg.random_contrast_probability:
             return torch.rand(N_RENDER, generator=self.gen), None
         fams = cfg.contrast_families
-        fam = _FAMILIES[fams[int(torch.randint(len(fams), (1,), generator=self.gen))]]
+        name = fams[int(torch.randint(len(fams), (1,), generator=self.gen))]
+        fam = _FAMILIES[name]
         mu = torch.zeros(N_RENDER)
 
         def pick(rng: tuple[float, float]) -> float:
@@ -468,6 +484,10 @@ class Renderer:
         mu[_C["background"]] = pick(fam["bg"][0])
         mu[CORTEX] = pick(fam["cortex"])
         mu[FLUID] = pick(fam["fluid"])
+        ratio = cfg.cartilage_fluid_ratio.get(name)
+        if ratio is not None:  # the plates' common mean moves to ratio x fluid
+            scale = float(mu[FLUID]) * pick(ratio) / max(cart, 1e-6)
+            mu[list(_PLATES)] = (mu[list(_PLATES)] * scale).clamp(0.0, 1.0)
         return mu, fam
 
     def _tissue_means(self, fam: dict | None) -> torch.Tensor:
@@ -499,8 +519,9 @@ class Renderer:
             eroded = -_dilate(-bone.float(), 1)
             rl[bone & (eroded < 0.5) & (lab != _C["bone_marrow_lesion"])] = CORTEX
         if float(torch.rand(1, generator=self.gen)) < cfg.fluid_probability:
-            k = 3 if float(torch.rand(1, generator=self.gen)) < 0.5 else 5
-            near = _dilate(soft.float(), k // 2)
+            lo, hi = cfg.fluid_film_voxels
+            r = lo + int(float(torch.rand(1, generator=self.gen)) * (hi - lo + 1))
+            near = _dilate(soft.float(), min(r, hi))
             rl[bg & (near > 0)] = FLUID
         if cfg.effusion_probability > 0 and \
                 float(torch.rand(1, generator=self.gen)) < cfg.effusion_probability:
