@@ -1,7 +1,7 @@
 """Compare segmentation models evaluated by ``segment_eval.py`` on the same renderings.
 
     python benchmarks/compare_models.py BASE/eval.json ARM/eval.json [ARM2/eval.json ...] \
-        [--fold mskt_right] [--markdown OUT.md]
+        [--fold mskt_right] [--markdown OUT.md] [--by-contrast]
 
 The first file is the baseline.  For each model: the mean Dice of each plate and of the four
 plates over the fold's renderings, the plates' volume ratios and their mean abs(log ratio),
@@ -9,7 +9,8 @@ the lowest plate Dice in any rendering, the side-found count; and, against the b
 plates' mean difference **paired over the renderings both were run on** (same contrast, slice
 thickness and seed) with its standard error, which says how well the renderings measure a
 difference (not how much training noise there is: two checkpoints of one recipe can differ
-by more).  Where the files hold the real qDESS: its femoral cartilage volume, QC status, Dice
+by more); with ``--by-contrast``, the same for each contrast family's renderings on their
+own.  Where the files hold the real qDESS: its femoral cartilage volume, QC status, Dice
 against pyKNEEr's cartilage and the cartiq-only cartilage beyond 2 mm of it.  Not a test.
 """
 
@@ -54,17 +55,28 @@ def paired_difference(arm: dict[tuple, float], base: dict[tuple, float]) -> dict
             "se": statistics.stdev(d) / math.sqrt(len(d))}
 
 
-def summarize(data: dict, fold: str | None = None) -> dict:
-    f = _fold(data, fold)
-    runs = f["runs"]
+def _summarize_runs(runs: list[dict], side: str) -> dict:
     per_plate = {p: statistics.fmean(r["dice"][p] for r in runs) for p in PLATES}
     ratios = {p: statistics.fmean(r["volume_ratio"][p] for r in runs) for p in PLATES}
-    out = {"fold": f["fold"], "renderings": len(runs), "plates": per_plate,
-           "plates_mean": statistics.fmean(per_plate.values()), "volume_ratio": ratios,
-           "mean_abs_log_ratio": statistics.fmean(abs(math.log(v)) for v in ratios.values()),
-           "lowest_plate": min(r["dice"][p] for r in runs for p in PLATES),
-           "side_found": sum(r["side_found"] == f["side"] for r in runs),
-           "per_rendering": plate_means(runs)}
+    return {"renderings": len(runs), "plates": per_plate,
+            "plates_mean": statistics.fmean(per_plate.values()), "volume_ratio": ratios,
+            "mean_abs_log_ratio": statistics.fmean(abs(math.log(v)) for v in ratios.values()),
+            "lowest_plate": min(r["dice"][p] for r in runs for p in PLATES),
+            "side_found": sum(r["side_found"] == side for r in runs),
+            "per_rendering": plate_means(runs)}
+
+
+def by_contrast(data: dict, fold: str | None = None) -> dict[str, dict]:
+    """The summary of each contrast family's renderings on their own."""
+    f = _fold(data, fold)
+    contrasts = sorted({r["contrast"] for r in f["runs"]})
+    return {c: _summarize_runs([r for r in f["runs"] if r["contrast"] == c], f["side"])
+            for c in contrasts}
+
+
+def summarize(data: dict, fold: str | None = None) -> dict:
+    f = _fold(data, fold)
+    out = {"fold": f["fold"], **_summarize_runs(f["runs"], f["side"])}
     q = data.get("real", {}).get("qdess")
     if q:
         ref = q.get("pykneer_reference") or {}
@@ -92,6 +104,9 @@ def table(names: list[str], summaries: list[dict]) -> str:
     row("mean of the plates", [f"{s['plates_mean']:.4f}" for s in summaries])
     diffs = ["baseline"]
     for s in summaries[1:]:
+        if len(set(s["per_rendering"]) & set(base["per_rendering"])) < 2:
+            diffs.append("n/a (fewer than two renderings in common)")
+            continue
         d = paired_difference(s["per_rendering"], base["per_rendering"])
         diffs.append(f"{d['mean']:+.4f} (SE {d['se']:.4f}, n {d['n']})")
     row("paired difference from the baseline", diffs)
@@ -116,6 +131,8 @@ def main() -> None:
     ap.add_argument("evals", type=Path, nargs="+", help="eval.json files; the first is the baseline")
     ap.add_argument("--fold", default=None, help="fold name (default: each file's first)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    ap.add_argument("--by-contrast", action="store_true",
+                    help="also a table for each contrast family's renderings on their own")
     a = ap.parse_args()
     if len(a.evals) < 2:
         ap.error("give a baseline and at least one model to compare")
@@ -124,7 +141,13 @@ def main() -> None:
     if len(folds) > 1:  # renderings of different knees share keys but are not comparable
         raise SystemExit(f"the files evaluate different folds ({sorted(folds)}): give --fold "
                          "or files of one fold")
-    text = table([p.parent.name or str(p) for p in a.evals], summaries)
+    names = [p.parent.name or str(p) for p in a.evals]
+    text = table(names, summaries)
+    if a.by_contrast:
+        parts = [by_contrast(json.loads(p.read_text()), a.fold) for p in a.evals]
+        for c in parts[0]:
+            if all(c in part for part in parts):
+                text += f"\n{c} renderings only:\n\n" + table(names, [part[c] for part in parts])
     print(text)
     if a.markdown:
         a.markdown.write_text(text)

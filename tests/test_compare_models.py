@@ -81,3 +81,28 @@ def test_files_of_different_folds_are_refused(tmp_path):
     r = subprocess.run([sys.executable, str(BENCH / "compare_models.py"), *paths],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "different folds" in r.stderr
+
+
+def test_by_contrast_summarises_each_family_on_its_own(tmp_path):
+    runs = [_run("dess", 1.0, 100, 0.70, ratio=1.4), _run("dess", 3.0, 100, 0.74, ratio=1.2),
+            _run("t1", 1.0, 100, 0.90, ratio=0.9)]
+    parts = cm.by_contrast(_eval(runs))
+    assert sorted(parts) == ["dess", "t1"]
+    assert parts["dess"]["renderings"] == 2 and parts["t1"]["renderings"] == 1
+    assert parts["dess"]["plates_mean"] == pytest.approx(0.72)
+    assert parts["dess"]["volume_ratio"]["femoral_cartilage"] == pytest.approx(1.3)
+    assert parts["t1"]["plates_mean"] == pytest.approx(0.90)
+    paths = []
+    for name, shift in (("base", 0.0), ("arm", 0.02)):
+        (tmp_path / name).mkdir()
+        p = tmp_path / name / "eval.json"
+        p.write_text(json.dumps(_eval([{**r, "dice": {k: v + shift for k, v in r["dice"].items()}}
+                                       for r in runs])))
+        paths.append(str(p))
+    out = subprocess.run([sys.executable, str(BENCH / "compare_models.py"), *paths,
+                          "--by-contrast"], capture_output=True, text=True, check=True).stdout
+    dess = out.split("dess renderings only:")[1].split("t1 renderings only:")[0]
+    assert "| mean of the plates | 0.7200 | 0.7400 |" in dess
+    assert "+0.0200 (SE 0.0000, n 2)" in dess
+    t1 = out.split("t1 renderings only:")[1]
+    assert "n/a (fewer than two renderings in common)" in t1
