@@ -3,8 +3,9 @@
     python benchmarks/scan_contrast.py IMAGE SEGMENTATION [--json OUT.json]
 
 IMAGE is the scan (any format ``cartiq`` reads, a DICOM folder included), SEGMENTATION a
-cartiq-scheme label map on the same grid (a run's ``segmentation.nii.gz``).  The image is
-normalised as the default model's input is (0.5th and 99.5th percentiles to 0 and 1).
+cartiq-scheme label map on the same grid (a run's ``segmentation.nii.gz``; another grid is
+refused).  The image is normalised by the default model's own function
+(``normalize_array``, 0.5th and 99.5th percentiles to 0 and 1).
 Prints, per label, the median and 10th/90th percentiles; the cartilage core (the plates
 eroded by one voxel in-plane) and surface; the background in the first in-plane ring around
 the plates; and "fluid": background within 15 in-plane voxels of the plates brighter than
@@ -40,14 +41,17 @@ def grey_levels(image: np.ndarray, labels: np.ndarray, names: dict[int, str],
                 slice_axis: int) -> dict:
     """Normalised grey levels per structure (see the module docstring); ``names`` maps label
     values to names, ``slice_axis`` is the array axis across the slices."""
+    from cartiq.segmentation.grid import normalize_array
+
     if image.shape != labels.shape:
         raise SystemExit(f"image {image.shape} and segmentation {labels.shape} differ in shape")
-    lo, hi = np.percentile(image, [0.5, 99.5])
-    norm = np.clip((image.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0, 1)
+    norm = normalize_array(image, (0.5, 99.5))
     out = {"per_label": {names.get(int(v), str(int(v))): _stats(norm[labels == v])
                          for v in np.unique(labels)}}
     plate_values = [v for v, n in names.items() if n in PLATES]
     cart = np.isin(labels, plate_values)
+    if not cart.any():
+        raise SystemExit("the segmentation has no cartilage plate: no cartilage grey level")
     st = np.zeros((3, 3, 3), bool)  # in-plane 4-neighbourhood: no step across the slices
     idx = [slice(None)] * 3
     idx[slice_axis] = 1
@@ -68,7 +72,8 @@ def grey_levels(image: np.ndarray, labels: np.ndarray, names: dict[int, str],
 
 def main() -> None:
     from cartiq.io.labels import default_scheme
-    from cartiq.io.volume import read_volume
+    from cartiq.errors import CartiqError
+    from cartiq.io.volume import check_same_geometry, read_volume
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("image", type=Path)
@@ -76,8 +81,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    img = read_volume(a.image)
-    seg = read_volume(a.segmentation, kind="labels")
+    try:  # unreadable or mismatched inputs: one line naming the file, no figures
+        img = read_volume(a.image)
+        seg = read_volume(a.segmentation, kind="labels")
+        check_same_geometry(img.geometry, seg.geometry, a.image, a.segmentation)
+    except CartiqError as exc:
+        raise SystemExit(str(exc)) from None
     s = default_scheme()
     names = {int(v): n for n, v in s.labels.items()}
     # the slice axis: the voxel axis with the largest spacing

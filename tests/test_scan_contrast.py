@@ -68,3 +68,19 @@ def test_cli_writes_the_figures(tmp_path):
                     str(tmp_path / "seg.nii.gz"), "--json", str(out)], check=True,
                    capture_output=True)
     assert json.loads(out.read_text())["fluid"]["median"] == 1.0
+
+
+def test_a_segmentation_on_another_grid_or_without_plates_gives_no_figures(tmp_path):
+    img, lab = _scan()
+    g = Geometry(lab.shape, (0.3, 0.3, 1.5), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    moved = Geometry(lab.shape, (0.3, 0.3, 1.5), (0.0, 3.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    write_volume(tmp_path / "img.nii.gz", img.astype(np.float32), g)
+    write_volume(tmp_path / "moved.nii.gz", lab, moved)
+    write_volume(tmp_path / "bare.nii.gz", np.where(lab == S["femoral_cartilage"], 0, lab), g)
+    for name, problem in (("moved", "origin"), ("bare", "no cartilage plate")):
+        out = tmp_path / f"{name}.json"
+        r = subprocess.run([sys.executable, str(BENCH / "scan_contrast.py"),
+                            str(tmp_path / "img.nii.gz"), str(tmp_path / f"{name}.nii.gz"),
+                            "--json", str(out)], capture_output=True, text=True)
+        assert r.returncode != 0 and problem in r.stderr, r.stderr
+        assert not out.exists()
