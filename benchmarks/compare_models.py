@@ -136,7 +136,8 @@ def main() -> None:
     a = ap.parse_args()
     if len(a.evals) < 2:
         ap.error("give a baseline and at least one model to compare")
-    summaries = [summarize(json.loads(p.read_text()), a.fold) for p in a.evals]
+    data = [json.loads(p.read_text()) for p in a.evals]
+    summaries = [summarize(d, a.fold) for d in data]
     folds = {s["fold"] for s in summaries}
     if len(folds) > 1:  # renderings of different knees share keys but are not comparable
         raise SystemExit(f"the files evaluate different folds ({sorted(folds)}): give --fold "
@@ -144,7 +145,7 @@ def main() -> None:
     names = [p.parent.name or str(p) for p in a.evals]
     text = table(names, summaries)
     if a.by_contrast:
-        parts = [by_contrast(json.loads(p.read_text()), a.fold) for p in a.evals]
+        parts = [by_contrast(d, a.fold) for d in data]
         for c in parts[0]:
             if all(c in part for part in parts):
                 text += f"\n{c} renderings only:\n\n" + table(names, [part[c] for part in parts])

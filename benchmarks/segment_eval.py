@@ -127,9 +127,9 @@ def renderings(fold: str, mirror: Path, contrasts: list[str], slices_mm: list[fl
     classes = resample_array(classes, vol.geometry, canon, nearest=True)
     lab_t = torch.from_numpy(np.ascontiguousarray(classes))
     center = (torch.tensor(lab_t.shape, dtype=torch.float32) - 1) / 2
-    film = {} if fluid_probability is None else {"fluid_probability": fluid_probability}
+    overrides = {} if fluid_probability is None else {"fluid_probability": fluid_probability}
     if cartilage_fluid_ratio:
-        film["cartilage_fluid_ratio"] = cartilage_fluid_ratio
+        overrides["cartilage_fluid_ratio"] = cartilage_fluid_ratio
     for thick in slices_mm:
         target = sagittal_grid(frame, (0.35, 0.35, thick))
         truth = resample_array(cart, vol.geometry, target, nearest=True)
@@ -139,7 +139,7 @@ def renderings(fold: str, mirror: Path, contrasts: list[str], slices_mm: list[fl
                               mirror_probability=0, bml_probability=0,
                               random_contrast_probability=0, contrast_families=(contrast,),
                               slice_thickness_mm=(thick, thick),
-                              inplane_resolution_mm=(0.35, 0.35), **film)
+                              inplane_resolution_mm=(0.35, 0.35), **overrides)
             for i in range(n):
                 img, _ = Renderer(cfg, seed=seed0 + i).sample(lab_t, tuple(lab_t.shape),
                                                               center=center)

@@ -112,6 +112,9 @@ def _ordered_range(value: tuple[float, float]) -> tuple[float, float]:
     return value
 
 
+Family = Literal["dess", "pdfs", "t1", "t2"]
+"""An MR-like contrast family of :data:`CONTRAST_FAMILIES`."""
+
 Range = Annotated[tuple[float, float], AfterValidator(_ordered_range)]
 """A (low, high) range a value is drawn from uniformly, per crop: non-negative and ordered."""
 
@@ -140,7 +143,7 @@ class SynthConfig(Strict):
     bml_radius_mm: Range = (2.0, 7.0)
     random_contrast_probability: float = Field(0.5, ge=0, le=1,
         description="fully random per-label means; else an MR-like family, jittered")
-    contrast_families: tuple[Literal["dess", "pdfs", "t1", "t2"], ...] = Field(
+    contrast_families: tuple[Family, ...] = Field(
         CONTRAST_FAMILIES, min_length=1,
         description="MR-like families drawn from (uniformly) when the means are not random")
     intensity_std: Range = (0.0, 0.06)
@@ -154,7 +157,7 @@ class SynthConfig(Strict):
     fluid_film_voxels: Annotated[tuple[int, int], AfterValidator(_voxel_range)] = Field(
         (1, 2), description="range of the film's "
         "thickness in voxels of the rendering grid (whole numbers, drawn uniformly per crop)")
-    cartilage_fluid_ratio: dict[Literal["dess", "pdfs", "t1", "t2"], Range] = Field(
+    cartilage_fluid_ratio: dict[Family, Range] = Field(
         default_factory=dict, description="per contrast family, range of the cartilage mean "
         "as a fraction of the joint-fluid mean (drawn per crop; each plate keeps its jitter); "
         "a family not named keeps its own cartilage range")
@@ -521,7 +524,7 @@ class Renderer:
         if float(torch.rand(1, generator=self.gen)) < cfg.fluid_probability:
             lo, hi = cfg.fluid_film_voxels
             r = lo + int(float(torch.rand(1, generator=self.gen)) * (hi - lo + 1))
-            near = _dilate(soft.float(), min(r, hi))
+            near = _dilate(soft.float(), r)  # torch.rand < 1: r <= hi
             rl[bg & (near > 0)] = FLUID
         if cfg.effusion_probability > 0 and \
                 float(torch.rand(1, generator=self.gen)) < cfg.effusion_probability:
