@@ -1,6 +1,7 @@
 """Femoral cartilage of a segmentation of the real pyKNEEr qDESS against pyKNEEr's own result.
 
-    python benchmarks/pykneer_reference.py SEGMENTATION [--mirror DIR] [--json OUT]
+    python benchmarks/pykneer_reference.py SEGMENTATION [--mirror DIR] [--json OUT] \
+        [--figure PNG --scan ECHO1_FOLDER]
 
 SEGMENTATION is the ``segmentation.nii.gz`` that ``cartiq run`` wrote for the sample
 ``pykneer_qdess`` (echo 1), on that scan's own grid.  The reference is the sample
@@ -24,8 +25,10 @@ Reported: both volumes (and the volume of the band rebuilt from pyKNEEr's contou
 of the rebuild), Dice against that band, the distance from pyKNEEr's surface points to
 cartiq's boundary, the share of cartiq's cartilage farther than 2 mm from pyKNEEr's (and the
 reverse), the sagittal slices each covers, both mean thicknesses, and where the two differ
-(cartiq-only cartilage by distance from pyKNEEr's; pyKNEEr-only cartilage, and how much of it
-cartiq calls femur).  Not a test.
+(cartiq-only cartilage by distance from pyKNEEr's, the part of it beyond 2 mm on slices where
+pyKNEEr draws no cartilage at all, and beyond 2 mm slice by slice; pyKNEEr-only cartilage, and
+how much of it cartiq calls femur).  ``--figure``: the slices with the most cartiq-only
+cartilage beyond 2 mm, to look at.  Not a test.
 """
 
 from __future__ import annotations
@@ -156,15 +159,28 @@ def disagreement(ours: np.ndarray, band: np.ndarray, femur: np.ndarray, spacing,
     def median(m: np.ndarray) -> float | None:
         return round(float(np.median(to_femur[m])), 2) if m.any() else None
 
+    far = only & (to_band > FAR_MM)
+    axis = int(np.argmax(spacing))
+    others = tuple(x for x in range(3) if x != axis)
+    covered = band.any(axis=others)  # the slices pyKNEEr draws cartilage on
+    shape = [1, 1, 1]
+    shape[axis] = -1
+    uncovered = ~covered.reshape(shape)
     return {"cartiq_only_mm3": {"within_1mm": mm3(only & (to_band <= 1)),
                                 "1_to_2mm": mm3(only & (to_band > 1) & (to_band <= 2)),
-                                "beyond_2mm": mm3(only & (to_band > 2))},
+                                "beyond_2mm": mm3(far),
+                                "beyond_2mm_on_slices_without_pykneer": mm3(far & uncovered)},
+            "cartiq_only_beyond_2mm_by_slice_mm3": {
+                int(k): mm3(far.take(k, axis=axis)) for k in np.flatnonzero(far.any(axis=others))},
             "pykneer_only_mm3": mm3(missed), "pykneer_only_in_cartiq_femur_mm3": mm3(missed & femur),
             "median_distance_from_cartiq_femur_mm": {"cartiq": median(ours), "pykneer": median(band)}}
 
 
-def compare(segmentation: Path, reference_dir: Path, label: int = 4, femur_label: int = 1) -> dict:
-    """Agreement of ``segmentation``'s femoral cartilage (``label``) with the reference."""
+def compare(segmentation: Path, reference_dir: Path, label: int = 4, femur_label: int = 1,
+            figure: Path | None = None, scan: Path | None = None) -> dict:
+    """Agreement of ``segmentation``'s femoral cartilage (``label``) with the reference;
+    with ``figure`` and ``scan`` (the image the segmentation was made from), also the
+    :func:`overlay` figure."""
     from cartiq.io.volume import read_volume
 
     seg = read_volume(segmentation, kind="labels")
@@ -176,6 +192,8 @@ def compare(segmentation: Path, reference_dir: Path, label: int = 4, femur_label
     frame = align(edge, ours.shape, spacing, points)
     band = band_mask(ref, ours.shape, spacing, frame)
     to_band = _distance_to(band, spacing)
+    if figure is not None:
+        overlay(figure, scan, ours, band, ours & ~band & (to_band > FAR_MM), int(np.argmax(spacing)))
     at = to_index(points, ours.shape, spacing, frame["perm"], frame["flips"], frame["shift_voxels"])
     d, _ = cKDTree(edge * spacing).query(at * spacing)
     vox = float(np.prod(spacing))
@@ -205,6 +223,49 @@ def compare(segmentation: Path, reference_dir: Path, label: int = 4, femur_label
     return out
 
 
+def overlay(out: Path, scan: Path, ours: np.ndarray, band: np.ndarray, far: np.ndarray,
+            axis: int, n: int = 8) -> list[int]:
+    """PNG of the ``n`` slices (across ``axis``) holding the most cartiq-only cartilage beyond
+    FAR_MM of pyKNEEr's (``far``), in slice order: the scan with cartiq's femoral cartilage
+    outlined red and pyKNEEr's cyan, the far part filled.  Returns the slices shown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cartiq.io.volume import read_volume
+
+    image = read_volume(scan).array.astype(np.float32)
+    if image.shape != ours.shape:
+        raise SystemExit(f"{scan}: image shape {image.shape} is not the segmentation's {ours.shape}")
+    others = tuple(x for x in range(3) if x != axis)
+    per_slice = far.sum(axis=others)
+    shown = sorted(int(k) for k in np.argsort(per_slice)[::-1][:n] if per_slice[k] > 0)
+    if not shown:
+        raise SystemExit("no cartiq-only cartilage beyond 2 mm of pyKNEEr's: nothing to show")
+    lo, hi = np.percentile(image, [0.5, 99.5])
+    cols = (len(shown) + 1) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(4.5 * cols, 9), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, k in zip(axes.ravel(), shown):
+        def cut(a):
+            return a.take(k, axis=axis).T
+        ax.imshow(np.clip((cut(image) - lo) / (hi - lo), 0, 1), cmap="gray")
+        ax.imshow(np.ma.masked_where(~cut(far), cut(far)), cmap="autumn", alpha=0.45)
+        for mask, colour in ((ours, "red"), (band, "cyan")):
+            if cut(mask).any():
+                ax.contour(cut(mask), [0.5], colors=colour, linewidths=0.6)
+        vox = float(far.take(k, axis=axis).sum())
+        ax.set_title(f"slice {k}: {vox:.0f} far voxels", fontsize=9)
+    fig.suptitle("femoral cartilage: cartiq (red), pyKNEEr (cyan), cartiq-only beyond "
+                 f"{FAR_MM:g} mm (filled)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return shown
+
+
 def main() -> None:
     from cartiq.data.fetch import fetch_sample
 
@@ -213,8 +274,16 @@ def main() -> None:
     ap.add_argument("--mirror", type=Path, default=None,
                     help="folder holding pykneer_qdess_reference/ (else the cache or network)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="PNG of the slices with the most cartiq-only cartilage far from "
+                         "pyKNEEr's (needs --scan)")
+    ap.add_argument("--scan", type=Path, default=None,
+                    help="the image the segmentation was made from (echo 1's DICOM folder)")
     a = ap.parse_args()
-    res = compare(a.segmentation, fetch_sample("pykneer_qdess_fc_reference", mirror=a.mirror))
+    if a.figure is not None and a.scan is None:
+        ap.error("--figure needs --scan")
+    res = compare(a.segmentation, fetch_sample("pykneer_qdess_fc_reference", mirror=a.mirror),
+                  figure=a.figure, scan=a.scan)
     text = json.dumps(res, indent=2)
     print(text)
     if a.json:

@@ -79,3 +79,40 @@ def test_compare_gives_full_overlap_once_the_shift_is_found(tmp_path):
     band = pr.band_mask(pr.load_reference(ref), SHAPE, SPACING, frame)
     unshifted = 2 * (band & mask).sum() / (band.sum() + mask.sum())
     assert unshifted < out["dice_vs_band"] - 0.1  # 0.66 here
+
+
+def test_disagreement_splits_far_cartilage_by_the_slices_pykneer_covers():
+    """Two known blocks of cartiq-only cartilage far (> 2 mm) from the band: one on a slice
+    the band covers, one on a slice it does not; the split and the per-slice volumes are the
+    blocks' own voxel counts times the voxel volume."""
+    band, _, _ = _band()  # slices 2-9
+    ours = band.copy()
+    ours[2:6, 50:54, 5] = True    # 16 voxels on a covered slice, > 10 mm from the arc
+    ours[2:5, 50:54, 11] = True   # 12 voxels on slice 11, which the band does not cover
+    vox = float(np.prod(SPACING))
+    out = pr.disagreement(ours, band, np.zeros(SHAPE, bool), SPACING,
+                          pr._distance_to(band, SPACING))
+    only = out["cartiq_only_mm3"]
+    assert only["within_1mm"] == 0 and only["1_to_2mm"] == 0
+    assert only["beyond_2mm"] == round(28 * vox)
+    assert only["beyond_2mm_on_slices_without_pykneer"] == round(12 * vox)
+    assert out["cartiq_only_beyond_2mm_by_slice_mm3"] == {5: round(16 * vox), 11: round(12 * vox)}
+    assert out["pykneer_only_mm3"] == 0
+
+
+def test_overlay_shows_the_slices_with_the_most_far_cartilage(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    pytest.importorskip("matplotlib")
+    band, _, _ = _band()
+    far = np.zeros(SHAPE, bool)
+    far[2:6, 50:54, 5] = True   # 16 voxels
+    far[2:5, 50:54, 11] = True  # 12
+    far[2, 50, 3] = True        # 1
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random(SHAPE).astype(np.float32),
+                             np.diag([*SPACING, 1.0])), scan)
+    png = tmp_path / "far.png"
+    assert pr.overlay(png, scan, band | far, band, far, axis=2, n=2) == [5, 11]
+    assert png.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="shape"):
+        pr.overlay(png, scan, band[:, :, :6], band[:, :, :6], far[:, :, :6], axis=2)
