@@ -32,7 +32,7 @@ WORKDIR /opt/cartiq
 # dependency layer: cached until pyproject.toml changes.  The optional extra nnunet
 # (nnU-Net v2 models, huggingface_hub for `cartiq models fetch`) is included; the repo's
 # constraints apply except its torch pin (the base image's torch stays).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY scripts/constraints.txt /tmp/repo-constraints.txt
 RUN grep -v '^torch==' /tmp/repo-constraints.txt >> /tmp/constraints.txt \
  && python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \

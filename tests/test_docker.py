@@ -140,3 +140,17 @@ def test_docs_show_the_gpu_batch_command():
     assert re.search(r"docker run [^\n]*--gpus all[^\n]*-v /data:/data[^\n]*batch "
                      r"/data/manifest\.csv -o /data/out", doc)
     assert "BASE_IMAGE=python:3.11-slim" in doc
+
+
+def test_files_the_build_reads_are_in_the_image(pyproject):
+    """The wheel build reads the readme and the license files named in pyproject: each is
+    copied before the wheel is built and not excluded from the build context."""
+    ins = _instructions()
+    copied = {part for op, rest in ins if op == "COPY" for part in rest.split()[:-1]}
+    needed = [pyproject["project"]["readme"], *pyproject["project"]["license-files"]]
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    for name in needed:
+        assert (ROOT / name).is_file(), name
+        assert name in copied, f"{name} is not copied into the image"
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert not set(needed) & set(ignore)
