@@ -154,3 +154,17 @@ def test_files_the_build_reads_are_in_the_image(pyproject):
         assert name in copied, f"{name} is not copied into the image"
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert not set(needed) & set(ignore)
+
+
+def test_every_shipped_data_folder_is_a_listed_package(pyproject):
+    """setuptools ignores (and warns about) a folder of package data that is not listed in
+    `packages`: every model package under models/ (a folder with metadata.json), the label
+    maps and the report templates must be listed, each with its own package-data."""
+    tool = pyproject["tool"]["setuptools"]
+    packages, data = set(tool["packages"]), tool["package-data"]
+    expected = {"cartiq.report.templates", "cartiq.resources.configs.label_maps"}
+    expected |= {f"cartiq.resources.models.{p.parent.name}"
+                 for p in (ROOT / "models").glob("*/metadata.json")}
+    for name in expected:
+        assert name in packages, f"{name} is not in [tool.setuptools] packages"
+        assert data.get(name), f"{name} has no package-data"
