@@ -190,7 +190,7 @@ def measure(image: Any, labels: Any, *, side: str | None = None, config: Any = N
                            side_source=info["side_source"], mapping_name=mapping.name)
     t1 = time.perf_counter()
     raw = measure_labels(arr, lab.geometry, side=info["side"], config=cfg)
-    flags = qc_checks(arr, lab.geometry, side=info["side"], result=raw)
+    flags = qc_checks(arr, lab.geometry, side=info["side"], result=raw, image=img.array)
     m, d, les = _frames(raw)
     m["qc_status"] = QCResult(flags=flags).status  # a broken segmentation is marked here too
     manifest = {"stage": "measure", "inputs": inputs.describe(), "side": info["side"],

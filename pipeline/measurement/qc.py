@@ -26,6 +26,10 @@ Flags (each a :class:`QCFlag` with a code, a severity and a message naming the s
                                side, femoral cartilage below the tibial plates, patellar
                                cartilage behind the femoral cartilage.
 ``bone_missing`` (warning)     a plate's bone is not labelled, so adjacency is not checked.
+``bone_grey`` (warning)        with the image: a bone's label covers more than
+                               ``bone_grey.max_volume_mm3`` on slices whose bone voxels are
+                               mostly far brighter than that bone's core - drawn over fluid
+                               beyond the bone (:mod:`cartiq.measurement.qc_image`).
 ``registration`` (warning)     longitudinal only: registration residual above
                                ``max_registration_residual_mm``.
 
@@ -56,6 +60,7 @@ from cartiq.config import Strict, load_config
 from cartiq.io.volume import Geometry, Volume, read_volume
 from cartiq.io.labels import PLATES, default_scheme, label_counts, lateral_sign, plate_boxes
 from cartiq.measurement.qc_figure import qc_figure as _qc_figure
+from cartiq.measurement.qc_image import BoneGreyLimits, bone_grey_problems
 from cartiq.measurement.qc_ranges import (PlausibleRanges, bml_problems, border_fraction,
                                           range_problems, typical_volume_problem)
 from cartiq.measurement.qc_maps import PlateMap, plate_map_from_points, projector_for
@@ -80,6 +85,7 @@ class QCConfig(Strict):
     figure_dpi: int = Field(80, ge=30, le=300)
     map_vmax_mm: float = Field(4.0, gt=0, description="upper end of the thickness colour bar")
     plausible: PlausibleRanges = Field(default_factory=PlausibleRanges)
+    bone_grey: BoneGreyLimits = Field(default_factory=BoneGreyLimits)
 
 
 def load_qc_config(path: Path | None = None) -> QCConfig:
@@ -215,7 +221,8 @@ def _boxes(labels: np.ndarray, result: Any) -> dict[str, tuple[slice, ...] | Non
 def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None,
               thickness: np.ndarray | None = None, result: Any = None,
               config: QCConfig | None = None,
-              mean_thickness_mm: dict[str, float] | None = None) -> list[QCFlag]:
+              mean_thickness_mm: dict[str, float] | None = None,
+              image: np.ndarray | None = None) -> list[QCFlag]:
     """Automatic QC flags of one label map (cartiq scheme); see the module docstring.
 
     Parameters
@@ -227,6 +234,8 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
         :class:`cartiq.measurement.measure.MeasureResult`) whose surface thickness is preferred.
     mean_thickness_mm : per plate, the mean thickness to check against the plausible range
         (``measurements.csv``); otherwise computed from ``result`` or ``thickness``.
+    image : the scan on the labels' grid, for the checks that read it (``bone_grey``);
+        None skips them.
     """
     cfg = config or load_qc_config()
     scheme = default_scheme()
@@ -301,6 +310,10 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
                                 f"{outside} bone-marrow lesion(s) not inside or against a bone",
                                 outside))
     flags += _position_flags(centroids, side)
+    if image is not None:
+        bones = {b: scheme[b] for b in scheme.bones if counts[scheme[b]]}
+        flags += [QCFlag("bone_grey", "warning", bone, msg, v) for bone, msg, v in
+                  bone_grey_problems(np.asarray(image), labels, spacing, bones, cfg.bone_grey)]
     return flags
 
 
@@ -375,6 +388,14 @@ def read_manifest(scan_dir: Path) -> dict[str, Any]:
         return json.loads((scan_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+
+
+def _same_grid(image: Volume | None, labels: np.ndarray) -> np.ndarray | None:
+    """The image's array when it is on the labels' grid (the checks that read it need
+    that), else None."""
+    if image is None or image.array.shape != labels.shape:
+        return None
+    return image.array
 
 
 def _load_image(manifest: dict[str, Any]) -> Volume | None:
@@ -459,8 +480,10 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
                  for r in read_table(scan_dir / "measurements.csv")
                  if r.get("region") == "all" and r.get("metric") == "thickness_mean"}
     if flags is None:
+        if image is None:
+            image = _load_image(manifest)
         flags = qc_checks(labels, geometry, side=side, thickness=thickness, result=result,
-                          config=cfg, mean_thickness_mm=means)
+                          config=cfg, mean_thickness_mm=means, image=_same_grid(image, labels))
         flags += registration_flag(registration_residual_mm, cfg)
     out = QCResult(flags=flags)
     if not figure:
