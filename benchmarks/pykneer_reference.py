@@ -160,18 +160,16 @@ def disagreement(ours: np.ndarray, band: np.ndarray, femur: np.ndarray, spacing,
         return round(float(np.median(to_femur[m])), 2) if m.any() else None
 
     far = only & (to_band > FAR_MM)
-    axis = int(np.argmax(spacing))
-    others = tuple(x for x in range(3) if x != axis)
+    others = tuple(x for x in range(3) if x != int(np.argmax(spacing)))
+    far_mm3 = far.sum(axis=others) * vox  # per slice
     covered = band.any(axis=others)  # the slices pyKNEEr draws cartilage on
-    shape = [1, 1, 1]
-    shape[axis] = -1
-    uncovered = ~covered.reshape(shape)
     return {"cartiq_only_mm3": {"within_1mm": mm3(only & (to_band <= 1)),
                                 "1_to_2mm": mm3(only & (to_band > 1) & (to_band <= 2)),
                                 "beyond_2mm": mm3(far),
-                                "beyond_2mm_on_slices_without_pykneer": mm3(far & uncovered)},
+                                "beyond_2mm_on_slices_without_pykneer":
+                                    round(float(far_mm3[~covered].sum()))},
             "cartiq_only_beyond_2mm_by_slice_mm3": {
-                int(k): mm3(far.take(k, axis=axis)) for k in np.flatnonzero(far.any(axis=others))},
+                int(k): round(float(far_mm3[k])) for k in np.flatnonzero(far_mm3)},
             "pykneer_only_mm3": mm3(missed), "pykneer_only_in_cartiq_femur_mm3": mm3(missed & femur),
             "median_distance_from_cartiq_femur_mm": {"cartiq": median(ours), "pykneer": median(band)}}
 
@@ -192,12 +190,12 @@ def compare(segmentation: Path, reference_dir: Path, label: int = 4, femur_label
     frame = align(edge, ours.shape, spacing, points)
     band = band_mask(ref, ours.shape, spacing, frame)
     to_band = _distance_to(band, spacing)
+    axis = int(np.argmax(spacing))
     if figure is not None:
-        overlay(figure, scan, ours, band, ours & ~band & (to_band > FAR_MM), int(np.argmax(spacing)))
+        overlay(figure, scan, ours, band, ours & ~band & (to_band > FAR_MM), axis)
     at = to_index(points, ours.shape, spacing, frame["perm"], frame["flips"], frame["shift_voxels"])
     d, _ = cKDTree(edge * spacing).query(at * spacing)
     vox = float(np.prod(spacing))
-    axis = int(np.argmax(spacing))
     out = {
         "segmentation": str(segmentation),
         "frame": {k: (list(v) if isinstance(v, tuple) else round(v, 3)) for k, v in frame.items()},

@@ -15,6 +15,7 @@ from cartiq.measurement.qc import QCConfig, qc_checks
 from cartiq.measurement.qc_image import BoneGreyLimits, bone_grey_problems, unlike_marrow_slices
 
 SPACING = (0.5, 0.5, 1.5)  # axis 2 is the slice axis (the thickest)
+GEOMETRY = Geometry((60, 60, 26), SPACING, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
 
 
 def _scan(fluid_slices=(20, 21, 22), cortex_slices=(3, 4)):
@@ -33,44 +34,43 @@ def _scan(fluid_slices=(20, 21, 22), cortex_slices=(3, 4)):
 
 def test_only_the_slices_brighter_than_the_marrow_are_found():
     image, mask = _scan()
-    hits = unlike_marrow_slices(image, mask, SPACING, BoneGreyLimits())
+    hits = unlike_marrow_slices(image, mask, GEOMETRY, BoneGreyLimits())
     assert [k for k, _ in hits] == [20, 21, 22]
     assert all(n == 40 * 40 for _, n in hits)
 
 
 def test_no_slice_is_found_in_a_bone_of_one_grey():
     image, mask = _scan(fluid_slices=(), cortex_slices=())
-    assert unlike_marrow_slices(image, mask, SPACING, BoneGreyLimits()) == []
+    assert unlike_marrow_slices(image, mask, GEOMETRY, BoneGreyLimits()) == []
 
 
 def test_a_bone_too_thin_for_a_core_is_not_judged():
     image, mask = _scan()
     thin = np.zeros_like(mask)
     thin[10:12, 10:50, 5:23] = True  # 1 mm thick: nothing 3 mm inside it
-    assert unlike_marrow_slices(image, thin, SPACING, BoneGreyLimits()) == []
+    assert unlike_marrow_slices(image, thin, GEOMETRY, BoneGreyLimits()) == []
 
 
 def test_the_volume_limit_decides_the_problem():
     image, mask = _scan()
     labels = mask.astype(np.uint8)
     volume = 3 * 40 * 40 * float(np.prod(SPACING))  # 1,800 mm3 on the fluid slices
-    (bone, msg, value), = bone_grey_problems(image, labels, SPACING, {"femur": 1},
+    (bone, msg, value), = bone_grey_problems(image, labels, GEOMETRY, {"femur": 1},
                                              BoneGreyLimits(max_volume_mm3=volume - 1))
     assert bone == "femur" and value == pytest.approx(volume)
     assert "slice(s) 20, 21, 22" in msg
-    assert bone_grey_problems(image, labels, SPACING, {"femur": 1},
+    assert bone_grey_problems(image, labels, GEOMETRY, {"femur": 1},
                               BoneGreyLimits(max_volume_mm3=volume + 1)) == []
     with pytest.raises(ValueError, match="shape"):
-        bone_grey_problems(image[:, :, :10], labels, SPACING, {"femur": 1}, BoneGreyLimits())
+        bone_grey_problems(image[:, :, :10], labels, GEOMETRY, {"femur": 1}, BoneGreyLimits())
 
 
 def test_qc_checks_flag_it_only_with_the_image():
     image, mask = _scan()
     s = default_scheme()
     labels = np.where(mask, s["femur"], 0).astype(np.uint8)
-    geometry = Geometry(labels.shape, SPACING, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
     cfg = QCConfig()
-    flags = qc_checks(labels, geometry, config=cfg, image=image)
+    flags = qc_checks(labels, GEOMETRY, config=cfg, image=image)
     grey = [f for f in flags if f.code == "bone_grey"]
     assert len(grey) == 1 and grey[0].severity == "warning" and grey[0].structure == "femur"
-    assert not [f for f in qc_checks(labels, geometry, config=cfg) if f.code == "bone_grey"]
+    assert not [f for f in qc_checks(labels, GEOMETRY, config=cfg) if f.code == "bone_grey"]

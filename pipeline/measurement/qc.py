@@ -313,7 +313,7 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
     if image is not None:
         bones = {b: scheme[b] for b in scheme.bones if counts[scheme[b]]}
         flags += [QCFlag("bone_grey", "warning", bone, msg, v) for bone, msg, v in
-                  bone_grey_problems(np.asarray(image), labels, spacing, bones, cfg.bone_grey)]
+                  bone_grey_problems(np.asarray(image), labels, geometry, bones, cfg.bone_grey)]
     return flags
 
 
@@ -479,9 +479,9 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
         means = {r["structure"]: float(r["value"] or "nan")
                  for r in read_table(scan_dir / "measurements.csv")
                  if r.get("region") == "all" and r.get("metric") == "thickness_mean"}
+    if image is None and (flags is None or figure):  # read once, for the checks and the figure
+        image = _load_image(manifest)
     if flags is None:
-        if image is None:
-            image = _load_image(manifest)
         flags = qc_checks(labels, geometry, side=side, thickness=thickness, result=result,
                           config=cfg, mean_thickness_mm=means, image=_same_grid(image, labels))
         flags += registration_flag(registration_residual_mm, cfg)
@@ -489,8 +489,6 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
     if not figure:
         return out
     try:
-        if image is None:
-            image = _load_image(manifest)
         defects, lesions = markers(scan_dir, result)
         boxes = _boxes(labels, result)
         maps = plate_maps(labels, geometry, thickness, result=result, boxes=boxes) \

@@ -5,7 +5,7 @@ tissue: on the real qDESS sample the default model draws the femur around the br
 the lateral recess on the four slices beyond the lateral condyle, and femoral cartilage along
 it.  Marrow has one grey within a scan (lesions are labelled apart), so a slice whose bone
 voxels are mostly far brighter than the bone's own core is not marrow.  The check compares,
-across the scan's slices (its thickest voxel axis), the median grey of each slice's bone
+across the scan's slices (its coarsest voxel axis), the median grey of each slice's bone
 voxels with the median and spread (MAD) of the grey of the bone's core (voxels at least
 ``core_depth_mm`` inside it).
 It needs no contrast model: the reference is the same bone in the same image.
@@ -22,6 +22,7 @@ from pydantic import Field
 from scipy import ndimage
 
 from cartiq.config import Strict
+from cartiq.io.volume import Geometry
 
 __all__ = ["BoneGreyLimits", "unlike_marrow_slices", "bone_grey_problems"]
 
@@ -40,16 +41,17 @@ class BoneGreyLimits(Strict):
                                   "such slices add up to more than this")
 
 
-def unlike_marrow_slices(image: np.ndarray, mask: np.ndarray, spacing, limits: BoneGreyLimits
-                         ) -> list[tuple[int, int]]:
-    """``(slice index, bone voxels)`` of every slice across the thickest voxel axis whose
+def unlike_marrow_slices(image: np.ndarray, mask: np.ndarray, geometry: Geometry,
+                         limits: BoneGreyLimits) -> list[tuple[int, int]]:
+    """``(slice index, bone voxels)`` of every slice across the scan's slice axis
+    (:meth:`Geometry.slice_axis`, the coarsest spacing) whose
     bone voxels' median grey is more than ``spread_factor`` robust standard deviations above
     the median of the bone's core (median and MAD: a false part of the label that reaches
     into the core does not move them); empty when the bone has no core (too thin to judge)."""
-    spacing = np.asarray(spacing, float)
+    spacing = np.asarray(geometry.spacing, float)
     if not mask.any():
         return []
-    axis = int(np.argmax(spacing))
+    axis = geometry.slice_axis()
     box = ndimage.find_objects(mask.astype(np.uint8))[0]
     m, img = mask[box], image[box]
     depth = ndimage.distance_transform_edt(np.pad(m, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
@@ -69,16 +71,17 @@ def unlike_marrow_slices(image: np.ndarray, mask: np.ndarray, spacing, limits: B
     return out
 
 
-def bone_grey_problems(image: np.ndarray, labels: np.ndarray, spacing, bones: dict[str, int],
-                       limits: BoneGreyLimits) -> list[tuple[str, str, float]]:
+def bone_grey_problems(image: np.ndarray, labels: np.ndarray, geometry: Geometry,
+                       bones: dict[str, int], limits: BoneGreyLimits
+                       ) -> list[tuple[str, str, float]]:
     """``(bone, message, volume mm3)`` for every bone in ``bones`` (name -> label value) whose
     slices unlike its marrow hold more than ``max_volume_mm3`` of it."""
     if image.shape != labels.shape:
         raise ValueError(f"image shape {image.shape} is not the labels' {labels.shape}")
-    vox = float(np.prod(np.asarray(spacing, float)))
+    vox = geometry.voxel_volume_mm3
     problems = []
     for name, value in bones.items():
-        hits = unlike_marrow_slices(image, labels == value, spacing, limits)
+        hits = unlike_marrow_slices(image, labels == value, geometry, limits)
         volume = sum(n for _, n in hits) * vox
         if volume > limits.max_volume_mm3:
             where = ", ".join(str(k) for k, _ in hits)
