@@ -41,7 +41,8 @@ def run_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
         bml_info["config"] = resolved(cfg)
     extra = {"stage": "run",
              "segmentation": {k: manifest.get(k) for k in ("model", "device", "amp", "structures",
-                                                           "medial_lateral_check", "timings_s")},
+                                                           "medial_lateral_check", "cleanup",
+                                                           "timings_s")},
              "bml": bml_info,
              "warnings": manifest["warnings"]}
     return run_measure(image, seg_path, out_dir, side=side or manifest.get("side"),

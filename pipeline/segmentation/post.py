@@ -16,7 +16,7 @@ import numpy as np
 from cartiq.errors import InputError
 from cartiq.io.volume import Geometry, Volume
 
-__all__ = ["clean_prediction", "to_cartiq_scheme", "check_medial_lateral",
+__all__ = ["clean_prediction", "to_cartiq_scheme", "check_medial_lateral", "bone_cartilage_values",
            "shell_outside_fraction", "CARTILAGE_BAND_MM", "MENISCUS_BAND_MM", "BML_MAX_OUTSIDE",
            "FEMUR_BELOW_PLATEAU_MM"]
 
@@ -328,6 +328,14 @@ def _check_fibula(out: np.ndarray, fib: int, tib: int, geom: Geometry) -> None:
     if not ok:
         log.info("predicted fibula is implausible; not used for the knee side")
         out[f] = 0
+
+
+def bone_cartilage_values(labels: dict[int, str]) -> dict[int, list[int]]:
+    """Each bone's label value -> the values of the cartilage on it (``labels``: value ->
+    name, a model's outputs or the cartiq scheme)."""
+    by_name = {n: v for v, n in labels.items()}
+    return {by_name[b]: [by_name[c] for c in carts if c in by_name]
+            for b, carts in _BONE_CART.items() if b in by_name}
 
 
 def bbox(mask: np.ndarray) -> tuple[slice, ...] | None:

@@ -21,7 +21,8 @@ the side comes from ``side=``, the DICOM header, or the predicted fibula.
 Modules
 -------
 The canonical grid and resampling live in :mod:`cartiq.segmentation.grid`, the clean-up and
-the mapping into the cartiq scheme in :mod:`cartiq.segmentation.post`; this module holds the
+the mapping into the cartiq scheme in :mod:`cartiq.segmentation.post` (with the image: bone
+drawn over tissue unlike its marrow at a bone's ends, :mod:`cartiq.segmentation.marrow`); this module holds the
 input checks, the device choice, the :class:`Segmenter` and the file-level entry points
 (:func:`segment_file`; ``cartiq run`` is :func:`cartiq.measurement.run.run_file`).  Every name is importable from here.
 """
@@ -44,7 +45,9 @@ from cartiq.segmentation.grid import (
     normalize_array,
     resample_array,
 )
+from cartiq.segmentation.marrow import BoneGreyLimits, drop_unlike_marrow
 from cartiq.segmentation.post import (
+    bone_cartilage_values,
     clean_prediction,
     to_cartiq_scheme,
 )
@@ -175,7 +178,7 @@ class Segmenter:
 
     def __init__(self, model: str | Path | None = None, *, device: str = "auto",
                  amp: bool | None = None, batch_size: int = 8,
-                 min_component_mm3: float = 20.0) -> None:
+                 min_component_mm3: float = 20.0, drop_unlike_marrow: bool = True) -> None:
         from cartiq.segmentation.models import load_model
 
         self.device = select_device(device)
@@ -193,6 +196,7 @@ class Segmenter:
         self.amp = bool(cuda if amp is None else amp) and cuda
         self.batch_size = batch_size
         self.min_component_mm3 = min_component_mm3
+        self.drop_unlike_marrow = drop_unlike_marrow
 
     # -- public API
     def segment(self, volume: Volume, *, side: str | None = None,
@@ -379,9 +383,19 @@ class Segmenter:
                    side_override: bool = False,
                    side_source: str = "flag") -> tuple[np.ndarray, dict[str, Any]]:
         raw = self._clean(raw, volume.geometry)
-        return to_cartiq_scheme(raw, volume, self.model.metadata.labels,
-                                self.model.metadata.name, side, side_override=side_override,
-                                side_source=side_source)
+        dropped = self._drop_unlike_marrow(raw, volume) if self.drop_unlike_marrow else []
+        labels, info = to_cartiq_scheme(raw, volume, self.model.metadata.labels,
+                                        self.model.metadata.name, side,
+                                        side_override=side_override, side_source=side_source)
+        info["cleanup"] = {"bone_unlike_marrow": dropped}
+        return labels, info
+
+    def _drop_unlike_marrow(self, raw: np.ndarray, volume: Volume) -> list[dict[str, Any]]:
+        """Bone and its cartilage removed (in place) on the slices that end a bone and show
+        tissue far brighter than its marrow (:func:`cartiq.segmentation.marrow.drop_unlike_marrow`)."""
+        names = self.model.metadata.labels
+        return drop_unlike_marrow(raw, np.asarray(volume.array, np.float32), volume.geometry,
+                                  bone_cartilage_values(names), BoneGreyLimits(), names=names)
 
 
 # ----------------------------------------------------------------------------- files
@@ -434,6 +448,7 @@ def segment_file(image: Path, out_dir: Path, *, model: str | Path | None = None,
         "side_check": info.get("side_check", {}),
         "structures": info.get("structures", []),
         "medial_lateral_check": info.get("medial_lateral_check", {}),
+        "cleanup": info.get("cleanup", {}),
         "timings_s": {"read": round(t_read, 3), **info["timings_s"],
                       "write": round(time.monotonic() - t1, 3)},
         "warnings": info["warnings"],
