@@ -59,7 +59,7 @@ from scipy import ndimage
 from cartiq.config import Strict, load_config
 from cartiq.io.volume import Geometry, Volume, read_volume
 from cartiq.io.labels import PLATES, default_scheme, label_counts, lateral_sign, plate_boxes
-from cartiq.measurement.qc_figure import qc_figure as _qc_figure
+from cartiq.measurement.qc_figure import image_on_grid, qc_figure as _qc_figure
 from cartiq.measurement.qc_image import BoneGreyLimits, bone_grey_problems
 from cartiq.measurement.qc_ranges import (PlausibleRanges, bml_problems, border_fraction,
                                           range_problems, typical_volume_problem)
@@ -390,14 +390,6 @@ def read_manifest(scan_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _same_grid(image: Volume | None, labels: np.ndarray) -> np.ndarray | None:
-    """The image's array when it is on the labels' grid (the checks that read it need
-    that), else None."""
-    if image is None or image.array.shape != labels.shape:
-        return None
-    return image.array
-
-
 def _load_image(manifest: dict[str, Any]) -> Volume | None:
     info = (manifest.get("inputs") or {}).get("image") or {}
     path = info.get("path")
@@ -483,7 +475,7 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
         image = _load_image(manifest)
     if flags is None:
         flags = qc_checks(labels, geometry, side=side, thickness=thickness, result=result,
-                          config=cfg, mean_thickness_mm=means, image=_same_grid(image, labels))
+                          config=cfg, mean_thickness_mm=means, image=image_on_grid(image, labels))
         flags += registration_flag(registration_residual_mm, cfg)
     out = QCResult(flags=flags)
     if not figure:

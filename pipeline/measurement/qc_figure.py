@@ -16,7 +16,15 @@ from cartiq.io.labels import PLATES, default_scheme, plate_boxes
 from cartiq.io.volume import Geometry, Volume, atomic_write_bytes
 from cartiq.measurement.qc_maps import PlateMap, draw_plate_map, draw_slice, plate_views
 
-__all__ = ["qc_figure", "lesions_for"]
+__all__ = ["qc_figure", "lesions_for", "image_on_grid"]
+
+
+def image_on_grid(image: Volume | None, labels: np.ndarray) -> np.ndarray | None:
+    """The image's array when it is on the labels' grid (the figure and the QC checks that
+    read the image need that), else None."""
+    if image is None or image.array.shape != labels.shape:
+        return None
+    return image.array
 
 
 def qc_figure(path: Path, labels: np.ndarray, geometry: Geometry, image: Volume | None,
@@ -45,7 +53,7 @@ def _draw(labels: np.ndarray, geometry: Geometry, image: Volume | None,
     from matplotlib.figure import Figure
 
     scheme = default_scheme()
-    img = image.array if image is not None and image.array.shape == labels.shape else None
+    img = image_on_grid(image, labels)
     views = plate_views(geometry)
     fig = Figure(figsize=(16, 3.6 * len(PLATES) + 1.2))
     FigureCanvasAgg(fig)
