@@ -94,7 +94,7 @@ def test_segmenter_removes_them_and_says_so(tmp_path, monkeypatch):
     """The segmenter's own clean-up, on a prediction with the femur run on over bright
     fluid: removed and recorded in the segmentation's info and manifest; kept when the
     clean-up is switched off."""
-    from tests.test_segment import _tiny_package
+    from test_segment import _tiny_package  # tests/ is on sys.path (pytest's rootless test folder)
     from cartiq.segmentation.segmenter import Segmenter, segment_file
     from cartiq.io.volume import write_volume
 
