@@ -59,6 +59,7 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
     out = raw.copy()
     vox = geom.voxel_volume_mm3
     sp = np.asarray(geom.spacing)
+    bone_carts = bone_cartilage_values(labels)
     for name in ("femur", "tibia", "patella", "fibula"):
         if name in by_name:
             box = bbox(raw == by_name[name])
@@ -68,7 +69,7 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
             mask = sub == by_name[name]
             comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
             keep = int(np.argmax(np.bincount(comps.ravel(), minlength=n + 1)[1:])) + 1
-            carts = [by_name[c] for c in _BONE_CART.get(name, ()) if c in by_name]
+            carts = bone_carts.get(by_name[name], [])
             cart = np.isin(sub, carts) if carts and n > 1 else None
             if cart is not None and cart.any():
                 # the bone is the component its cartilage lies on, not just the largest
