@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -186,6 +187,26 @@ def test_write_qc_on_measured_phantom(measured):
     # from the files alone, with a residual above the limit
     again = write_qc(out, registration_residual_mm=2.5)
     assert [f.code for f in again.flags] == ["registration"] and again.status == "warn"
+
+
+@pytest.mark.slow
+def test_image_on_another_grid_is_said_once(measured, caplog):
+    """An image that is not on the segmentation's grid cannot feed the image checks or the
+    figure; write_qc says so in one warning line instead of skipping silently."""
+    from cartiq.io.volume import Volume, read_volume
+
+    g = read_volume(measured.out_dir / "segmentation.nii.gz", kind="labels").geometry
+    half = Geometry(tuple(s // 2 for s in g.shape), tuple(2 * s for s in g.spacing), g.origin,
+                    g.direction)
+    coarse = Volume(np.zeros(half.shape, np.float32), half)
+    with caplog.at_level(logging.WARNING, logger="cartiq.measurement.qc"):
+        write_qc(measured.out_dir, image=coarse, figure=False)
+    lines = [r.getMessage() for r in caplog.records if "not on the segmentation's grid" in r.getMessage()]
+    assert len(lines) == 1 and "bone_grey" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cartiq.measurement.qc"):
+        write_qc(measured.out_dir, figure=False)
+    assert not [r for r in caplog.records if "segmentation's grid" in r.getMessage()]
 
 
 def test_measured_result_carries_the_plate_boxes(phantom):
