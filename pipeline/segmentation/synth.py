@@ -105,25 +105,25 @@ _FAMILIES = {
 CONTRAST_FAMILIES = tuple(_FAMILIES)
 
 
-def _ordered_range(value: tuple[float, float]) -> tuple[float, float]:
-    lo, hi = value
-    if not 0 <= lo <= hi:
-        raise ValueError(f"a range must be (low, high) with 0 <= low <= high, got {list(value)}")
-    return value
+def _ordered_from(low: float, what: str = "a range"):
+    """Validator of a (low, high) pair with ``low_bound <= low <= high``."""
+    def check(value: tuple) -> tuple:
+        lo, hi = value
+        if not low <= lo <= hi:
+            raise ValueError(f"{what} must be (low, high) with {low:g} <= low <= high, "
+                             f"got {list(value)}")
+        return value
+    return check
 
 
 Family = Literal["dess", "pdfs", "t1", "t2"]
 """An MR-like contrast family of :data:`CONTRAST_FAMILIES`."""
 
-Range = Annotated[tuple[float, float], AfterValidator(_ordered_range)]
+Range = Annotated[tuple[float, float], AfterValidator(_ordered_from(0))]
 """A (low, high) range a value is drawn from uniformly, per crop: non-negative and ordered."""
 
-
-def _voxel_range(value: tuple[int, int]) -> tuple[int, int]:
-    lo, hi = value
-    if not 1 <= lo <= hi:
-        raise ValueError(f"a voxel range must be (low, high) with 1 <= low <= high, got {list(value)}")
-    return value
+VoxelRange = Annotated[tuple[int, int], AfterValidator(_ordered_from(1, "a voxel range"))]
+"""A (low, high) range of whole voxels, at least 1 and ordered."""
 
 
 class SynthConfig(Strict):
@@ -154,7 +154,7 @@ class SynthConfig(Strict):
     gamma_std: float = Field(0.25, ge=0)
     fluid_probability: float = Field(0.7, ge=0, le=1, description="chance per crop of a "
         "joint-fluid film on the background surface of cartilage and menisci")
-    fluid_film_voxels: Annotated[tuple[int, int], AfterValidator(_voxel_range)] = Field(
+    fluid_film_voxels: VoxelRange = Field(
         (1, 2), description="range of the film's "
         "thickness in voxels of the rendering grid (whole numbers, drawn uniformly per crop)")
     cartilage_fluid_ratio: dict[Family, Range] = Field(
