@@ -50,7 +50,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 from pydantic import Field
@@ -82,6 +82,10 @@ class QCConfig(Strict):
     typical_plate_volume_mm3: dict[str, tuple[float, float]] = Field(
         default_factory=lambda: {"femoral_cartilage": (6000.0, 15000.0)},
         description="warning outside [min, max] (inside the plausible range); sourced plates only")
+    min_bone_volume_mm3: dict[Literal["femur", "tibia", "patella"], float] = Field(
+        default_factory=lambda: {"patella": 8000.0},
+        description="bone_small (warning): a bone below this volume is drawn in part or in "
+                    "pieces; only bones a knee scan holds whole")
     figure_dpi: int = Field(80, ge=30, le=300)
     map_vmax_mm: float = Field(4.0, gt=0, description="upper end of the thickness colour bar")
     plausible: PlausibleRanges = Field(default_factory=PlausibleRanges)
@@ -282,6 +286,12 @@ def qc_checks(labels: np.ndarray, geometry: Geometry, *, side: str | None = None
             flags += _adjacency_flags(name, scheme[name], box, labels,
                                       [scheme[bone_name], scheme["bone_marrow_lesion"]],
                                       spacing, cfg)
+    for bone, limit in cfg.min_bone_volume_mm3.items():
+        volume = int(counts[scheme[bone]]) * vox
+        if volume < limit:
+            flags.append(QCFlag("bone_small", "warning", bone,
+                                f"{bone} volume {volume:.0f} mm3 < {limit:g} mm3: drawn in part "
+                                "or in pieces? check the overlay", volume))
     on_border = _border_counts(labels, len(counts))
     for name in PLATES + ("medial_meniscus", "lateral_meniscus", "bone_marrow_lesion"):
         if not (n := int(on_border[scheme[name]])):
