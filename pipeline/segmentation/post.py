@@ -27,7 +27,8 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
                      min_component_mm3: float) -> np.ndarray:
     """Anatomical clean-up of the raw prediction (model output values, ``labels``).
 
-    Bones: largest component.  Fibula: dropped unless plausible (>= 1000 mm3, within
+    Bones: one component each, the one the bone's cartilage lies on, else the largest; for
+    the patella only among components anterior to the femur (when any is).  Fibula: dropped unless plausible (>= 1000 mm3, within
     10 mm of the tibia, centroid below the tibial plateau) since it decides the side.
     Cartilage, menisci, BML: components below ``min_component_mm3`` or farther than
     2 mm (cartilage), 4 mm (menisci) or 1 mm (BML) from their bone are removed; then
@@ -53,7 +54,6 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
     """
     import cc3d
     import edt
-    from scipy import ndimage
 
     by_name = {n: v for v, n in labels.items()}
     out = raw.copy()
@@ -68,16 +68,17 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
             sub = raw[box]
             mask = sub == by_name[name]
             comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
-            keep = int(np.argmax(np.bincount(comps.ravel(), minlength=n + 1)[1:])) + 1
             carts = bone_carts.get(by_name[name], [])
             cart = np.isin(sub, carts) if carts and n > 1 else None
-            if cart is not None and cart.any():
-                # the bone is the component its cartilage lies on, not just the largest
-                near = ndimage.maximum_filter(comps, size=5)
-                score = np.bincount(near[cart], minlength=n + 1)
-                score[0] = 0
-                if score.max() > 0:
-                    keep = int(np.argmax(score))
+            keep = _choose_component(comps, n, cart)
+            if name == "patella" and n > 1 and "femur" in by_name:
+                allowed = _anterior_to_femur(comps, n, box, out == by_name["femur"], geom)
+                chosen = _choose_component(comps, n, cart, allowed)
+                if chosen != keep:
+                    log.info("patella: kept the component in front of the femur (%.0f mm3), "
+                             "not the one behind it (%.0f mm3)", (comps == chosen).sum() * vox,
+                             (comps == keep).sum() * vox)
+                    keep = chosen
             out[box][mask & (comps != keep)] = 0
     if "femur" in by_name:
         _femur_above_plateau(out, by_name, geom)
@@ -120,6 +121,56 @@ CARTILAGE_BAND_MM = 8.0
 MENISCUS_BAND_MM = {"tibia": 14.0, "femur": 17.0}
 BML_MAX_OUTSIDE = 0.35
 FEMUR_BELOW_PLATEAU_MM = 10.0
+
+
+def _choose_component(comps: np.ndarray, n: int, cart: np.ndarray | None,
+                      allowed: np.ndarray | None = None) -> int:
+    """The bone's component among labels 1..n of ``comps``: the one most of its cartilage
+    (``cart``, a mask, if any) lies on, else the largest; only ``allowed`` ones (bool per
+    label, index 0 background) when given."""
+    from scipy import ndimage
+
+    ok = np.ones(n + 1, bool) if allowed is None else allowed
+    sizes = np.bincount(comps.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    sizes[~ok] = 0
+    keep = int(np.argmax(sizes))
+    if cart is not None and cart.any():
+        # the bone is the component its cartilage lies on, not just the largest
+        near = ndimage.maximum_filter(comps, size=5)
+        score = np.bincount(near[cart], minlength=n + 1)
+        score[0] = 0
+        score[~ok] = 0
+        if score.max() > 0:
+            keep = int(np.argmax(score))
+    return keep
+
+
+def _anterior_to_femur(comps: np.ndarray, n: int, box: tuple[slice, ...], femur: np.ndarray,
+                       geom: Geometry) -> np.ndarray:
+    """Which of the ``n`` components (labels 1..n of ``comps``, a crop at ``box``) have
+    their centroid anterior to the femur's centroid (LPS world y, +y posterior); index 0
+    is background.  All True when the femur is empty or no component qualifies, so the
+    constraint only ever chooses among candidates.  On the four real label maps the
+    patella's centroid lies 35.6-40.5 mm anterior to the femur's; a "patella" drawn in
+    the popliteal fossa lies behind it."""
+    allowed = np.ones(n + 1, bool)
+    fem = np.argwhere(femur)
+    if not len(fem):
+        return allowed
+    fem_y = geom.index_to_world(fem.mean(axis=0))[0, 1]
+    idx = np.nonzero(comps)
+    lab = comps[idx]
+    count = np.bincount(lab, minlength=n + 1).astype(float)
+    count[0] = 1.0
+    centre = np.stack([np.bincount(lab, weights=i + b.start, minlength=n + 1) / count
+                       for i, b in zip(idx, box)], axis=1)
+    anterior = geom.index_to_world(centre)[:, 1] < fem_y
+    anterior[0] = False
+    if not anterior.any():
+        return allowed
+    allowed[1:] = anterior[1:]
+    return allowed
 
 
 def _femur_above_plateau(out: np.ndarray, by_name: dict[str, int], geom: Geometry) -> None:
