@@ -483,14 +483,15 @@ def write_qc(scan_dir: Path, *, result: Any = None, image: Volume | None = None,
                  if r.get("region") == "all" and r.get("metric") == "thickness_mean"}
     if image is None and (flags is None or figure):  # read once, for the checks and the figure
         image = _load_image(manifest)
-    if image is not None and image_on_grid(image, labels) is None:
+    on_grid = image_on_grid(image, labels)
+    if image is not None and on_grid is None:
         log.warning("%s: the image (%s voxels) is not on the segmentation's grid (%s): QC's "
                     "image checks (bone_grey) and the figure's background are skipped",
                     scan_dir, "x".join(map(str, image.array.shape)),
                     "x".join(map(str, labels.shape)))
     if flags is None:
         flags = qc_checks(labels, geometry, side=side, thickness=thickness, result=result,
-                          config=cfg, mean_thickness_mm=means, image=image_on_grid(image, labels))
+                          config=cfg, mean_thickness_mm=means, image=on_grid)
         flags += registration_flag(registration_residual_mm, cfg)
     out = QCResult(flags=flags)
     if not figure:

@@ -28,8 +28,9 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
     """Anatomical clean-up of the raw prediction (model output values, ``labels``).
 
     Bones: one component each, the one the bone's cartilage lies on, else the largest; for
-    the patella only among components anterior to the femur (when any is).  Fibula: dropped unless plausible (>= 1000 mm3, within
-    10 mm of the tibia, centroid below the tibial plateau) since it decides the side.
+    the patella only among components anterior to the femur (when any is).  Fibula:
+    dropped unless plausible (>= 1000 mm3, within 10 mm of the tibia, centroid below the
+    tibial plateau) since it decides the side.
     Cartilage, menisci, BML: components below ``min_component_mm3`` or farther than
     2 mm (cartilage), 4 mm (menisci) or 1 mm (BML) from their bone are removed; then
 
@@ -70,10 +71,11 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
             comps, n = cc3d.connected_components(mask, connectivity=26, return_N=True)
             carts = bone_carts.get(by_name[name], [])
             cart = np.isin(sub, carts) if carts and n > 1 else None
-            keep = _choose_component(comps, n, cart)
+            sizes, score = _component_scores(comps, n, cart)
+            keep = _choose_component(sizes, score)
             if name == "patella" and n > 1 and "femur" in by_name:
                 allowed = _anterior_to_femur(comps, n, box, out == by_name["femur"], geom)
-                chosen = _choose_component(comps, n, cart, allowed)
+                chosen = _choose_component(sizes, score, allowed)
                 if chosen != keep:
                     log.info("patella: kept the component in front of the femur (%.0f mm3), "
                              "not the one behind it (%.0f mm3)", (comps == chosen).sum() * vox,
@@ -123,27 +125,31 @@ BML_MAX_OUTSIDE = 0.35
 FEMUR_BELOW_PLATEAU_MM = 10.0
 
 
-def _choose_component(comps: np.ndarray, n: int, cart: np.ndarray | None,
-                      allowed: np.ndarray | None = None) -> int:
-    """The bone's component among labels 1..n of ``comps``: the one most of its cartilage
-    (``cart``, a mask, if any) lies on, else the largest; only ``allowed`` ones (bool per
-    label, index 0 background) when given."""
+def _component_scores(comps: np.ndarray, n: int,
+                      cart: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per label 0..n of ``comps``: its voxel count, and how many voxels of the bone's
+    cartilage (``cart``, a mask, if any) lie on it (within 2 voxels); index 0 is zero."""
     from scipy import ndimage
 
-    ok = np.ones(n + 1, bool) if allowed is None else allowed
     sizes = np.bincount(comps.ravel(), minlength=n + 1)
     sizes[0] = 0
-    sizes[~ok] = 0
-    keep = int(np.argmax(sizes))
-    if cart is not None and cart.any():
-        # the bone is the component its cartilage lies on, not just the largest
-        near = ndimage.maximum_filter(comps, size=5)
-        score = np.bincount(near[cart], minlength=n + 1)
-        score[0] = 0
-        score[~ok] = 0
-        if score.max() > 0:
-            keep = int(np.argmax(score))
-    return keep
+    if cart is None or not cart.any():
+        return sizes, None
+    near = ndimage.maximum_filter(comps, size=5)
+    score = np.bincount(near[cart], minlength=n + 1)
+    score[0] = 0
+    return sizes, score
+
+
+def _choose_component(sizes: np.ndarray, score: np.ndarray | None,
+                      allowed: np.ndarray | None = None) -> int:
+    """The bone's component (:func:`_component_scores`): the one most of its cartilage
+    lies on, not just the largest; else the largest; only ``allowed`` ones (bool per
+    label, index 0 background) when given."""
+    ok = np.ones(len(sizes), bool) if allowed is None else allowed
+    if score is not None and (score * ok).max() > 0:
+        return int(np.argmax(score * ok))
+    return int(np.argmax(sizes * ok))
 
 
 def _anterior_to_femur(comps: np.ndarray, n: int, box: tuple[slice, ...], femur: np.ndarray,
@@ -159,17 +165,12 @@ def _anterior_to_femur(comps: np.ndarray, n: int, box: tuple[slice, ...], femur:
     if not len(fem):
         return allowed
     fem_y = geom.index_to_world(fem.mean(axis=0))[0, 1]
-    idx = np.nonzero(comps)
-    lab = comps[idx]
-    count = np.bincount(lab, minlength=n + 1).astype(float)
-    count[0] = 1.0
-    centre = np.stack([np.bincount(lab, weights=i + b.start, minlength=n + 1) / count
-                       for i, b in zip(idx, box)], axis=1)
-    anterior = geom.index_to_world(centre)[:, 1] < fem_y
-    anterior[0] = False
-    if not anterior.any():
-        return allowed
-    allowed[1:] = anterior[1:]
+    from scipy import ndimage
+
+    centre = np.asarray(ndimage.center_of_mass(comps > 0, comps, range(1, n + 1)))
+    anterior = geom.index_to_world(centre + [b.start for b in box])[:, 1] < fem_y
+    if anterior.any():
+        allowed[1:] = anterior
     return allowed
 
 

@@ -106,7 +106,7 @@ CONTRAST_FAMILIES = tuple(_FAMILIES)
 
 
 def _ordered_from(low: float, what: str = "a range"):
-    """Validator of a (low, high) pair with ``low_bound <= low <= high``."""
+    """Validator of a (low, high) pair: ``low <= value[0] <= value[1]``."""
     def check(value: tuple) -> tuple:
         lo, hi = value
         if not low <= lo <= hi:
