@@ -83,3 +83,48 @@ def test_families_not_named_keep_their_own_means():
 def test_an_unknown_family_in_the_ratio_is_refused():
     with pytest.raises(ValidationError):
         SynthConfig(cartilage_fluid_ratio={"flair": (0.3, 0.5)})
+
+
+def _bone_means(cfg: SynthConfig, seed: int, n: int = 200) -> torch.Tensor:
+    r = Renderer(cfg, seed=seed)
+    return torch.stack([r._means()[0][C["femur"]] for _ in range(n)])
+
+
+def test_a_family_range_replaces_the_family_own():
+    base = dict(random_contrast_probability=0.0, contrast_families=("dess",))
+    own = _bone_means(SynthConfig(**base), seed=0)
+    assert float(own.min()) > 0.15  # dess marrow 0.2-0.45, each bone jittered by 0.04
+    dark = _bone_means(SynthConfig(family_ranges={"dess": {"bone": (0.03, 0.1)}}, **base),
+                       seed=0)
+    assert float(dark.max()) < 0.15 and float(dark.min()) < 0.06
+    # the other classes of that family are drawn as before (same stream, same draws)
+    a, b = Renderer(SynthConfig(**base), seed=1), Renderer(
+        SynthConfig(family_ranges={"dess": {"bone": (0.03, 0.1)}}, **base), seed=1)
+    for _ in range(10):
+        ma, mb = a._means()[0], b._means()[0]
+        assert torch.equal(ma[FLUID], mb[FLUID]) and torch.equal(ma[list(_PLATES)],
+                                                                    mb[list(_PLATES)])
+        assert not torch.equal(ma[C["femur"]], mb[C["femur"]])
+
+
+def test_family_ranges_leave_other_families_alone():
+    others = dict(random_contrast_probability=0.0, contrast_families=("pdfs", "t1", "t2"))
+    a = Renderer(SynthConfig(**others), seed=3)
+    b = Renderer(SynthConfig(family_ranges={"dess": {"bone": (0.03, 0.1)}}, **others), seed=3)
+    for _ in range(20):
+        assert torch.equal(a._means()[0], b._means()[0])
+
+
+def test_a_family_range_reaches_the_named_tissues():
+    base = dict(random_contrast_probability=0.0, contrast_families=("t1",))
+    r = Renderer(SynthConfig(family_ranges={"t1": {"fat": (0.0, 0.05)}}, **base), seed=0)
+    for _ in range(20):
+        _mu, fam = r._means()
+        assert float(r._tissue_means(fam)[0]) <= 0.05  # fat: RENDER_TISSUES[0]
+
+
+@pytest.mark.parametrize("bad", [{"flair": {"bone": (0.1, 0.2)}}, {"dess": {"bg": (0.1, 0.2)}},
+                                 {"dess": {"bone": (0.4, 0.2)}}])
+def test_unknown_or_reversed_family_ranges_are_refused(bad):
+    with pytest.raises(ValidationError):
+        SynthConfig(family_ranges=bad)

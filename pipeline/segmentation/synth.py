@@ -125,6 +125,10 @@ Range = Annotated[tuple[float, float], AfterValidator(_ordered_from(0))]
 VoxelRange = Annotated[tuple[int, int], AfterValidator(_ordered_from(1, "a voxel range"))]
 """A (low, high) range of whole voxels, at least 1 and ordered."""
 
+FamilyTissue = Literal["bone", "cart", "meniscus", "bml", "cortex", "fluid", "fat", "muscle",
+                       "ligament", "vessel"]
+"""A rendering class whose mean a contrast family draws from one (low, high) range."""
+
 
 class SynthConfig(Strict):
     """Randomisation ranges of the generative model (units in the key names)."""
@@ -161,6 +165,11 @@ class SynthConfig(Strict):
         default_factory=dict, description="per contrast family, range of the cartilage mean "
         "as a fraction of the joint-fluid mean (drawn per crop; each plate keeps its jitter); "
         "a family not named keeps its own cartilage range")
+    family_ranges: dict[Family, dict[FamilyTissue, Range]] = Field(
+        default_factory=dict, description="per contrast family, mean-intensity ranges that "
+        "replace the family's own for the classes named (for example dess: {bone: [0.03, "
+        "0.45]} adds the dark marrow of water-excited DESS); families and classes not named "
+        "keep their own ranges")
     cortex_probability: float = Field(0.8, ge=0, le=1)
     defect_probability: float = Field(0.0, ge=0, le=1,
         description="chance per crop of planting 1-3 cartilage defects (filled with fluid)")
@@ -468,7 +477,7 @@ class Renderer:
             return torch.rand(N_RENDER, generator=self.gen), None
         fams = cfg.contrast_families
         name = fams[int(torch.randint(len(fams), (1,), generator=self.gen))]
-        fam = _FAMILIES[name]
+        fam = {**_FAMILIES[name], **cfg.family_ranges.get(name, {})}
         mu = torch.zeros(N_RENDER)
 
         def pick(rng: tuple[float, float]) -> float:
