@@ -273,13 +273,52 @@ def test_grid_shifts_run_one_pass_each_on_a_moved_grid(tmp_path, monkeypatch):
     grids = []
     real = Segmenter._canonical_probs
 
-    def spy(self, volume, shift=(0.0, 0.0)):
+    def spy(self, volume, shift=(0.0, 0.0), scale=1.0):
         grids.append(shift)
-        return real(self, volume, shift)
+        return real(self, volume, shift, scale)
 
     monkeypatch.setattr(Segmenter, "_canonical_probs", spy)
     labels = seg._predict(image)
     assert grids == [(0.0, 0.0), (0.5, 0.25)] and labels.shape == image.geometry.shape
+
+
+def test_grid_scales_run_one_pass_each_on_a_coarser_grid(tmp_path, monkeypatch):
+    from cartiq.io.volume import Geometry, Volume
+    from cartiq.segmentation.segmenter import Segmenter
+
+    image = Volume(np.random.default_rng(1).random((30, 36, 40), np.float32),
+                   Geometry((30, 36, 40), (1.0, 0.8, 0.8), (5, -3, 2),
+                            (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+    pkg = make_package(tmp_path / "tiny")
+    meta = json.loads((pkg / "metadata.json").read_text())
+    _set_meta(pkg, input={**meta["input"], "grid_scales": [1.25]})
+    seg = Segmenter(pkg, device="cpu")
+    _, plain = seg._canonical(image)
+    _, coarse = seg._canonical(image, scale=1.25)
+    # the slice axis (0) keeps the scan's spacing; the in-plane spacing grows by the scale
+    assert coarse.spacing[0] == plain.spacing[0]
+    assert np.allclose(coarse.spacing[1:], np.multiply(plain.spacing[1:], 1.25))
+    seen = []
+    real = Segmenter._canonical_probs
+
+    def spy(self, volume, shift=(0.0, 0.0), scale=1.0):
+        probs, grid = real(self, volume, shift, scale)
+        seen.append((scale, grid.spacing))
+        return probs, grid
+
+    monkeypatch.setattr(Segmenter, "_canonical_probs", spy)
+    labels = seg._predict(image)
+    assert [s for s, _ in seen] == [1.0, 1.25] and labels.shape == image.geometry.shape
+    assert seen[1][1] == coarse.spacing
+
+
+@pytest.mark.parametrize("scales", [[1.0], [0.2], [3.0]])
+def test_grid_scales_must_be_near_one_and_not_one(tmp_path, scales):
+    pkg = make_package(tmp_path / "tiny")
+    meta = json.loads((pkg / "metadata.json").read_text())
+    _set_meta(pkg, input={**meta["input"], "grid_scales": scales})
+    with pytest.raises(ModelError, match="grid scale"):
+        read_metadata(pkg / "metadata.json")
 
 
 def test_probabilities_are_what_the_prediction_takes_the_argmax_of(tmp_path):

@@ -96,6 +96,19 @@ class InputSpec(Strict):
         "a second pass on the canonical grid moved by a and b voxels along the two in-plane "
         "axes (in LPS order); the class probabilities of all passes are averaged on the "
         "scan's grid. Empty: one pass")
+    grid_scales: list[float] = Field(
+        default_factory=list, description="2D nets, test-time grid scales: for each s, one "
+        "more pass on a canonical grid whose in-plane spacing is spacing_mm times s (the "
+        "anatomy drawn smaller for s > 1, so each convolution sees more of it); averaged with "
+        "the other passes on the scan's grid. Empty: none")
+
+    @field_validator("grid_scales")
+    @classmethod
+    def _scales_near_one(cls, v):
+        for s in v:
+            if not 0.5 <= s <= 2.0 or s == 1.0:
+                raise ValueError(f"grid scale {s} must be in [0.5, 2] and not 1")
+        return v
 
     @field_validator("grid_shifts")
     @classmethod

@@ -233,12 +233,12 @@ class Segmenter:
         return SegmentResult(labels=labels, info=info)
 
     # -- inference
-    def _canonical(self, volume: Volume,
-                   shift: tuple[float, float] = (0.0, 0.0)) -> tuple[np.ndarray, Geometry]:
+    def _canonical(self, volume: Volume, shift: tuple[float, float] = (0.0, 0.0),
+                   scale: float = 1.0) -> tuple[np.ndarray, Geometry]:
         """The normalised scan on the canonical grid, moved by ``shift`` voxels along the two
-        in-plane axes (2D nets)."""
+        in-plane axes and with its in-plane spacing times ``scale`` (2D nets)."""
         spec = self.model.metadata.input
-        sp = list(spec.spacing_mm)
+        sp = [v * scale if a != spec.slice_axis else v for a, v in enumerate(spec.spacing_mm)]
         if self.model.metadata.network.spatial_dims == 2 and spec.keep_slice_spacing:
             sp[spec.slice_axis] = spec.grid_slice_spacing_mm(
                 axis_spacing_along(volume.geometry, spec.slice_axis))
@@ -265,16 +265,18 @@ class Segmenter:
 
     def _predict(self, volume: Volume) -> np.ndarray:
         """Class index per input voxel (model's own output values); with the input spec's
-        ``grid_shifts``, the mean of the passes' probabilities."""
+        ``grid_shifts`` or ``grid_scales``, the mean of the passes' probabilities."""
         return self._probs_back(self._passes(volume), volume.geometry, self.class_weights)
 
     def _passes(self, volume: Volume) -> list[tuple[np.ndarray, Geometry]]:
         """One ``(probabilities, canonical grid)`` pass on the canonical grid, plus one per
-        in-plane ``grid_shifts`` entry (2D nets)."""
-        shifts = [(0.0, 0.0)]
+        in-plane ``grid_shifts`` entry and one per ``grid_scales`` entry (2D nets)."""
+        spec = self.model.metadata.input
+        grids: list[tuple[tuple[float, float], float]] = [((0.0, 0.0), 1.0)]
         if self.model.metadata.network.spatial_dims == 2:
-            shifts += [tuple(map(float, s)) for s in self.model.metadata.input.grid_shifts]
-        return [self._canonical_probs(volume, s) for s in shifts]
+            grids += [(tuple(map(float, s)), 1.0) for s in spec.grid_shifts]
+            grids += [((0.0, 0.0), float(s)) for s in spec.grid_scales]
+        return [self._canonical_probs(volume, shift, scale) for shift, scale in grids]
 
     def probabilities(self, volume: Volume) -> np.ndarray:
         """Class probabilities (C, *scan shape), float16, on ``volume``'s own grid, as the
@@ -290,14 +292,14 @@ class Segmenter:
             out[c] = self._class_back(passes, c, volume.geometry)
         return out
 
-    def _canonical_probs(self, volume: Volume, shift: tuple[float, float] = (0.0, 0.0)
-                         ) -> tuple[np.ndarray, Geometry]:
+    def _canonical_probs(self, volume: Volume, shift: tuple[float, float] = (0.0, 0.0),
+                         scale: float = 1.0) -> tuple[np.ndarray, Geometry]:
         """Class probabilities (C, ...) on the network's canonical grid (moved by ``shift``
-        in-plane voxels), and that grid."""
+        in-plane voxels, in-plane spacing times ``scale``), and that grid."""
         import torch
 
         net = self.model.metadata.network
-        canon, cgeom = self._canonical(volume, shift)
+        canon, cgeom = self._canonical(volume, shift, scale)
         n_out = net.out_channels
         probs = np.zeros((n_out,) + canon.shape, np.float16)
         with torch.inference_mode():
