@@ -320,7 +320,9 @@ class Segmenter:
                     if y.shape[1] != n_out:
                         raise ModelError(f"model returned {y.shape[1]} channels, metadata "
                                          f"says {n_out}", self.model.folder)
-                    pview[:, s:s + self.batch_size] = y.permute(1, 0, 2, 3).cpu().numpy()
+                    # to float16 in torch (vectorised; the same rounding as numpy's cast)
+                    y = y.permute(1, 0, 2, 3).to(torch.float16)
+                    pview[:, s:s + self.batch_size] = y.cpu().numpy()
             else:
                 from monai.inferers import sliding_window_inference
 
