@@ -105,6 +105,23 @@ def _set_meta(pkg: Path, **changes) -> None:
     (pkg / "metadata.json").write_text(json.dumps(meta))
 
 
+def _tiny_with_input(tmp_path: Path, **inputs) -> Path:
+    """The tiny package with these ``input`` fields changed."""
+    pkg = make_package(tmp_path / "tiny")
+    meta = json.loads((pkg / "metadata.json").read_text())
+    _set_meta(pkg, input={**meta["input"], **inputs})
+    return pkg
+
+
+def _random_image(seed: int):
+    """A 30 x 36 x 40 random volume on an axis-aligned 1.0 x 0.8 x 0.8 mm grid."""
+    from cartiq.io.volume import Geometry, Volume
+
+    return Volume(np.random.default_rng(seed).random((30, 36, 40), np.float32),
+                  Geometry((30, 36, 40), (1.0, 0.8, 0.8), (5, -3, 2),
+                           (1, 0, 0, 0, 1, 0, 0, 0, 1)))
+
+
 @pytest.mark.parametrize("weights,fmt,message", [
     ({"kneecap_cartilage": 0.5}, None, "class_weights names 'kneecap_cartilage'"),
     ({"femoral_cartilage": 0.0}, None, "must be a positive number"),
@@ -232,9 +249,7 @@ def test_dynunet3d_config_builds_and_runs_forward():
 
 @pytest.mark.parametrize("shifts", [[[0.0, 0.0]], [[1.0, 0.0]], [[0.5, -1.5]]])
 def test_grid_shifts_must_be_fractions_of_a_voxel(tmp_path, shifts):
-    pkg = make_package(tmp_path / "tiny")
-    meta = json.loads((pkg / "metadata.json").read_text())
-    _set_meta(pkg, input={**meta["input"], "grid_shifts": shifts})
+    pkg = _tiny_with_input(tmp_path, grid_shifts=shifts)
     with pytest.raises(ModelError, match="grid shift"):
         read_metadata(pkg / "metadata.json")
 
@@ -254,15 +269,10 @@ def test_probs_back_averages_the_passes_before_the_argmax():
 
 
 def test_grid_shifts_run_one_pass_each_on_a_moved_grid(tmp_path, monkeypatch):
-    from cartiq.io.volume import Geometry, Volume
     from cartiq.segmentation.segmenter import Segmenter
 
-    image = Volume(np.random.default_rng(1).random((30, 36, 40), np.float32),
-                   Geometry((30, 36, 40), (1.0, 0.8, 0.8), (5, -3, 2),
-                            (1, 0, 0, 0, 1, 0, 0, 0, 1)))
-    pkg = make_package(tmp_path / "tiny")
-    meta = json.loads((pkg / "metadata.json").read_text())
-    _set_meta(pkg, input={**meta["input"], "grid_shifts": [[0.5, 0.25]]})
+    image = _random_image(1)
+    pkg = _tiny_with_input(tmp_path, grid_shifts=[[0.5, 0.25]])
     seg = Segmenter(pkg, device="cpu")
     sp = seg.model.metadata.input.spacing_mm
     _, plain = seg._canonical(image)
@@ -283,15 +293,10 @@ def test_grid_shifts_run_one_pass_each_on_a_moved_grid(tmp_path, monkeypatch):
 
 
 def test_grid_scales_run_one_pass_each_on_a_coarser_grid(tmp_path, monkeypatch):
-    from cartiq.io.volume import Geometry, Volume
     from cartiq.segmentation.segmenter import Segmenter
 
-    image = Volume(np.random.default_rng(1).random((30, 36, 40), np.float32),
-                   Geometry((30, 36, 40), (1.0, 0.8, 0.8), (5, -3, 2),
-                            (1, 0, 0, 0, 1, 0, 0, 0, 1)))
-    pkg = make_package(tmp_path / "tiny")
-    meta = json.loads((pkg / "metadata.json").read_text())
-    _set_meta(pkg, input={**meta["input"], "grid_scales": [1.25]})
+    image = _random_image(1)
+    pkg = _tiny_with_input(tmp_path, grid_scales=[1.25])
     seg = Segmenter(pkg, device="cpu")
     _, plain = seg._canonical(image)
     _, coarse = seg._canonical(image, scale=1.25)
@@ -314,23 +319,16 @@ def test_grid_scales_run_one_pass_each_on_a_coarser_grid(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("scales", [[1.0], [0.2], [3.0]])
 def test_grid_scales_must_be_near_one_and_not_one(tmp_path, scales):
-    pkg = make_package(tmp_path / "tiny")
-    meta = json.loads((pkg / "metadata.json").read_text())
-    _set_meta(pkg, input={**meta["input"], "grid_scales": scales})
+    pkg = _tiny_with_input(tmp_path, grid_scales=scales)
     with pytest.raises(ModelError, match="grid scale"):
         read_metadata(pkg / "metadata.json")
 
 
 def test_probabilities_are_what_the_prediction_takes_the_argmax_of(tmp_path):
-    from cartiq.io.volume import Geometry, Volume
     from cartiq.segmentation.segmenter import Segmenter
 
-    image = Volume(np.random.default_rng(2).random((30, 36, 40), np.float32),
-                   Geometry((30, 36, 40), (1.0, 0.8, 0.8), (5, -3, 2),
-                            (1, 0, 0, 0, 1, 0, 0, 0, 1)))
-    pkg = make_package(tmp_path / "tiny")
-    meta = json.loads((pkg / "metadata.json").read_text())
-    _set_meta(pkg, input={**meta["input"], "grid_shifts": [[0.5, 0.5]]})
+    image = _random_image(2)
+    pkg = _tiny_with_input(tmp_path, grid_shifts=[[0.5, 0.5]])
     seg = Segmenter(pkg, device="cpu")
     p = seg.probabilities(image)
     assert p.shape == (len(MODEL_CLASSES),) + image.geometry.shape and p.dtype == np.float16

@@ -78,8 +78,8 @@ def clean_prediction(raw: np.ndarray, geom: Geometry, labels: dict[int, str],
                 chosen = _choose_component(sizes, score, allowed)
                 if chosen != keep:
                     log.info("patella: kept the component in front of the femur (%.0f mm3), "
-                             "not the one behind it (%.0f mm3)", (comps == chosen).sum() * vox,
-                             (comps == keep).sum() * vox)
+                             "not the one behind it (%.0f mm3)", sizes[chosen] * vox,
+                             sizes[keep] * vox)
                     keep = chosen
             out[box][mask & (comps != keep)] = 0
     if "femur" in by_name:
