@@ -324,6 +324,14 @@ def test_grid_scales_must_be_near_one_and_not_one(tmp_path, scales):
         read_metadata(pkg / "metadata.json")
 
 
+def test_test_time_passes_on_a_3d_network_are_refused(tmp_path):
+    pkg = _tiny_with_input(tmp_path, grid_scales=[1.25])
+    meta = json.loads((pkg / "metadata.json").read_text())
+    _set_meta(pkg, network={**meta["network"], "spatial_dims": 3})
+    with pytest.raises(ModelError, match="input.grid_scales applies to cartiq's own 2D"):
+        read_metadata(pkg / "metadata.json")
+
+
 def test_probabilities_are_what_the_prediction_takes_the_argmax_of(tmp_path):
     from cartiq.segmentation.segmenter import Segmenter
 

@@ -340,6 +340,11 @@ def _check_labels(meta: ModelMetadata, path: Path) -> None:
                              path)
     if meta.network is not None and meta.format != "nnunetv2":
         check_input_channels(meta.network, meta.input, path)
+    extra = [k for k in ("grid_shifts", "grid_scales") if getattr(meta.input, k)]
+    if extra and (meta.format == "nnunetv2" or meta.network is None
+                  or meta.network.spatial_dims != 2):
+        raise ModelError(f"input.{extra[0]} applies to cartiq's own 2D networks only; this "
+                         "package would ignore it", path)
     if meta.class_weights and meta.format == "nnunetv2":
         raise ModelError("class_weights apply to cartiq's own inference, not to nnU-Net "
                          "models (nnU-Net's predictor takes the arg-max itself)", path)
